@@ -1,0 +1,387 @@
+"""The gateway's wiring, HTTP routes, start/stop, `main()` and the command line.
+
+    python app.py                 run the service (polling or webhook, from the settings)
+    python app.py set-webhook     register WEBHOOK_URL with Telegram
+    python app.py webhook-info    show Telegram's view of the webhook
+    python app.py delete-webhook  remove the webhook (pending updates are kept)
+    python app.py dead-letters    list events Make never accepted
+    python app.py replay-dead     queue every dead letter for delivery again
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from http import HTTPStatus
+from typing import Any
+
+from flask import Flask, Response, jsonify, request
+
+from batching import BatchManager
+from config import Config, ConfigError
+from debounce import DebounceManager, DebounceSettings
+from delivery import DeliveryWorkers
+from make_client import MakeClient
+from metrics import GatewayMetrics
+from polling import Poller
+from replies import ReplySender
+from retry import BackoffPolicy, backoff
+from router import UpdateRouter
+from store import BatchRow, SQLiteStore, StoreError
+from telegram_api import BadRequest, TelegramClient, TelegramError, redact
+from typing_keepalive import TypingKeepAlive
+
+log = logging.getLogger("gateway")
+
+MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
+# Kinds the gateway always asks Telegram for; the forwarded ones are added from the settings.
+HANDLED_KINDS = ("message", "callback_query", "pre_checkout_query")
+
+
+def allowed_updates(config: Config) -> list[str]:
+    """The update kinds to ask Telegram for: those handled plus those forwarded to Make."""
+    return sorted(set(HANDLED_KINDS) | set(config.forward_update_kinds))
+
+
+class Gateway:
+    """Everything one running gateway owns: store, clients, managers and their threads."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.metrics = GatewayMetrics()
+        self.store = SQLiteStore(config.state_db)
+        self.telegram = TelegramClient(config.bot_token, config.telegram_api_url)
+        self.make = MakeClient(config.make_webhook_url, timeout=config.make_timeout_seconds)
+        self.typing = TypingKeepAlive(self.telegram, config.typing_mode, config.typing_interval_seconds,
+                                      config.typing_max_seconds)
+        self.replies = ReplySender(self.telegram, self.typing)
+        self.delivery = DeliveryWorkers(
+            self.store, self.make, self.replies, self.typing, workers=config.make_delivery_workers,
+            retry_max_seconds=config.make_retry_max_seconds, max_age_seconds=config.make_max_age_hours * 3600,
+            on_outcome=self._count_delivery)
+        self.batches = BatchManager(
+            self.store, DebounceSettings(config.debounce_seconds, config.max_wait_seconds, config.max_batch_messages),
+            on_closed=self._batch_closed)
+        self.flood = DebounceManager(config.flood_max_messages, config.flood_window_seconds)
+        self.router = UpdateRouter(self.store, self.batches, self.flood, self.metrics, config.forward_update_kinds,
+                                   on_enqueued=self.delivery.wakeup)
+        self.poller: Poller | None = None
+        self.webhook_registered = False
+        self._stopping = threading.Event()
+        self._registrar: threading.Thread | None = None
+        self._register_metrics()
+
+    def start(self) -> None:
+        """Reload open batches, then start the threads of the configured mode."""
+        restored = self.batches.restore()
+        if restored:
+            log.info("reloaded %d open batch(es) from %s", restored, self.config.state_db)
+        self.delivery.start()
+        self.batches.start()
+        self.typing.start_thread()
+        if self.config.mode == "polling":
+            self.poller = Poller(self.telegram, self.router, timeout=self.config.poll_timeout_seconds,
+                                 allowed_updates=allowed_updates(self.config))
+            self.poller.start()
+        else:
+            self._registrar = threading.Thread(target=self._register_webhook, name="webhook-register", daemon=True)
+            self._registrar.start()
+
+    def stop(self) -> None:
+        """Stop taking updates, stop every thread within a bounded time, close clients; safe to call twice."""
+        self._stopping.set()
+        if self.poller is not None:
+            self.poller.stop()
+        self.batches.stop()
+        self.delivery.stop()
+        self.typing.stop_thread()
+        self.telegram.close()
+        self.make.close()
+
+    def health(self) -> tuple[dict[str, Any], int]:
+        """The `GET /` report and its HTTP status (503 once a thread the service needs has died)."""
+        now = time.time()
+        outbox = self.store.outbox_stats(now)
+        d = self.delivery.health
+        problems: list[str] = []
+        if d.last_error:
+            problems.append(f"Make: {d.last_error}")
+        if self.poller is not None and self.poller.last_error:
+            problems.append(f"Telegram: {self.poller.last_error}")
+        if self.config.mode == "webhook" and not self.webhook_registered:
+            problems.append("webhook not registered with Telegram yet")
+        dead_threads = [name for name, alive in self._threads_alive().items() if not alive]
+        status = "failing" if dead_threads else ("degraded" if problems else "ok")
+        report: dict[str, Any] = {
+            "status": status,
+            "mode": self.config.mode,
+            "last_update_id": self.router.last_update_id,
+            "active_batches": self.batches.active_batches,
+            "batch_timers": self.batches.scheduled_deadlines,
+            **outbox,
+            "typing_chats": self.typing.active_chats,
+            "flood_active_users": self.flood.get_active_users_count(),
+            "make": {"delivered": d.delivered, "failed_attempts": d.failed_attempts, "last_error": d.last_error,
+                     "webhook_gone": d.last_error_permanent, "failing_since": d.failing_since,
+                     "last_delivered_at": d.last_delivered_at},
+            "problems": problems,
+            "dead_threads": dead_threads,
+            "uptime_seconds": round(now - self.started_at, 1),
+        }
+        return report, (HTTPStatus.SERVICE_UNAVAILABLE if dead_threads else HTTPStatus.OK)
+
+    def _threads_alive(self) -> dict[str, bool]:
+        alive = {"batch-scheduler": self.batches.is_alive(),
+                 "make-delivery": self.delivery.alive() == self.config.make_delivery_workers}
+        if self.poller is not None:
+            alive["telegram-poller"] = self.poller.is_alive()
+        return alive
+
+    def _register_webhook(self) -> None:
+        """Call `setWebhook` until Telegram accepts it (Telegram may be briefly unreachable at start)."""
+        failures = 0
+        policy = BackoffPolicy(initial=1.0, maximum=60.0)
+        while not self._stopping.is_set():
+            try:
+                self.telegram.set_webhook(self.config.webhook_url, self.config.webhook_secret, allowed_updates(self.config))
+                self.webhook_registered = True
+                log.info("webhook registered with Telegram")
+                return
+            except BadRequest as err:
+                log.error("Telegram refused WEBHOOK_URL: %s; fix it and restart", err)
+                return
+            except TelegramError as err:
+                failures += 1
+                delay = backoff(failures, policy)
+                log.warning("setWebhook failed: %s; retrying in %.1f s", err, delay)
+                self._stopping.wait(delay)
+
+    def _batch_closed(self, batch: BatchRow, reason: str) -> None:
+        self.metrics.batches_closed.labels(reason).inc()
+        self.metrics.batch_size.observe(batch.count)
+        self.delivery.wakeup()
+
+    def _count_delivery(self, outcome: str, seconds: float) -> None:
+        self.metrics.deliveries.labels(outcome).inc()
+        self.metrics.delivery_seconds.observe(seconds)
+
+    def _register_metrics(self) -> None:
+        m = self.metrics
+        m.gauge("gateway_active_batches", "Open batches", lambda: self.batches.active_batches)
+        m.gauge("gateway_outbox_pending", "Events waiting for Make",
+                lambda: self.store.outbox_stats(time.time())["outbox_pending"])
+        m.gauge("gateway_outbox_dead", "Dead letters", lambda: self.store.outbox_stats(time.time())["outbox_dead"])
+        m.gauge("gateway_typing_chats", "Chats shown typing", lambda: self.typing.active_chats)
+
+
+def create_app(config: Config) -> Flask:
+    """Build the Flask app and its gateway (threads not started: call `app.extensions["gateway"].start()`)."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    gateway = Gateway(config)
+    app.extensions["gateway"] = gateway
+    secret = config.webhook_secret.encode()
+
+    @app.post("/webhook")
+    def webhook() -> tuple[Response, int]:
+        given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "").encode()
+        if not hmac.compare_digest(given, secret):
+            return jsonify(ok=False, error="wrong secret token"), HTTPStatus.UNAUTHORIZED
+        try:
+            update = json.loads(request.get_data(cache=False))
+        except (ValueError, RecursionError):
+            return jsonify(ok=False, error="body is not JSON"), HTTPStatus.BAD_REQUEST
+        try:
+            routed = gateway.router.handle(update)
+        except StoreError as err:
+            log.error("update not stored (Telegram will resend it): %s", err)
+            return jsonify(ok=False, error="cannot store the update now"), HTTPStatus.SERVICE_UNAVAILABLE
+        if routed.outcome == "invalid":
+            return jsonify(ok=False, error=routed.detail), HTTPStatus.BAD_REQUEST
+        return jsonify(ok=True, outcome=routed.outcome), HTTPStatus.OK
+
+    @app.get("/")
+    def health() -> tuple[Response, int]:
+        report, status = gateway.health()
+        return jsonify(report), status
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(gateway.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    @app.post("/reply")
+    def reply() -> tuple[Response, int]:
+        if not config.reply_token:
+            return jsonify(ok=False, error="POST /reply is off (REPLY_TOKEN is not set)"), HTTPStatus.NOT_FOUND
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {config.reply_token}".encode()):
+            return jsonify(ok=False, error="wrong or missing bearer token"), HTTPStatus.UNAUTHORIZED
+        body = request.get_json(silent=True)
+        problem = reply_body_problem(body)
+        if problem:
+            return jsonify(ok=False, error=problem), HTTPStatus.BAD_REQUEST
+        try:
+            message_ids = gateway.replies.send(body["chat_id"], body["text"], body.get("parse_mode"),
+                                               body.get("reply_markup"))
+        except TelegramError as err:
+            return jsonify(ok=False, error=err.description), HTTPStatus.BAD_GATEWAY
+        return jsonify(ok=True, message_ids=message_ids), HTTPStatus.OK
+
+    return app
+
+
+def reply_body_problem(body: Any) -> str | None:
+    """What is wrong with a `POST /reply` body, or None if it is usable."""
+    if not isinstance(body, dict):
+        return "body must be a JSON object"
+    chat_id = body.get("chat_id")
+    if not isinstance(chat_id, int) or isinstance(chat_id, bool):
+        return "chat_id must be an integer"
+    if not isinstance(body.get("text"), str) or not body["text"].strip():
+        return "text must be a non-empty string"
+    if body.get("parse_mode") not in (None, "HTML", "MarkdownV2"):
+        return "parse_mode must be HTML or MarkdownV2"
+    if body.get("reply_markup") is not None and not isinstance(body["reply_markup"], dict):
+        return "reply_markup must be an object"
+    return None
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks bot tokens and the configured secrets in every log record, whatever logged it."""
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = redact(message, *self._secrets), None
+        return True
+
+
+def configure_logging(config: Config) -> None:
+    """One line per record, with time and level; secrets masked; httpx's URL logging turned down."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+    handler.addFilter(_RedactingFilter(config.bot_token, config.webhook_secret, config.reply_token))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    # httpx logs every request URL at INFO, and every Bot API URL holds the token.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def serve(config: Config) -> int:
+    """Run the service until SIGTERM or Ctrl-C; return the exit status."""
+    from waitress import create_server
+
+    app = create_app(config)
+    gateway: Gateway = app.extensions["gateway"]
+    server = create_server(app, host=config.host, port=config.port, threads=config.http_threads,
+                           ident="telegram-make-gateway")
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    gateway.start()
+    host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
+    log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)
+    try:
+        server.run()  # waitress stops its request threads on KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("stopping")
+        server.close()
+        gateway.stop()
+        gateway.store.close()
+        log.info("stopped")
+    return 0
+
+
+def _cli(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python app.py", description="Telegram → Make gateway")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the service (the default)")
+    sw = sub.add_parser("set-webhook", help="register WEBHOOK_URL with Telegram, e.g. `python app.py set-webhook`")
+    sw.add_argument("--drop-pending-updates", action="store_true", help="discard updates Telegram holds")
+    sub.add_parser("webhook-info", help="show Telegram's view of the webhook, e.g. `python app.py webhook-info`")
+    dw = sub.add_parser("delete-webhook", help="remove the webhook, e.g. `python app.py delete-webhook`")
+    dw.add_argument("--drop-pending-updates", action="store_true", help="discard updates Telegram holds")
+    sub.add_parser("dead-letters", help="list events Make never accepted, e.g. `python app.py dead-letters`")
+    sub.add_parser("replay-dead", help="queue every dead letter again, e.g. `python app.py replay-dead`")
+    return parser.parse_args(argv)
+
+
+def run_command(args: argparse.Namespace, config: Config) -> int:
+    """Run one CLI command other than `serve`; a `TelegramError` prints one line and returns 1."""
+    try:
+        if args.command in ("dead-letters", "replay-dead"):
+            store = SQLiteStore(config.state_db)
+            try:
+                if args.command == "dead-letters":
+                    for row in store.dead_events():
+                        print(f"{row.event_id}\t{row.event_type}\tattempts={row.attempts}\t{row.last_error}")
+                else:
+                    print(f"{store.replay_dead(time.time())} dead letter(s) queued again")
+            finally:
+                store.close()
+            return 0
+        client = TelegramClient(config.bot_token, config.telegram_api_url)
+        try:
+            if args.command == "set-webhook":
+                if not config.webhook_url:
+                    print("error: WEBHOOK_URL is not set", file=sys.stderr)
+                    return 2
+                client.set_webhook(config.webhook_url, config.webhook_secret, allowed_updates(config),
+                                   args.drop_pending_updates)
+                print(f"webhook set to {config.webhook_url}")
+            elif args.command == "delete-webhook":
+                client.delete_webhook(args.drop_pending_updates)
+                print("webhook deleted")
+            else:
+                print(json.dumps(client.get_webhook_info(), indent=2, ensure_ascii=False))
+        finally:
+            client.close()
+    except (TelegramError, StoreError) as err:
+        print(f"error: {redact(str(err), config.bot_token)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Read the settings, then serve or run the CLI command; exit status 2 on bad settings."""
+    args = _cli(argv)
+    try:
+        config = Config.from_env()
+    except ConfigError as err:
+        print(f"configuration error: {len(err.problems)} problem(s):", file=sys.stderr)
+        for problem in err.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    configure_logging(config)
+    if config.admin_chat_id is None:
+        log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
+    if args.command in (None, "serve"):
+        try:
+            return serve(config)
+        except StoreError as err:
+            log.error("%s", err)
+            return 1
+    return run_command(args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Open batches per (chat, user), their deadlines on one scheduler thread, and closing them into events.
+
+The store is the truth about a batch (its messages, first and last arrival, count); the heap here only
+says when to look at it again. A debounce reset pushes a new heap entry with a higher generation and
+the old one is skipped when popped, so the thread count stays one however many users are typing.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from debounce import DebounceSettings, deadline
+from store import AddResult, BatchRow, NewEvent, SQLiteStore
+from updates import batch_text
+
+log = logging.getLogger("gateway.batching")
+
+Key = tuple[int, int]  # (chat_id, user_id)
+
+
+def build_batch_event(batch: BatchRow, reason: str) -> NewEvent:
+    """The `message_batch` event of the contract for a closed batch."""
+    payload: dict[str, Any] = {
+        "event_type": "message_batch",
+        "event_id": f"batch-{batch.batch_id}",
+        "chat_id": batch.chat_id,
+        "user_id": batch.user_id,
+        "user": batch.user,
+        "messages": batch.messages,
+        "batch_size": len(batch.messages),
+        "text": batch_text(batch.messages),
+        "reason": reason,
+        "flood_held": batch.flood_held,
+        "first_at": batch.first_at,
+        "last_at": batch.last_at,
+    }
+    return NewEvent(payload["event_id"], f"chat:{batch.chat_id}", "message_batch", payload)
+
+
+class BatchManager:
+    """Adds messages to open batches and closes each batch on its deadline, on one named thread."""
+
+    def __init__(self, store: SQLiteStore, settings: DebounceSettings,
+                 on_closed: Callable[[BatchRow, str], None] = lambda batch, reason: None,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._settings = settings
+        self._on_closed = on_closed
+        self._clock = clock
+        self._monotonic = monotonic
+        # _lock guards _generation (key -> latest generation: one per open batch with a deadline)
+        # and _heap (entries (due monotonic, seq, key, generation); stale generations are skipped).
+        self._lock = threading.Lock()
+        self._generation: dict[Key, int] = {}
+        self._heap: list[tuple[float, int, Key, int]] = []
+        self._seq = itertools.count()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
+            item: dict[str, Any]) -> AddResult:
+        """Store the message in its batch (durably) and schedule the batch's deadline; idempotent per update_id."""
+        result = self._store.add_message(update_id, chat_id, user_id, user, item, self._clock(),
+                                         self._settings.max_messages, build_batch_event)
+        if not result.new:
+            return result
+        assert result.batch is not None
+        if result.closed:
+            # Look at the key now: the scheduler forgets it, unless a newer message opened a batch.
+            self._schedule((chat_id, user_id), self._clock())
+            self._on_closed(result.batch, "max_messages")
+        else:
+            at, _ = deadline(result.batch.first_at, result.batch.last_at, result.batch.count, self._settings)
+            self._schedule((chat_id, user_id), at)
+        return result
+
+    def restore(self) -> int:
+        """Reschedule the open batches found in the store; close the overdue ones now with reason `restart`."""
+        now = self._clock()
+        batches = self._store.open_batches()
+        for batch in batches:
+            at, _ = deadline(batch.first_at, batch.last_at, batch.count, self._settings)
+            if at <= now:
+                self._close((batch.chat_id, batch.user_id), None, restart=True)
+            else:
+                self._schedule((batch.chat_id, batch.user_id), at)
+        return len(batches)
+
+    @property
+    def active_batches(self) -> int:
+        """Open batches this process is timing."""
+        with self._lock:
+            return len(self._generation)
+
+    @property
+    def scheduled_deadlines(self) -> int:
+        """Batch deadlines waiting on the scheduler (one per open batch; stale heap entries not counted)."""
+        return self.active_batches
+
+    def start(self) -> None:
+        """Start the `batch-scheduler` thread."""
+        self._thread = threading.Thread(target=self._run, name="batch-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the scheduler; open batches stay in the store for the next start. Safe to call twice."""
+        self._stopping.set()
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        """True while the scheduler thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _schedule(self, key: Key, at_wall: float) -> None:
+        due = self._monotonic() + max(0.0, at_wall - self._clock())
+        with self._lock:
+            generation = next(self._seq)  # unique, so an old entry never matches a later batch
+            self._generation[key] = generation
+            heapq.heappush(self._heap, (due, generation, key, generation))
+        self._wakeup.set()
+
+    def _forget(self, key: Key, generation: int | None) -> None:
+        # A message may have opened a new batch (a newer generation) meanwhile: keep that one.
+        with self._lock:
+            if self._generation.get(key) == generation:
+                del self._generation[key]
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                wait = self._close_due()
+            except Exception:
+                log.exception("batch scheduler pass failed; retrying in 1 s")
+                wait = 1.0
+            self._wakeup.wait(wait)
+            self._wakeup.clear()
+
+    def _close_due(self) -> float:
+        """Close every batch whose deadline has come; return seconds until the next deadline."""
+        due_keys: list[tuple[Key, int]] = []
+        with self._lock:
+            now = self._monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, key, generation = heapq.heappop(self._heap)
+                if self._generation.get(key) == generation:
+                    due_keys.append((key, generation))
+            wait = self._heap[0][0] - now if self._heap else 60.0
+        for key, generation in due_keys:  # store writes and Make hand-off happen outside the lock
+            self._close(key, generation)
+        return max(0.0, wait) if not due_keys else 0.0
+
+    def _close(self, key: Key, generation: int | None, restart: bool = False) -> None:
+        chat_id, user_id = key
+        closed_reason: list[str] = []
+
+        def due(batch: BatchRow) -> tuple[float, str]:
+            at, reason = deadline(batch.first_at, batch.last_at, batch.count, self._settings)
+            reason = "restart" if restart else reason
+            closed_reason.append(reason)
+            return at, reason
+
+        def build(batch: BatchRow, reason: str) -> NewEvent:
+            built.append(batch)
+            return build_batch_event(batch, reason)
+
+        built: list[BatchRow] = []
+        try:
+            closed, later = self._store.close_batch_if_due(chat_id, user_id, self._clock(), due, build)
+        except Exception:
+            log.exception("closing the batch of chat %s user %s failed; retrying in 1 s", chat_id, user_id)
+            self._schedule(key, self._clock() + 1.0)
+            return
+        if closed or later is None:
+            self._forget(key, generation)
+        if closed:
+            log.info("batch closed: chat %s user %s, %d message(s), reason %s",
+                     chat_id, user_id, built[0].count, closed_reason[-1])
+            self._on_closed(built[0], closed_reason[-1])
+        elif later is not None:
+            self._schedule(key, later)

@@ -1,0 +1,221 @@
+"""Every setting of the gateway, read once from the environment (and `.env`), validated at start.
+
+Only this module reads `os.environ`. `Config.from_env()` returns a frozen `Config` or raises one
+`ConfigError` that lists every problem, each naming its variable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+TYPING_MODES = ("simulate", "until_reply", "off")
+MODES = ("polling", "webhook")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# Update kinds Telegram can send besides `message`; any of them may be forwarded to Make.
+FORWARDABLE_KINDS = (
+    "message", "edited_message", "channel_post", "edited_channel_post", "business_connection",
+    "business_message", "edited_business_message", "deleted_business_messages", "message_reaction",
+    "message_reaction_count", "inline_query", "chosen_inline_result", "callback_query",
+    "shipping_query", "purchased_paid_media", "poll", "poll_answer", "my_chat_member",
+    "chat_member", "chat_join_request", "chat_boost", "removed_chat_boost",
+)
+
+_TOKEN_RE = re.compile(r"^\d{3,15}:[A-Za-z0-9_-]{30,64}$")
+_SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+
+
+class ConfigError(Exception):
+    """One or more settings are missing or invalid; `problems` lists each, naming its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Config:
+    """The gateway's settings; build it with `Config.from_env()` or `dataclasses.replace()`."""
+
+    bot_token: str
+    make_webhook_url: str
+    admin_chat_id: int | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    mode: str = "polling"
+    webhook_url: str = ""
+    webhook_secret: str = ""
+    host: str = "0.0.0.0"
+    port: int = 5000
+    http_threads: int = 8
+    debounce_seconds: float = 4.0
+    max_wait_seconds: float = 15.0
+    max_batch_messages: int = 50
+    flood_max_messages: int = 30
+    flood_window_seconds: float = 60.0
+    typing_mode: str = "simulate"
+    typing_interval_seconds: float = 4.0
+    typing_max_seconds: float = 120.0
+    forward_update_kinds: tuple[str, ...] = ("callback_query",)
+    make_timeout_seconds: float = 45.0
+    make_retry_max_seconds: float = 30.0
+    make_max_age_hours: float = 72.0
+    make_delivery_workers: int = 2
+    poll_timeout_seconds: int = 30
+    payment_hold_seconds: float = 30.0
+    state_db: str = "data/state.sqlite3"
+    reply_token: str = ""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> "Config":
+        """Read settings from `.env` (if present) overlaid by the environment; raise `ConfigError` listing every problem."""
+        values: dict[str, str] = {}
+        if dotenv_path and os.path.exists(dotenv_path):
+            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        values.update(os.environ if environ is None else environ)
+        return _parse(values)
+
+    def redacted(self) -> dict[str, object]:
+        """Every setting by variable name, with secrets masked: safe to log or show."""
+        shown: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value:
+                value = "***"
+            shown[f.name.upper()] = value
+        return shown
+
+
+_SECRET_FIELDS = {"bot_token", "webhook_secret", "reply_token"}
+
+
+def derive_webhook_secret(bot_token: str) -> str:
+    """A stable secret for `setWebhook` derived from the token (hex, so Telegram accepts it)."""
+    return hmac.new(bot_token.encode(), b"telegram-make-gateway webhook secret", hashlib.sha256).hexdigest()
+
+
+def _parse(env: Mapping[str, str]) -> Config:
+    problems: list[str] = []
+
+    def get(name: str, default: str = "") -> str:
+        return env.get(name, default).strip()
+
+    def number(name: str, default: float, kind: Callable[[str], float], low: float, high: float) -> float:
+        raw = get(name)
+        if raw == "":
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            problems.append(f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number")
+            return default
+        if not low <= value <= high:
+            problems.append(f"{name}={raw!r} must be between {low:g} and {high:g}")
+            return default
+        return value
+
+    token = get("BOT_TOKEN")
+    if not token:
+        problems.append("BOT_TOKEN is required (the token from @BotFather)")
+    elif not _TOKEN_RE.match(token):
+        problems.append("BOT_TOKEN does not look like a bot token (expected digits, ':', then 30+ letters)")
+
+    make_url = get("MAKE_WEBHOOK_URL")
+    if not make_url:
+        problems.append("MAKE_WEBHOOK_URL is required (your Make custom webhook URL)")
+    elif not _is_http_url(make_url):
+        problems.append(f"MAKE_WEBHOOK_URL={make_url!r} is not an http(s) URL")
+
+    admin_raw = get("ADMIN_CHAT_ID")
+    admin_chat_id: int | None = None
+    if admin_raw:
+        try:
+            admin_chat_id = int(admin_raw)
+        except ValueError:
+            problems.append(f"ADMIN_CHAT_ID={admin_raw!r} is not a chat id (an integer)")
+
+    api_url = get("TELEGRAM_API_URL", "https://api.telegram.org").rstrip("/")
+    if not _is_http_url(api_url):
+        problems.append(f"TELEGRAM_API_URL={api_url!r} is not an http(s) URL")
+
+    webhook_url = get("WEBHOOK_URL")
+    if webhook_url and urlsplit(webhook_url).scheme != "https":
+        problems.append(f"WEBHOOK_URL={webhook_url!r} must be an https:// URL (Telegram calls only HTTPS)")
+    elif webhook_url and not urlsplit(webhook_url).hostname:
+        problems.append(f"WEBHOOK_URL={webhook_url!r} has no host")
+
+    mode = get("MODE").lower() or ("webhook" if webhook_url else "polling")
+    if mode not in MODES:
+        problems.append(f"MODE={mode!r} must be one of {', '.join(MODES)}")
+    elif mode == "webhook" and not webhook_url:
+        problems.append("MODE=webhook needs WEBHOOK_URL (the public https:// URL of POST /webhook)")
+
+    secret = get("WEBHOOK_SECRET")
+    if secret and not _SECRET_RE.match(secret):
+        problems.append("WEBHOOK_SECRET must be 1-256 characters of A-Z a-z 0-9 _ - (Telegram's rule)")
+    if not secret and token:
+        secret = derive_webhook_secret(token)
+
+    host = get("HOST", "0.0.0.0") or "0.0.0.0"
+    port = int(number("PORT", 5000, int, 0, 65535))
+    http_threads = int(number("HTTP_THREADS", 8, int, 1, 256))
+    debounce = number("DEBOUNCE_SECONDS", 4.0, float, 0.01, 3600)
+    max_wait = number("MAX_WAIT_SECONDS", 15.0, float, 0.01, 86400)
+    if max_wait < debounce:
+        problems.append(f"MAX_WAIT_SECONDS ({max_wait:g}) must not be shorter than DEBOUNCE_SECONDS ({debounce:g})")
+    max_batch = int(number("MAX_BATCH_MESSAGES", 50, int, 1, 1000))
+    flood_max = int(number("FLOOD_MAX_MESSAGES", 30, int, 1, 100000))
+    flood_window = number("FLOOD_WINDOW_SECONDS", 60.0, float, 0.1, 86400)
+
+    typing_mode = get("TYPING_MODE", "simulate").lower() or "simulate"
+    if typing_mode not in TYPING_MODES:
+        problems.append(f"TYPING_MODE={typing_mode!r} must be one of {', '.join(TYPING_MODES)}")
+    typing_interval = number("TYPING_INTERVAL_SECONDS", 4.0, float, 0.5, 5.0)
+    typing_max = number("TYPING_MAX_SECONDS", 120.0, float, 1, 3600)
+
+    kinds_raw = get("FORWARD_UPDATE_KINDS", "callback_query")
+    kinds = tuple(k.strip() for k in kinds_raw.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FORWARDABLE_KINDS]
+    if unknown:
+        problems.append(f"FORWARD_UPDATE_KINDS has unknown kinds: {', '.join(unknown)}")
+
+    make_timeout = number("MAKE_TIMEOUT_SECONDS", 45.0, float, 1, 600)
+    retry_max = number("MAKE_RETRY_MAX_SECONDS", 30.0, float, 0.1, 3600)
+    max_age = number("MAKE_MAX_AGE_HOURS", 72.0, float, 0.001, 24 * 365)
+    workers = int(number("MAKE_DELIVERY_WORKERS", 2, int, 1, 32))
+    poll_timeout = int(number("POLL_TIMEOUT_SECONDS", 30, int, 1, 50))
+    hold = number("PAYMENT_HOLD_SECONDS", 30.0, float, 1, 3600)
+
+    state_db = get("STATE_DB", "data/state.sqlite3") or "data/state.sqlite3"
+    reply_token = get("REPLY_TOKEN")
+    log_level = get("LOG_LEVEL", "INFO").upper() or "INFO"
+    if log_level not in LOG_LEVELS:
+        problems.append(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(
+        bot_token=token, make_webhook_url=make_url, admin_chat_id=admin_chat_id,
+        telegram_api_url=api_url, mode=mode, webhook_url=webhook_url, webhook_secret=secret,
+        host=host, port=port, http_threads=http_threads, debounce_seconds=debounce,
+        max_wait_seconds=max_wait, max_batch_messages=max_batch, flood_max_messages=flood_max,
+        flood_window_seconds=flood_window, typing_mode=typing_mode,
+        typing_interval_seconds=typing_interval, typing_max_seconds=typing_max,
+        forward_update_kinds=kinds, make_timeout_seconds=make_timeout,
+        make_retry_max_seconds=retry_max, make_max_age_hours=max_age,
+        make_delivery_workers=workers, poll_timeout_seconds=poll_timeout,
+        payment_hold_seconds=hold, state_db=state_db, reply_token=reply_token, log_level=log_level,
+    )
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

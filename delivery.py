@@ -1,0 +1,161 @@
+"""Delivers outbox events to Make on a small pool of `make-delivery-N` threads.
+
+Each thread claims the oldest due event that heads its chat's queue (so one chat's events go out in
+order, and a chat stuck on retries does not hold up the others), shows typing for a batch, posts it,
+and then sends Make's replies, or schedules the next attempt with backoff. An event older than
+`max_age_seconds` that still fails becomes a dead letter and its chat moves on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from make_client import Delivered, MakeClient, RetryLater
+from replies import ReplySender
+from retry import BackoffPolicy, backoff
+from store import OutboxRow, SQLiteStore
+from telegram_api import TelegramError
+from typing_keepalive import TypingKeepAlive
+
+log = logging.getLogger("gateway.delivery")
+
+
+@dataclass
+class DeliveryHealth:
+    """What the workers last saw of Make, for `GET /`."""
+
+    delivered: int = 0
+    failed_attempts: int = 0
+    dead_letters: int = 0
+    last_error: str | None = None
+    last_error_permanent: bool = False
+    failing_since: float | None = None
+    last_delivered_at: float | None = None
+
+
+class DeliveryWorkers:
+    """A fixed pool of threads draining the outbox to Make."""
+
+    def __init__(self, store: SQLiteStore, make: MakeClient, replies: ReplySender, typing: TypingKeepAlive,
+                 *, workers: int = 2, retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
+                 clock: Callable[[], float] = time.time,
+                 on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None) -> None:
+        self._store = store
+        self._make = make
+        self._replies = replies
+        self._typing = typing
+        self._workers = workers
+        self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
+        self._max_age = max_age_seconds
+        self._clock = clock
+        self._on_outcome = on_outcome
+        # _lock guards health, written by every worker.
+        self._lock = threading.Lock()
+        self.health = DeliveryHealth()
+        self._wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def wakeup(self) -> None:
+        """Tell the workers an event may be due now."""
+        self._wakeup.set()
+
+    def start(self) -> None:
+        """Start the worker threads, after making events a crash left in flight deliverable again."""
+        reset = self._store.reset_inflight()
+        if reset:
+            log.info("%d event(s) were in flight at the last stop; they will be sent again", reset)
+        for n in range(1, self._workers + 1):
+            thread = threading.Thread(target=self._run, name=f"make-delivery-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking events; an event still in flight is sent again at the next start. Safe to call twice."""
+        self._stopping.set()
+        self._wakeup.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def alive(self) -> int:
+        """How many worker threads are running."""
+        return sum(t.is_alive() for t in self._threads)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                row = self._store.claim_due_event(self._clock())
+                if row is not None:
+                    self._deliver(row)
+                    continue
+                next_at = self._store.next_attempt_at()
+                wait = 5.0 if next_at is None else min(5.0, max(0.05, next_at - self._clock()))
+            except Exception:
+                log.exception("delivery pass failed; retrying in 1 s")
+                wait = 1.0
+            self._wakeup.wait(wait)
+            self._wakeup.clear()
+
+    def _deliver(self, row: OutboxRow) -> None:
+        chat_id = row.payload.get("chat_id")
+        shows_typing = row.event_type == "message_batch" and isinstance(chat_id, int)
+        if shows_typing:
+            self._typing.start(chat_id)
+        started = time.monotonic()
+        outcome = self._make.deliver(row.event_id, row.payload)
+        elapsed = time.monotonic() - started
+        now = self._clock()
+        if isinstance(outcome, Delivered):
+            self._store.mark_delivered(row.id)
+            self._on_outcome("delivered", elapsed)
+            with self._lock:
+                self.health.delivered += 1
+                self.health.last_delivered_at = now
+                self.health.failing_since = None
+                self.health.last_error = None
+                self.health.last_error_permanent = False
+            log.info("event %s delivered to Make (HTTP %s, attempt %d)", row.event_id, outcome.status, row.attempts)
+            if outcome.replies and isinstance(chat_id, int):
+                self._send_replies(chat_id, outcome.replies, row.event_id)
+            return
+        self._retry_later(row, outcome, now, elapsed)
+        if shows_typing:
+            self._typing.stop(chat_id)
+
+    def _retry_later(self, row: OutboxRow, outcome: RetryLater, now: float, elapsed: float) -> None:
+        dead = now - row.created_at >= self._max_age
+        if outcome.retry_after is not None:
+            delay = min(outcome.retry_after, 3600.0)  # Make's own wait wins, within reason
+        elif outcome.permanent:
+            delay = self._policy.maximum
+        else:
+            delay = backoff(row.attempts, self._policy)
+        self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead)
+        self._on_outcome("dead" if dead else ("rejected" if outcome.permanent else "retry"), elapsed)
+        with self._lock:
+            self.health.failed_attempts += 1
+            self.health.last_error = outcome.reason
+            self.health.last_error_permanent = outcome.permanent
+            if self.health.failing_since is None:
+                self.health.failing_since = now
+            if dead:
+                self.health.dead_letters += 1
+        if dead:
+            log.error("event %s is a dead letter after %d attempts (%s); its chat moves on",
+                      row.event_id, row.attempts, outcome.reason)
+        else:
+            level = logging.ERROR if outcome.permanent else logging.WARNING
+            log.log(level, "event %s not delivered (attempt %d): %s; next try in %.1f s",
+                    row.event_id, row.attempts, outcome.reason, delay)
+
+    def _send_replies(self, chat_id: int, replies: list[str], event_id: str) -> None:
+        for text in replies:
+            try:
+                self._replies.send(chat_id, text)
+            except TelegramError as err:
+                log.error("reply to chat %s for event %s not sent: %s", chat_id, event_id, err)

@@ -1,0 +1,115 @@
+"""Posts events to the Make webhook and says what the answer means: delivered, or retry later.
+
+Outcomes are values, not exceptions: `deliver()` returns `Delivered` (with any replies Make put in
+its response) or `RetryLater` (with Make's `Retry-After` when given, and whether the failure looks
+permanent, like 410 for a deleted webhook, so health can say so). Whether an undelivered event has
+become a dead letter is decided by its age, in `delivery.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+import httpx
+
+from telegram_api import redact
+
+log = logging.getLogger("gateway.make")
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """Make accepted the event (any 2xx); `replies` are texts its response asks us to send."""
+
+    status: int
+    replies: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RetryLater:
+    """Not delivered; try again. `permanent` marks answers that will not fix themselves (410, other 4xx)."""
+
+    reason: str
+    retry_after: float | None = None
+    permanent: bool = False
+
+
+Outcome = Delivered | RetryLater
+
+
+def parse_replies(body: Any) -> list[str]:
+    """The texts in Make's JSON answer: `reply` (a string) and/or `replies` (a list of strings)."""
+    if not isinstance(body, dict):
+        return []
+    found: list[str] = []
+    if isinstance(body.get("reply"), str) and body["reply"].strip():
+        found.append(body["reply"])
+    if isinstance(body.get("replies"), list):
+        found.extend(r for r in body["replies"] if isinstance(r, str) and r.strip())
+    return found
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a `Retry-After` header (seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
+
+
+def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
+    """Turn Make's HTTP answer into an outcome (pure: no I/O)."""
+    if 200 <= status < 300:
+        try:
+            body = json.loads(text) if text else None
+        except ValueError:
+            body = None  # Make's plain "Accepted"
+        return Delivered(status, parse_replies(body))
+    snippet = " ".join(text.split())[:200]
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    if status == 429 or status >= 500:
+        return RetryLater(f"HTTP {status}: {snippet}", retry_after)
+    if status == 400 and "queue is full" in text.lower():
+        return RetryLater(f"HTTP 400: {snippet}", retry_after)
+    if status == 410:
+        return RetryLater("HTTP 410: the Make webhook is gone (deleted or deactivated); check MAKE_WEBHOOK_URL",
+                          retry_after, permanent=True)
+    return RetryLater(f"HTTP {status}: {snippet}", retry_after, permanent=True)
+
+
+class MakeClient:
+    """Sends one event per request to the Make webhook, TLS verified, with explicit timeouts."""
+
+    def __init__(self, url: str, timeout: float = 45.0, verify: bool | str = True) -> None:
+        self._url = url
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), verify=verify,
+                                  headers={"User-Agent": "telegram-make-gateway"})
+
+    def deliver(self, event_id: str, payload: dict[str, Any]) -> Outcome:
+        """POST one event (header `X-Event-Id`) and classify the answer; never raises for HTTP or network trouble."""
+        try:
+            response = self._http.post(self._url, json=payload, headers={"X-Event-Id": event_id})
+        except httpx.TimeoutException as err:
+            return RetryLater(f"timed out ({type(err).__name__})")
+        except httpx.HTTPError as err:
+            return RetryLater(f"{type(err).__name__}: {redact(str(err))}")
+        return classify(response.status_code, response.headers, response.text)
+
+    def close(self) -> None:
+        """Close the connection pool; safe to call twice."""
+        self._http.close()

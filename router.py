@@ -1,0 +1,159 @@
+"""Routes one update: validated, de-duplicated and stored in one transaction, then handed on.
+
+The webhook route and the poller both call `UpdateRouter.handle()`. When it returns, the update is
+durable (or was refused as malformed), so the caller may acknowledge it to Telegram.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from batching import BatchManager
+from debounce import DebounceManager
+from metrics import GatewayMetrics
+from store import NewEvent, SQLiteStore
+from updates import is_int, is_ordinary_message, is_payment_message, message_item, update_kind, user_summary
+
+log = logging.getLogger("gateway.router")
+
+DEDUP_SECONDS = 48 * 3600  # Telegram keeps undelivered updates 24 h; twice that for margin
+_PRUNE_EVERY = 3600.0
+
+
+class PaymentHandler(Protocol):
+    """What the router needs from payments: take a payment update durably; return whether it was new."""
+
+    def handle(self, update: dict[str, Any]) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What became of an update: `outcome` is stored, duplicate, held, ignored or invalid."""
+
+    outcome: str
+    kind: str = "unknown"
+    detail: str = ""
+
+
+class UpdateRouter:
+    """Decides where each update goes and stores it durably before the caller acknowledges it."""
+
+    def __init__(self, store: SQLiteStore, batches: BatchManager, flood: DebounceManager,
+                 metrics: GatewayMetrics, forward_kinds: tuple[str, ...],
+                 payments: PaymentHandler | None = None, on_enqueued: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._store = store
+        self._batches = batches
+        self._flood = flood
+        self._metrics = metrics
+        self._forward = set(forward_kinds)
+        self.payments = payments
+        self._on_enqueued = on_enqueued
+        self._clock = clock
+        self._monotonic = monotonic
+        # _lock guards last_update_id and _next_prune.
+        self._lock = threading.Lock()
+        self.last_update_id: int | None = store.last_update_id()
+        self._next_prune = 0.0
+
+    def handle(self, update: Any) -> Routed:
+        """Store and route one update; a malformed one is `invalid`, a repeat `duplicate`. Raises `StoreError` only."""
+        if not isinstance(update, dict) or not is_int(update.get("update_id")):
+            self._metrics.updates.labels("unknown", "invalid").inc()
+            return Routed("invalid", detail="not a JSON object with an integer update_id")
+        update_id = update["update_id"]
+        kind = update_kind(update)
+        self._prune_now_and_then()
+        routed = self._route(update_id, kind, update)
+        self._metrics.updates.labels(kind, routed.outcome).inc()
+        if routed.outcome != "duplicate":
+            with self._lock:
+                if self.last_update_id is None or update_id > self.last_update_id:
+                    self.last_update_id = update_id
+        if routed.outcome == "duplicate":
+            log.info("update %s (%s) is a repeat; ignored", update_id, kind)
+        elif routed.outcome == "ignored":
+            log.info("update %s (%s) acknowledged and dropped: %s", update_id, kind, routed.detail)
+        return routed
+
+    def _route(self, update_id: int, kind: str, update: dict[str, Any]) -> Routed:
+        if kind == "pre_checkout_query" or is_payment_message(update):
+            if self.payments is None:
+                return self._forward_or_ignore(update_id, kind, update, force=True)
+            new = self.payments.handle(update)
+            return Routed("stored" if new else "duplicate", kind)
+        if is_ordinary_message(update):
+            return self._add_message(update_id, update["message"])
+        return self._forward_or_ignore(update_id, kind, update)
+
+    def _add_message(self, update_id: int, message: dict[str, Any]) -> Routed:
+        chat_id, user_id = message["chat"]["id"], message["from"]["id"]
+        if self._store.seen(update_id):  # a repeat must not use up the user's flood allowance
+            return Routed("duplicate", "message")
+        if not self._flood.should_process(user_id, self._monotonic()):
+            if not self._store.hold_message(update_id, chat_id, user_id, self._clock()):
+                return Routed("duplicate", "message")
+            self._metrics.flood_held.inc()
+            log.warning("flood control held back update %s from user %s in chat %s", update_id, user_id, chat_id)
+            return Routed("held", "message")
+        result = self._batches.add(update_id, chat_id, user_id, user_summary(message.get("from")),
+                                   message_item(update_id, message))
+        return Routed("stored" if result.new else "duplicate", "message")
+
+    def _forward_or_ignore(self, update_id: int, kind: str, update: dict[str, Any], force: bool = False) -> Routed:
+        if force or kind in self._forward:
+            event = forward_event(update_id, kind, update)
+            if not self._store.record_update(update_id, self._clock(), event):
+                return Routed("duplicate", kind)
+            self._on_enqueued()
+            return Routed("stored", kind)
+        if not self._store.record_update(update_id, self._clock()):
+            return Routed("duplicate", kind)
+        why = "service message or message from a bot/channel" if kind == "message" else "kind not forwarded"
+        return Routed("ignored", kind, why + " (see FORWARD_UPDATE_KINDS)")
+
+    def _prune_now_and_then(self) -> None:
+        now = self._monotonic()
+        with self._lock:
+            if now < self._next_prune:
+                return
+            self._next_prune = now + _PRUNE_EVERY
+        pruned = self._store.prune_seen(self._clock() - DEDUP_SECONDS)
+        if pruned:
+            log.info("forgot %d update id(s) older than %d h", pruned, DEDUP_SECONDS // 3600)
+
+
+def forward_event(update_id: int, kind: str, update: dict[str, Any]) -> NewEvent:
+    """An `update` event carrying the update verbatim, ordered with its chat's other events."""
+    chat_id, user_id = _chat_and_user(update.get(kind))
+    payload = {
+        "event_type": "update",
+        "event_id": f"update-{update_id}",
+        "update_type": kind,
+        "update_id": update_id,
+        "chat_id": chat_id,
+        "user_id": user_id,
+        "update": update,
+    }
+    if chat_id is not None:
+        order_key = f"chat:{chat_id}"
+    else:
+        order_key = f"user:{user_id}" if user_id is not None else f"update:{update_id}"
+    return NewEvent(payload["event_id"], order_key, "update", payload)
+
+
+def _chat_and_user(body: Any) -> tuple[int | None, int | None]:
+    """Best-effort chat and user ids of an update's body (a callback's chat is its message's)."""
+    if not isinstance(body, dict):
+        return None, None
+    user = body.get("from") if isinstance(body.get("from"), dict) else body.get("user")
+    user_id = user.get("id") if isinstance(user, dict) and is_int(user.get("id")) else None
+    chat = body.get("chat")
+    if not isinstance(chat, dict) and isinstance(body.get("message"), dict):
+        chat = body["message"].get("chat")
+    chat_id = chat.get("id") if isinstance(chat, dict) and is_int(chat.get("id")) else None
+    return chat_id, user_id

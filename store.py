@@ -1,0 +1,377 @@
+"""Durable state behind one small interface: seen updates, open batches, the outbox, small facts.
+
+`SQLiteStore(path)` keeps it in a SQLite file (WAL, synchronous=FULL: a committed update survives a
+crash); `SQLiteStore(":memory:")` (also `MemoryStore()`) has the same behaviour for throwaway runs and
+tests. Every public method is one transaction; the connection is shared by all threads behind `_lock`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS seen_updates (
+    update_id   INTEGER PRIMARY KEY,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seen_updates_age ON seen_updates (received_at);
+
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id  TEXT PRIMARY KEY,
+    chat_id   INTEGER NOT NULL,
+    user_id   INTEGER NOT NULL,
+    user_json TEXT NOT NULL,
+    first_at  REAL NOT NULL,
+    last_at   REAL NOT NULL,
+    count     INTEGER NOT NULL,
+    UNIQUE (chat_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS batch_messages (
+    batch_id  TEXT NOT NULL,
+    seq       INTEGER NOT NULL,
+    item_json TEXT NOT NULL,
+    PRIMARY KEY (batch_id, seq)
+);
+CREATE TABLE IF NOT EXISTS flood_held (
+    chat_id INTEGER NOT NULL,
+    user_id INTEGER NOT NULL,
+    held    INTEGER NOT NULL,
+    PRIMARY KEY (chat_id, user_id)
+);
+
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT NOT NULL UNIQUE,
+    order_key       TEXT NOT NULL,
+    event_type      TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    status          TEXT NOT NULL DEFAULT 'pending',
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error      TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (order_key, id) WHERE status IN ('pending', 'inflight');
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+@dataclass
+class BatchRow:
+    """One open batch as stored: the messages so far and how many flood control held back."""
+
+    batch_id: str
+    chat_id: int
+    user_id: int
+    user: dict[str, Any] | None
+    first_at: float
+    last_at: float
+    count: int
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    flood_held: int = 0
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to put in the outbox: `order_key` groups the events that must go out in order."""
+
+    event_id: str
+    order_key: str
+    event_type: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    """An event claimed for delivery (or listed as dead)."""
+
+    id: int
+    event_id: str
+    order_key: str
+    event_type: str
+    payload: dict[str, Any]
+    created_at: float
+    attempts: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
+class AddResult:
+    """What adding a message did: `new` is False for a repeated update_id; `closed` names a batch closed at once."""
+
+    new: bool
+    batch: BatchRow | None = None
+    closed: bool = False
+
+
+Builder = Callable[[BatchRow, str], NewEvent]
+
+
+class StoreError(Exception):
+    """The state could not be read or written (locked, read-only, disk full); nothing was half-written."""
+
+
+class SQLiteStore:
+    """The gateway's durable state in one SQLite database."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open state database {path!r}: {err}") from None
+        # _lock guards _db: sqlite3 connections must not run two statements at once.
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._db.cursor()
+            try:
+                cur.execute("BEGIN IMMEDIATE")
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException as err:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(err, sqlite3.Error):
+                    raise StoreError(f"state database error: {err}") from None
+                raise
+
+    # Updates
+
+    def seen(self, update_id: int) -> bool:
+        """Tell whether `update_id` was already stored."""
+        with self._tx() as cur:
+            return cur.execute("SELECT 1 FROM seen_updates WHERE update_id=?", (update_id,)).fetchone() is not None
+
+    def record_update(self, update_id: int, now: float, event: NewEvent | None = None) -> bool:
+        """Store the update unless its `update_id` was seen (and enqueue `event` with it); return whether it was new."""
+        with self._tx() as cur:
+            if not self._mark_seen(cur, update_id, now):
+                return False
+            if event is not None:
+                self._enqueue(cur, event, now)
+            return True
+
+    def hold_message(self, update_id: int, chat_id: int, user_id: int, now: float) -> bool:
+        """Record a message flood control held back (counted for the user's next batch); return whether it was new."""
+        with self._tx() as cur:
+            if not self._mark_seen(cur, update_id, now):
+                return False
+            cur.execute(
+                "INSERT INTO flood_held (chat_id, user_id, held) VALUES (?, ?, 1) "
+                "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (chat_id, user_id))
+            return True
+
+    def add_message(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
+                    item: dict[str, Any], now: float, max_messages: int, build: Builder) -> AddResult:
+        """Store a message in its user's open batch (opening one if needed); a batch that reaches
+        `max_messages` is closed into the outbox in the same transaction. A seen `update_id` changes nothing."""
+        with self._tx() as cur:
+            if not self._mark_seen(cur, update_id, now):
+                return AddResult(new=False)
+            row = cur.execute("SELECT batch_id, count FROM batches WHERE chat_id=? AND user_id=?",
+                              (chat_id, user_id)).fetchone()
+            user_json = json.dumps(user, ensure_ascii=False)
+            if row is None:
+                batch_id, seq = uuid.uuid4().hex, 1
+                cur.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1)",
+                            (batch_id, chat_id, user_id, user_json, now, now))
+            else:
+                batch_id, seq = row[0], row[1] + 1
+                cur.execute("UPDATE batches SET last_at=?, count=?, user_json=? WHERE batch_id=?",
+                            (now, seq, user_json, batch_id))
+            cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)",
+                        (batch_id, seq, json.dumps(item, ensure_ascii=False)))
+            batch = self._load_batch(cur, chat_id, user_id)
+            assert batch is not None
+            if batch.count >= max_messages:
+                self._close(cur, batch, "max_messages", build, now)
+                return AddResult(new=True, batch=batch, closed=True)
+            return AddResult(new=True, batch=batch)
+
+    def close_batch_if_due(self, chat_id: int, user_id: int, now: float,
+                           due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
+        """Close the user's open batch into the outbox if `due(batch)` says its time (`now`) has come.
+
+        Returns (closed, deadline): (True, None) when closed, (False, at) when it is due later at `at`,
+        (False, None) when there is no open batch."""
+        with self._tx() as cur:
+            batch = self._load_batch(cur, chat_id, user_id)
+            if batch is None:
+                return False, None
+            at, reason = due(batch)
+            if at > now:
+                return False, at
+            self._close(cur, batch, reason, build, now)
+            return True, None
+
+    def open_batches(self) -> list[BatchRow]:
+        """Every open batch (without messages), for rescheduling after a restart."""
+        with self._tx() as cur:
+            rows = cur.execute("SELECT batch_id, chat_id, user_id, user_json, first_at, last_at, count "
+                               "FROM batches ORDER BY first_at").fetchall()
+        return [BatchRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+
+    def last_update_id(self) -> int | None:
+        """The highest update id remembered, or None."""
+        with self._tx() as cur:
+            return cur.execute("SELECT MAX(update_id) FROM seen_updates").fetchone()[0]
+
+    def prune_seen(self, before: float) -> int:
+        """Forget update ids received before `before` (wall clock); return how many."""
+        with self._tx() as cur:
+            return cur.execute("DELETE FROM seen_updates WHERE received_at < ?", (before,)).rowcount
+
+    # Outbox
+
+    def enqueue_event(self, event: NewEvent, now: float) -> bool:
+        """Put `event` in the outbox unless its `event_id` is already there; return whether it was added."""
+        with self._tx() as cur:
+            return self._enqueue(cur, event, now)
+
+    def reset_inflight(self) -> int:
+        """Make events left in flight by a crash deliverable again; return how many."""
+        with self._tx() as cur:
+            return cur.execute("UPDATE outbox SET status='pending' WHERE status='inflight'").rowcount
+
+    def claim_due_event(self, now: float) -> OutboxRow | None:
+        """Pick the oldest due event that heads its order key's queue and mark it in flight, atomically."""
+        with self._tx() as cur:
+            row = cur.execute(
+                "SELECT o.id FROM outbox o WHERE o.status='pending' AND o.next_attempt_at <= ? "
+                "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.order_key=o.order_key "
+                "AND p.status IN ('pending', 'inflight') AND p.id < o.id) ORDER BY o.id LIMIT 1",
+                (now,)).fetchone()
+            if row is None:
+                return None
+            cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1 WHERE id=?", (row[0],))
+            return self._outbox_row(cur, row[0])
+
+    def mark_delivered(self, row_id: int) -> None:
+        """Delivered: the event leaves the outbox."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+
+    def mark_failed(self, row_id: int, next_attempt_at: float, error: str, dead: bool = False) -> None:
+        """Not delivered: try again at `next_attempt_at`, or keep it as a dead letter."""
+        with self._tx() as cur:
+            cur.execute("UPDATE outbox SET status=?, next_attempt_at=?, last_error=? WHERE id=?",
+                        ("dead" if dead else "pending", next_attempt_at, error, row_id))
+
+    def next_attempt_at(self) -> float | None:
+        """When the earliest pending event becomes due (wall clock), or None if none is pending."""
+        with self._tx() as cur:
+            row = cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE status='pending'").fetchone()
+            return row[0]
+
+    def outbox_stats(self, now: float) -> dict[str, Any]:
+        """Pending, in-flight and dead counts, and the oldest undelivered event's age in seconds."""
+        with self._tx() as cur:
+            counts = dict(cur.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+            oldest = cur.execute("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'inflight')"
+                                 ).fetchone()[0]
+            open_batches = cur.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
+        return {
+            "outbox_pending": counts.get("pending", 0) + counts.get("inflight", 0),
+            "outbox_inflight": counts.get("inflight", 0),
+            "outbox_dead": counts.get("dead", 0),
+            "outbox_oldest_age_seconds": round(now - oldest, 3) if oldest is not None else None,
+            "stored_open_batches": open_batches,
+        }
+
+    def dead_events(self) -> list[OutboxRow]:
+        """The dead letters, oldest first."""
+        with self._tx() as cur:
+            ids = [r[0] for r in cur.execute("SELECT id FROM outbox WHERE status='dead' ORDER BY id")]
+            return [self._outbox_row(cur, i) for i in ids]
+
+    def replay_dead(self, now: float) -> int:
+        """Make every dead letter pending again (due now, its age reset); return how many."""
+        with self._tx() as cur:
+            return cur.execute("UPDATE outbox SET status='pending', next_attempt_at=?, created_at=? "
+                               "WHERE status='dead'", (now, now)).rowcount
+
+    # Small facts
+
+    def get_meta(self, key: str) -> str | None:
+        """Read one stored fact, or None."""
+        with self._tx() as cur:
+            row = cur.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Store one fact."""
+        with self._tx() as cur:
+            cur.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
+                        (key, value))
+
+    def close(self) -> None:
+        """Close the database; safe to call twice."""
+        with self._lock:
+            self._db.close()
+
+    # Inside a transaction
+
+    @staticmethod
+    def _mark_seen(cur: sqlite3.Cursor, update_id: int, now: float) -> bool:
+        return cur.execute("INSERT OR IGNORE INTO seen_updates VALUES (?, ?)", (update_id, now)).rowcount == 1
+
+    @staticmethod
+    def _enqueue(cur: sqlite3.Cursor, event: NewEvent, now: float) -> bool:
+        return cur.execute(
+            "INSERT OR IGNORE INTO outbox (event_id, order_key, event_type, payload, created_at, next_attempt_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (event.event_id, event.order_key, event.event_type, json.dumps(event.payload, ensure_ascii=False),
+             now, now)).rowcount == 1
+
+    @staticmethod
+    def _load_batch(cur: sqlite3.Cursor, chat_id: int, user_id: int) -> BatchRow | None:
+        row = cur.execute("SELECT batch_id, user_json, first_at, last_at, count FROM batches "
+                          "WHERE chat_id=? AND user_id=?", (chat_id, user_id)).fetchone()
+        if row is None:
+            return None
+        items = [json.loads(r[0]) for r in cur.execute(
+            "SELECT item_json FROM batch_messages WHERE batch_id=? ORDER BY seq", (row[0],))]
+        held = cur.execute("SELECT held FROM flood_held WHERE chat_id=? AND user_id=?",
+                           (chat_id, user_id)).fetchone()
+        return BatchRow(row[0], chat_id, user_id, json.loads(row[1]), row[2], row[3], row[4], items,
+                        held[0] if held else 0)
+
+    def _close(self, cur: sqlite3.Cursor, batch: BatchRow, reason: str, build: Builder, now: float) -> None:
+        self._enqueue(cur, build(batch, reason), now)
+        cur.execute("DELETE FROM batch_messages WHERE batch_id=?", (batch.batch_id,))
+        cur.execute("DELETE FROM batches WHERE batch_id=?", (batch.batch_id,))
+        if batch.flood_held:
+            cur.execute("UPDATE flood_held SET held = held - ? WHERE chat_id=? AND user_id=?",
+                        (batch.flood_held, batch.chat_id, batch.user_id))
+            cur.execute("DELETE FROM flood_held WHERE held <= 0")
+
+    @staticmethod
+    def _outbox_row(cur: sqlite3.Cursor, row_id: int) -> OutboxRow:
+        r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error "
+                        "FROM outbox WHERE id=?", (row_id,)).fetchone()
+        return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+
+
+def MemoryStore() -> SQLiteStore:  # noqa: N802 - reads like the class it stands for
+    """A throwaway in-memory store with the same behaviour as the file one."""
+    return SQLiteStore(":memory:")

@@ -1,0 +1,256 @@
+"""Bot API calls over one pooled `httpx.Client`, with typed errors and bounded retries.
+
+Errors raised here::
+
+    TelegramError                 anything the Bot API call did not do
+     ├── NetworkError             worth retrying: no answer, or a 5xx
+     │    └── TimedOut            `sent` tells whether the request may have reached Telegram
+     ├── RetryAfter               429 flood control; `retry_after` seconds
+     ├── BadRequest               400: the request itself is wrong (not worth retrying)
+     ├── Forbidden                403: e.g. the user blocked the bot
+     ├── InvalidToken             401/404: the token is wrong or revoked
+     ├── Conflict                 409: another poller, or a webhook is set
+     └── ChatMigrated             the group became a supergroup; `new_chat_id`
+
+The token is part of every Bot API URL, so no message here is built from a URL or from a foreign
+exception's text without `redact()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from typing import Any
+
+import httpx
+
+from retry import BackoffPolicy, backoff
+
+log = logging.getLogger("gateway.telegram")
+
+_TOKEN_SHAPE = re.compile(r"\d{3,15}:[A-Za-z0-9_-]{30,64}")
+_RETRY_AFTER_TEXT = re.compile(r"retry after (\d+)", re.IGNORECASE)
+
+# Methods that do the same thing when repeated, so a request that may have been sent can be retried.
+_IDEMPOTENT = {
+    "getMe", "getUpdates", "setWebhook", "deleteWebhook", "getWebhookInfo", "sendChatAction",
+    "answerPreCheckoutQuery", "answerCallbackQuery",
+}
+
+
+def redact(text: str, *secrets: str) -> str:
+    """Return `text` with anything shaped like a bot token, and each given secret, masked."""
+    text = _TOKEN_SHAPE.sub("<redacted-token>", text)
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return text
+
+
+class TelegramError(Exception):
+    """A Bot API call failed; the message names the method and Telegram's description only."""
+
+    def __init__(self, method: str, description: str, error_code: int | None = None) -> None:
+        self.method = method
+        self.description = redact(description)
+        self.error_code = error_code
+        code = f" {error_code}" if error_code is not None else ""
+        super().__init__(f"{method} failed{code}: {self.description}")
+
+
+class NetworkError(TelegramError):
+    """No usable answer (connection failed, 5xx): worth retrying."""
+
+
+class TimedOut(NetworkError):
+    """No answer in time; `sent` is False when the request certainly never left (connect/pool timeout)."""
+
+    def __init__(self, method: str, description: str, sent: bool) -> None:
+        self.sent = sent
+        super().__init__(method, description)
+
+
+class RetryAfter(TelegramError):
+    """Flood control (429): wait `retry_after` seconds before calling again."""
+
+    def __init__(self, method: str, description: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(method, description, 429)
+
+
+class BadRequest(TelegramError):
+    """400: the request is wrong (bad chat, bad markup, text too long); repeating it will not help."""
+
+
+class Forbidden(TelegramError):
+    """403: the bot may not do this, e.g. the user blocked it."""
+
+
+class InvalidToken(TelegramError):
+    """401/404: the bot token is wrong or was revoked."""
+
+
+class Conflict(TelegramError):
+    """409: another instance is polling, or a webhook is set while we poll."""
+
+
+class ChatMigrated(TelegramError):
+    """The group became a supergroup; use `new_chat_id` from now on."""
+
+    def __init__(self, method: str, description: str, new_chat_id: int) -> None:
+        self.new_chat_id = new_chat_id
+        super().__init__(method, description, 400)
+
+
+def _raise_for_reply(method: str, status: int, body: Any) -> Any:
+    """Return the `result` of a successful Bot API reply, or raise the typed error it describes."""
+    if not isinstance(body, dict):
+        if status >= 500 or status == 0:
+            raise NetworkError(method, f"HTTP {status} with a body that is not JSON", status)
+        raise TelegramError(method, f"HTTP {status} with a body that is not JSON", status)
+    if body.get("ok") is True and 200 <= status < 300:
+        return body.get("result")
+    code = body.get("error_code") if isinstance(body.get("error_code"), int) else status
+    description = str(body.get("description") or f"HTTP {status}")
+    params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    if isinstance(params.get("migrate_to_chat_id"), int):
+        raise ChatMigrated(method, description, params["migrate_to_chat_id"])
+    if code == 429 or status == 429:
+        retry_after = params.get("retry_after")
+        if not isinstance(retry_after, (int, float)):
+            found = _RETRY_AFTER_TEXT.search(description)
+            retry_after = int(found.group(1)) if found else 1
+        raise RetryAfter(method, description, float(retry_after))
+    if code in (401, 404):
+        raise InvalidToken(method, description, code)
+    if code == 403:
+        raise Forbidden(method, description, code)
+    if code == 409:
+        raise Conflict(method, description, code)
+    if code >= 500 or status >= 500:
+        raise NetworkError(method, description, code)
+    if code == 400:
+        raise BadRequest(method, description, code)
+    raise TelegramError(method, description, code)
+
+
+class TelegramClient:
+    """Calls the Bot API; one instance (one connection pool) is shared by every thread."""
+
+    def __init__(
+        self,
+        token: str,
+        base_url: str = "https://api.telegram.org",
+        *,
+        timeout: float = 10.0,
+        max_attempts: int = 4,
+        max_retry_after: float = 60.0,
+        policy: BackoffPolicy = BackoffPolicy(initial=0.5, maximum=10.0, jitter=0.5),
+    ) -> None:
+        self._url = f"{base_url.rstrip('/')}/bot{token}/"
+        self._timeout = httpx.Timeout(timeout, connect=5.0, pool=5.0)
+        self._http = httpx.Client(timeout=self._timeout, limits=httpx.Limits(max_connections=32))
+        self._max_attempts = max_attempts
+        self._max_retry_after = max_retry_after
+        self._policy = policy
+        self._stopping = threading.Event()
+        self._closed = False
+
+    def call(self, method: str, params: dict[str, Any] | None = None, *, read_timeout: float | None = None,
+             attempts: int | None = None) -> Any:
+        """Call `method` and return its `result`, retrying what is worth retrying; raise `TelegramError`."""
+        attempts = attempts or self._max_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                status, body = self._send(method, params or {}, read_timeout)
+                return _raise_for_reply(method, status, body)
+            except RetryAfter as err:
+                if attempt == attempts or err.retry_after > self._max_retry_after:
+                    raise
+                log.warning("%s: flood control, waiting %.0f s as Telegram asks", method, err.retry_after)
+                delay = err.retry_after
+            except TimedOut as err:
+                if attempt == attempts or (err.sent and method not in _IDEMPOTENT):
+                    raise
+                delay = backoff(attempt, self._policy)
+            except NetworkError as err:
+                if attempt == attempts:
+                    raise
+                delay = backoff(attempt, self._policy)
+                log.info("%s: %s; retrying in %.1f s", method, err.description, delay)
+            if self._stopping.wait(delay):
+                raise NetworkError(method, "client is shutting down")
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, params: dict[str, Any], read_timeout: float | None) -> tuple[int, Any]:
+        """Send one request; return (HTTP status, parsed JSON or None). Only transport failures raise."""
+        if self._closed:
+            raise NetworkError(method, "client is closed")
+        timeout = self._timeout if read_timeout is None else httpx.Timeout(
+            self._timeout.connect, read=read_timeout, write=self._timeout.write, pool=self._timeout.pool)
+        try:
+            response = self._http.post(self._url + method, json=params, timeout=timeout)
+        except (httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+            raise TimedOut(method, f"no connection in time ({type(err).__name__})", sent=False) from None
+        except httpx.TimeoutException as err:
+            raise TimedOut(method, f"no answer in time ({type(err).__name__})", sent=True) from None
+        except httpx.ConnectError as err:
+            raise NetworkError(method, f"cannot connect: {redact(str(err))}") from None
+        except httpx.HTTPError as err:
+            raise NetworkError(method, f"{type(err).__name__}: {redact(str(err))}") from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        return response.status_code, body
+
+    # The methods the gateway uses, named as in the Bot API.
+
+    def get_updates(self, offset: int | None, timeout: int, limit: int = 100,
+                    allowed_updates: list[str] | None = None) -> list[dict[str, Any]]:
+        """Long-poll for updates after `offset`; one attempt (the poller owns the retry loop)."""
+        params: dict[str, Any] = {"timeout": timeout, "limit": limit}
+        if offset is not None:
+            params["offset"] = offset
+        if allowed_updates is not None:
+            params["allowed_updates"] = allowed_updates
+        result = self.call("getUpdates", params, read_timeout=timeout + 10, attempts=1)
+        return result if isinstance(result, list) else []
+
+    def set_webhook(self, url: str, secret_token: str, allowed_updates: list[str],
+                    drop_pending_updates: bool = False) -> None:
+        """Register `url` as the webhook; Telegram will send `secret_token` back in a header."""
+        self.call("setWebhook", {"url": url, "secret_token": secret_token,
+                                 "allowed_updates": allowed_updates,
+                                 "drop_pending_updates": drop_pending_updates})
+
+    def delete_webhook(self, drop_pending_updates: bool = False) -> None:
+        """Remove the webhook so that `getUpdates` works; pending updates are kept unless asked."""
+        self.call("deleteWebhook", {"drop_pending_updates": drop_pending_updates})
+
+    def get_webhook_info(self) -> dict[str, Any]:
+        """Return Telegram's view of the webhook (URL, pending count, last error)."""
+        return self.call("getWebhookInfo")
+
+    def send_message(self, chat_id: int, text: str, **extra: Any) -> dict[str, Any]:
+        """Send one text message (at most 4096 characters) and return the sent Message."""
+        return self.call("sendMessage", {"chat_id": chat_id, "text": text, **extra})
+
+    def send_chat_action(self, chat_id: int, action: str = "typing") -> None:
+        """Show `action` in the chat for up to 5 seconds; one attempt, since a late one is useless."""
+        self.call("sendChatAction", {"chat_id": chat_id, "action": action}, read_timeout=5.0, attempts=1)
+
+    def answer_pre_checkout_query(self, query_id: str, ok: bool, error_message: str | None = None) -> None:
+        """Approve or refuse a checkout; Telegram needs this within 10 seconds."""
+        params: dict[str, Any] = {"pre_checkout_query_id": query_id, "ok": ok}
+        if not ok:
+            params["error_message"] = error_message or "Payment refused"
+        self.call("answerPreCheckoutQuery", params, read_timeout=5.0, attempts=2)
+
+    def close(self) -> None:
+        """Stop pending retries and close the connection pool; safe to call twice."""
+        self._stopping.set()
+        if not self._closed:
+            self._closed = True
+            self._http.close()

@@ -1,0 +1,282 @@
+"""Test doubles serving real HTTP on 127.0.0.1: a Bot API server, a Make webhook, and the service itself.
+
+Each double records the requests it got, plays scripted answers, and keeps any error raised in its
+own threads so `check()` re-raises it at teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9"
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll `condition` until it returns something truthy, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class _Server:
+    """A threaded HTTP server on 127.0.0.1:0 whose handler calls `self.handle`."""
+
+    def __init__(self) -> None:
+        double = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                try:
+                    status, headers, payload = double.handle(self.command, self.path, dict(self.headers), body)
+                except Exception as err:  # kept for check(); the client sees a 500
+                    double.errors.append(err)
+                    status, headers, payload = 500, {}, b"double failed"
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (its timeout); nothing to report
+
+            do_POST = do_GET = _any
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.errors: list[Exception] = []
+        self.lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.port = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Re-raise the first error the double's threads hit."""
+        if self.errors:
+            raise self.errors[0]
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+def _json(status: int, obj: Any) -> tuple[int, dict, bytes]:
+    return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
+
+
+class TelegramDouble(_Server):
+    """A Bot API server: records calls, long-polls `getUpdates` from a queue, plays scripted replies."""
+
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self._scripts: dict[str, list[tuple[int, Any]]] = {}
+        self._pending: list[dict[str, Any]] = []  # updates not yet confirmed by an offset
+        self._cond = threading.Condition()
+        self._message_id = 1000
+        self.webhook: dict[str, Any] | None = None
+        super().__init__()
+
+    def push_update(self, update: dict[str, Any]) -> None:
+        """Make `update` available to `getUpdates`, as Telegram would."""
+        with self._cond:
+            self._pending.append(update)
+            self._cond.notify_all()
+
+    def script(self, method: str, *replies: tuple[int, Any]) -> None:
+        """Answer the next calls of `method` with these (status, JSON body) pairs, in order."""
+        with self.lock:
+            self._scripts.setdefault(method, []).extend(replies)
+
+    def calls_of(self, method: str) -> list[dict[str, Any]]:
+        """The parameters of every call of `method` so far."""
+        with self.lock:
+            return [params for name, params in self.calls if name == method]
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        found = re.fullmatch(r"/bot([^/]+)/(\w+)", path)
+        if not found:
+            return _json(404, {"ok": False, "error_code": 404, "description": "Not Found"})
+        token, name = found.groups()
+        if token != self.token:
+            return _json(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
+        params = json.loads(body) if body else {}
+        with self.lock:
+            self.calls.append((name, params))
+            scripted = self._scripts.get(name)
+            reply = scripted.pop(0) if scripted else None
+        if reply is not None:
+            return _json(*reply)
+        return _json(200, {"ok": True, "result": self._default(name, params)})
+
+    def _default(self, name: str, params: dict[str, Any]) -> Any:
+        if name == "getUpdates":
+            return self._get_updates(params)
+        if name == "sendMessage":
+            with self.lock:
+                self._message_id += 1
+                message_id = self._message_id
+            return {"message_id": message_id, "date": int(time.time()), "chat": {"id": params.get("chat_id")},
+                    "text": params.get("text")}
+        if name == "setWebhook":
+            self.webhook = params
+        if name == "deleteWebhook":
+            self.webhook = None
+        if name == "getWebhookInfo":
+            return {"url": (self.webhook or {}).get("url", ""), "pending_update_count": 0}
+        return True
+
+    def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+        offset = params.get("offset")
+        limit = params.get("limit", 100)
+        deadline = time.monotonic() + min(float(params.get("timeout", 0)), 2.0)
+        with self._cond:
+            if offset is not None:
+                self._pending = [u for u in self._pending if u["update_id"] >= offset]
+            while not self._pending and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return list(self._pending[:limit])
+
+
+class MakeDouble(_Server):
+    """A Make custom webhook: records events, plays scripted answers (status, body, headers, delay)."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self._scripts: list[tuple[int, Any, dict[str, str], float]] = []
+        super().__init__()
+
+    def script(self, *replies: tuple) -> None:
+        """Answer the next requests with these (status, body[, headers[, delay seconds]]) tuples, in order."""
+        with self.lock:
+            for status, body, *rest in replies:
+                headers = rest[0] if rest else {}
+                delay = rest[1] if len(rest) > 1 else 0.0
+                self._scripts.append((status, body, headers, delay))
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The JSON of every request received (delivered or not)."""
+        with self.lock:
+            return [r["json"] for r in self.requests]
+
+    def accepted(self) -> list[dict[str, Any]]:
+        """The events this double answered with a 2xx."""
+        with self.lock:
+            return [r["json"] for r in self.requests if 200 <= r["status"] < 300]
+
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        with self.lock:
+            scripted = self._scripts.pop(0) if self._scripts else (200, "Accepted", {}, 0.0)
+        status, reply, reply_headers, delay = scripted
+        record = {"json": json.loads(body), "headers": headers, "status": status, "at": time.monotonic()}
+        with self.lock:
+            self.requests.append(record)
+        if delay:
+            time.sleep(delay)  # a slow scenario, on the double's own thread
+        if isinstance(reply, (dict, list)):
+            return status, {"Content-Type": "application/json", **reply_headers}, json.dumps(reply).encode()
+        return status, {"Content-Type": "text/plain", **reply_headers}, str(reply).encode()
+
+
+def free_port() -> int:
+    """A port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """The real gateway (`python app.py`) in a subprocess, in its own working directory."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.env = env
+        self.output: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 20.0) -> "Service":
+        """Start the service and wait until it listens."""
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
+        env = {**base, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=self.workdir, env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started = len(self.output)
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+
+        def listening() -> str | None:
+            for line in self.output[started:]:
+                found = re.search(r"listening on http://[^:]+:(\d+)", line)
+                if found:
+                    return found.group(1)
+            if self.proc.poll() is not None:
+                raise AssertionError("service exited at start:\n" + self.text)
+            return None
+
+        port = wait_until(listening, timeout, "the service to listen")
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.output.append(line)
+
+    @property
+    def text(self) -> str:
+        """Everything the service printed so far."""
+        return "".join(self.output)
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=10)
+
+    def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=10, **kwargs)
+
+    def health(self) -> dict[str, Any]:
+        return self.get("/").json()
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait; return the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """`kill -9`: no chance to clean up."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
