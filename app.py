@@ -271,7 +271,7 @@ class _RedactingFilter(logging.Filter):
 
 def configure_logging(config: Config) -> None:
     """One line per record, with time and level; secrets masked; httpx's URL logging turned down."""
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
     handler.addFilter(_RedactingFilter(config.bot_token, config.webhook_secret, config.reply_token))
     root = logging.getLogger()
@@ -295,6 +295,8 @@ def serve(config: Config) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if config.admin_chat_id is None:
+        log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
     gateway.start()
     host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
     log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)
@@ -372,8 +374,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 2
     configure_logging(config)
-    if config.admin_chat_id is None:
-        log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
     if args.command in (None, "serve"):
         try:
             return serve(config)

@@ -132,7 +132,7 @@ class BatchManager:
         # A message may have opened a new batch (a newer generation) meanwhile: keep that one.
         with self._lock:
             if self._generation.get(key) == generation:
-                del self._generation[key]
+                self._generation.pop(key, None)
 
     def _run(self) -> None:
         while not self._stopping.is_set():

@@ -47,3 +47,99 @@ def test_burst_of_three_messages_is_one_make_event_in_order(
     assert event["batch_size"] == 3 and event["reason"] == "quiet"
     assert make.requests[0]["headers"]["X-Event-Id"] == event["event_id"]
     assert service.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["polling", "webhook"])
+def test_two_users_at_once_give_two_events(mode: str, start_service, telegram: TelegramDouble,
+                                           make: MakeDouble) -> None:
+    """Interleaved messages from two users become one batch each, each with only its own messages."""
+    service = _start(start_service, mode)
+    for text, user in (("a1", 1), ("b1", 2), ("a2", 1), ("b2", 2)):
+        _deliver(service, telegram, mode, text_update(text, user_id=user))
+    wait_until(lambda: len(make.accepted()) >= 2, what="two Make events")
+    by_user = {e["user_id"]: e["text"] for e in make.accepted()}
+    assert by_user == {1: "a1\na2", 2: "b1\nb2"}
+    assert len(make.accepted()) == 2
+
+
+@pytest.mark.parametrize("mode", ["polling", "webhook"])
+def test_repeated_update_is_processed_once(mode: str, start_service, telegram: TelegramDouble,
+                                           make: MakeDouble) -> None:
+    """An update delivered three times appears once in the batch sent to Make."""
+    service = _start(start_service, mode)
+    update = text_update("only once", user_id=7)
+    for _ in range(3):
+        _deliver(service, telegram, mode, update)
+    _deliver(service, telegram, mode, text_update("second", user_id=7))
+    event = wait_until(lambda: make.accepted(), what="a Make event")[0]
+    assert [m["text"] for m in event["messages"]] == ["only once", "second"]
+    assert service.health()["last_update_id"] is not None
+
+
+@pytest.mark.parametrize("mode", ["polling", "webhook"])
+def test_chat_sees_typing_and_make_reply_reaches_chat(mode: str, start_service, telegram: TelegramDouble,
+                                                      make: MakeDouble) -> None:
+    """While Make prepares the answer the chat sees typing; Make's `reply` is sent to the chat."""
+    make.script((200, {"reply": "Refund approved"}, {}, 0.3))
+    service = _start(start_service, mode)
+    _deliver(service, telegram, mode, text_update("refund please", user_id=77))
+    sent = wait_until(lambda: telegram.calls_of("sendMessage"), what="the reply to be sent")
+    assert sent[0]["chat_id"] == 77 and sent[0]["text"] == "Refund approved"
+    typing = telegram.calls_of("sendChatAction")
+    assert typing and all(c == {"chat_id": 77, "action": "typing"} for c in typing)
+
+
+def test_long_make_reply_is_split_at_telegram_limit(start_service, telegram: TelegramDouble,
+                                                    make: MakeDouble) -> None:
+    """A 9000-character reply arrives as three messages, none over 4096 characters, nothing lost."""
+    text = ("word " * 1800).strip()
+    make.script((200, {"replies": [text]}))
+    start_service()
+    telegram.push_update(text_update("tell me everything", user_id=5))
+    parts = wait_until(lambda: len(telegram.calls_of("sendMessage")) >= 3 and telegram.calls_of("sendMessage"),
+                       what="three reply parts")
+    assert all(len(p["text"]) <= 4096 for p in parts)
+    assert " ".join(p["text"].strip() for p in parts).split() == text.split()
+
+
+def test_make_failing_twice_then_ok_delivers_once(start_service, telegram: TelegramDouble,
+                                                  make: MakeDouble) -> None:
+    """Make answering 500 twice and then 200 gets the same event three times and accepts it once."""
+    make.script((500, "Scenario failed to complete."), (500, "Scenario failed to complete."))
+    service = start_service()
+    telegram.push_update(text_update("retry me", user_id=9))
+    wait_until(lambda: make.accepted(), timeout=15, what="the event to be accepted")
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
+    assert [r["status"] for r in make.requests] == [500, 500, 200]
+    assert len({e["event_id"] for e in make.events}) == 1
+    assert len(make.accepted()) == 1
+
+
+def test_callback_query_is_forwarded_at_once(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """A callback_query goes to Make as an `update` event carrying the update verbatim."""
+    start_service()
+    update = {"update_id": 880001, "callback_query": {
+        "id": "cb1", "from": {"id": 3, "is_bot": False, "first_name": "C"}, "chat_instance": "x", "data": "buy",
+        "message": {"message_id": 5, "date": 1, "chat": {"id": 3, "type": "private"}, "text": "menu"}}}
+    telegram.push_update(update)
+    event = wait_until(lambda: make.accepted(), what="the forwarded update")[0]
+    assert event["event_type"] == "update" and event["update_type"] == "callback_query"
+    assert event["update"] == update and event["chat_id"] == 3
+
+
+def test_every_sample_update_is_acknowledged_without_a_crash(start_service, telegram: TelegramDouble,
+                                                            samples: list[dict]) -> None:
+    """All 80 real updates of 21 kinds posted to the webhook get 200 and the service stays healthy."""
+    from config import derive_webhook_secret
+    from doubles import TOKEN
+    service = start_service(WEBHOOK_URL="https://gateway.example.test/webhook", FORWARD_UPDATE_KINDS=
+                            "callback_query,edited_message,my_chat_member,message")
+    headers = {"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)}
+    for sample in samples:
+        response = service.post("/webhook", json=sample["update"], headers=headers)
+        assert response.status_code == 200, (sample["kind"], response.text)
+    again = service.post("/webhook", json=samples[0]["update"], headers=headers)
+    assert again.json()["outcome"] == "duplicate"
+    health = service.health()
+    assert health["status"] in ("ok", "degraded") and not health["dead_threads"]
+    assert "Traceback" not in service.text
