@@ -29,6 +29,7 @@ from debounce import DebounceManager, DebounceSettings
 from delivery import DeliveryWorkers
 from make_client import MakeClient
 from metrics import GatewayMetrics
+from payments import PaymentProcessor, PaymentTexts
 from polling import Poller
 from replies import ReplySender
 from retry import BackoffPolicy, backoff
@@ -70,8 +71,16 @@ class Gateway:
             self.store, DebounceSettings(config.debounce_seconds, config.max_wait_seconds, config.max_batch_messages),
             on_closed=self._batch_closed)
         self.flood = DebounceManager(config.flood_max_messages, config.flood_window_seconds)
+        texts = PaymentTexts(config.text_already_paid, config.text_payment_in_progress, config.text_payment_refused,
+                             config.text_admin_payment, config.text_admin_duplicate_payment, config.text_admin_refund)
+        self.make_check = (MakeClient(config.make_webhook_url, timeout=config.payment_check_timeout_seconds)
+                           if config.payment_check_with_make else None)
+        self.payments = PaymentProcessor(
+            self.store, self.telegram, admin_chat_id=config.admin_chat_id, texts=texts,
+            hold_seconds=config.payment_hold_seconds, auto_refund_stars=config.payment_auto_refund_stars,
+            make_check=self.make_check, on_enqueued=self.delivery.wakeup)
         self.router = UpdateRouter(self.store, self.batches, self.flood, self.metrics, config.forward_update_kinds,
-                                   on_enqueued=self.delivery.wakeup)
+                                   payments=self.payments, on_enqueued=self.delivery.wakeup)
         self.poller: Poller | None = None
         self.webhook_registered = False
         self._stopping = threading.Event()
@@ -83,6 +92,7 @@ class Gateway:
         restored = self.batches.restore()
         if restored:
             log.info("reloaded %d open batch(es) from %s", restored, self.config.state_db)
+        self.payments.start()
         self.delivery.start()
         self.batches.start()
         self.typing.start_thread()
@@ -100,10 +110,13 @@ class Gateway:
         if self.poller is not None:
             self.poller.stop()
         self.batches.stop()
+        self.payments.stop()
         self.delivery.stop()
         self.typing.stop_thread()
         self.telegram.close()
         self.make.close()
+        if self.make_check is not None:
+            self.make_check.close()
 
     def health(self) -> tuple[dict[str, Any], int]:
         """The `GET /` report and its HTTP status (503 once a thread the service needs has died)."""
@@ -127,6 +140,7 @@ class Gateway:
             "batch_timers": self.batches.scheduled_deadlines,
             **outbox,
             "typing_chats": self.typing.active_chats,
+            "payments_recorded": self.store.payments_count(),
             "flood_active_users": self.flood.get_active_users_count(),
             "make": {"delivered": d.delivered, "failed_attempts": d.failed_attempts, "last_error": d.last_error,
                      "webhook_gone": d.last_error_permanent, "failing_since": d.failing_since,
@@ -138,7 +152,7 @@ class Gateway:
         return report, (HTTPStatus.SERVICE_UNAVAILABLE if dead_threads else HTTPStatus.OK)
 
     def _threads_alive(self) -> dict[str, bool]:
-        alive = {"batch-scheduler": self.batches.is_alive(),
+        alive = {"batch-scheduler": self.batches.is_alive(), "payments": self.payments.threads_alive(),
                  "make-delivery": self.delivery.alive() == self.config.make_delivery_workers}
         if self.poller is not None:
             alive["telegram-poller"] = self.poller.is_alive()

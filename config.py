@@ -70,6 +70,15 @@ class Config:
     make_delivery_workers: int = 2
     poll_timeout_seconds: int = 30
     payment_hold_seconds: float = 30.0
+    payment_check_with_make: bool = False
+    payment_check_timeout_seconds: float = 3.0
+    payment_auto_refund_stars: bool = False
+    text_already_paid: str = "Этот счёт уже оплачен."
+    text_payment_in_progress: str = "Этот счёт уже оплачивается. Попробуйте через минуту."
+    text_payment_refused: str = "Оплата сейчас невозможна."
+    text_admin_payment: str = "💰 Новая оплата"
+    text_admin_duplicate_payment: str = "⚠️ Повторная оплата уже оплаченного счёта: нужен возврат"
+    text_admin_refund: str = "↩️ Возврат платежа"
     state_db: str = "data/state.sqlite3"
     reply_token: str = ""
     log_level: str = "INFO"
@@ -107,6 +116,15 @@ def _parse(env: Mapping[str, str]) -> Config:
 
     def get(name: str, default: str = "") -> str:
         return env.get(name, default).strip()
+
+    def flag(name: str) -> bool:
+        raw = get(name).lower()
+        if raw in ("", "0", "false", "no", "off"):
+            return False
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        problems.append(f"{name}={raw!r} must be true or false")
+        return False
 
     def number(name: str, default: float, kind: Callable[[str], float], low: float, high: float) -> float:
         raw = get(name)
@@ -193,6 +211,21 @@ def _parse(env: Mapping[str, str]) -> Config:
     workers = int(number("MAKE_DELIVERY_WORKERS", 2, int, 1, 32))
     poll_timeout = int(number("POLL_TIMEOUT_SECONDS", 30, int, 1, 50))
     hold = number("PAYMENT_HOLD_SECONDS", 30.0, float, 1, 3600)
+    check_with_make = flag("PAYMENT_CHECK_WITH_MAKE")
+    check_timeout = number("PAYMENT_CHECK_TIMEOUT_SECONDS", 3.0, float, 0.5, 5)
+    auto_refund = flag("PAYMENT_AUTO_REFUND_STARS")
+    texts = {
+        "text_already_paid": get("TEXT_ALREADY_PAID"),
+        "text_payment_in_progress": get("TEXT_PAYMENT_IN_PROGRESS"),
+        "text_payment_refused": get("TEXT_PAYMENT_REFUSED"),
+        "text_admin_payment": get("TEXT_ADMIN_PAYMENT"),
+        "text_admin_duplicate_payment": get("TEXT_ADMIN_DUPLICATE_PAYMENT"),
+        "text_admin_refund": get("TEXT_ADMIN_REFUND"),
+    }
+    texts = {name: value or getattr(Config, name) for name, value in texts.items()}
+    for name in ("text_already_paid", "text_payment_in_progress", "text_payment_refused"):
+        if len(texts[name]) > 255:
+            problems.append(f"{name.upper()} is too long for Telegram's error_message (255 characters at most)")
 
     state_db = get("STATE_DB", "data/state.sqlite3") or "data/state.sqlite3"
     reply_token = get("REPLY_TOKEN")
@@ -212,7 +245,9 @@ def _parse(env: Mapping[str, str]) -> Config:
         forward_update_kinds=kinds, make_timeout_seconds=make_timeout,
         make_retry_max_seconds=retry_max, make_max_age_hours=max_age,
         make_delivery_workers=workers, poll_timeout_seconds=poll_timeout,
-        payment_hold_seconds=hold, state_db=state_db, reply_token=reply_token, log_level=log_level,
+        payment_hold_seconds=hold, payment_check_with_make=check_with_make,
+        payment_check_timeout_seconds=check_timeout, payment_auto_refund_stars=auto_refund, **texts,
+        state_db=state_db, reply_token=reply_token, log_level=log_level,
     )
 
 

@@ -28,6 +28,7 @@ class Delivered:
 
     status: int
     replies: list[str] = field(default_factory=list)
+    body: Any = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
             body = json.loads(text) if text else None
         except ValueError:
             body = None  # Make's plain "Accepted"
-        return Delivered(status, parse_replies(body))
+        return Delivered(status, parse_replies(body), body)
     snippet = " ".join(text.split())[:200]
     retry_after = parse_retry_after(headers.get("retry-after"))
     if status == 429 or status >= 500:

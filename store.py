@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     event_id        TEXT NOT NULL UNIQUE,
     order_key       TEXT NOT NULL,
     event_type      TEXT NOT NULL,
+    target          TEXT NOT NULL DEFAULT 'make',
     payload         TEXT NOT NULL,
     created_at      REAL NOT NULL,
     status          TEXT NOT NULL DEFAULT 'pending',
@@ -60,6 +61,33 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_queue ON outbox (order_key, id) WHERE status IN ('pending', 'inflight');
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (status, next_attempt_at);
+
+CREATE TABLE IF NOT EXISTS payments (
+    charge_id    TEXT PRIMARY KEY,
+    payload      TEXT NOT NULL,
+    user_id      INTEGER,
+    currency     TEXT NOT NULL,
+    total_amount INTEGER NOT NULL,
+    duplicate    INTEGER NOT NULL,
+    received_at  REAL NOT NULL,
+    body         TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS paid_payloads (
+    payload   TEXT PRIMARY KEY,
+    charge_id TEXT NOT NULL,
+    paid_at   REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkout_holds (
+    payload    TEXT PRIMARY KEY,
+    query_id   TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refunds (
+    charge_id   TEXT PRIMARY KEY,
+    payload     TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    body        TEXT NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -85,12 +113,14 @@ class BatchRow:
 
 @dataclass(frozen=True)
 class NewEvent:
-    """An event to put in the outbox: `order_key` groups the events that must go out in order."""
+    """An event to put in the outbox: `order_key` groups the events that must go out in order;
+    `target` is `make` (posted to Make) or `telegram` (a Bot API call: `payload` has method and params)."""
 
     event_id: str
     order_key: str
     event_type: str
     payload: dict[str, Any]
+    target: str = "make"
 
 
 @dataclass(frozen=True)
@@ -253,14 +283,14 @@ class SQLiteStore:
         with self._tx() as cur:
             return cur.execute("UPDATE outbox SET status='pending' WHERE status='inflight'").rowcount
 
-    def claim_due_event(self, now: float) -> OutboxRow | None:
-        """Pick the oldest due event that heads its order key's queue and mark it in flight, atomically."""
+    def claim_due_event(self, now: float, target: str = "make") -> OutboxRow | None:
+        """Pick the oldest due event for `target` that heads its order key's queue and mark it in flight, atomically."""
         with self._tx() as cur:
             row = cur.execute(
-                "SELECT o.id FROM outbox o WHERE o.status='pending' AND o.next_attempt_at <= ? "
+                "SELECT o.id FROM outbox o WHERE o.status='pending' AND o.target=? AND o.next_attempt_at <= ? "
                 "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.order_key=o.order_key "
                 "AND p.status IN ('pending', 'inflight') AND p.id < o.id) ORDER BY o.id LIMIT 1",
-                (now,)).fetchone()
+                (target, now)).fetchone()
             if row is None:
                 return None
             cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1 WHERE id=?", (row[0],))
@@ -277,10 +307,11 @@ class SQLiteStore:
             cur.execute("UPDATE outbox SET status=?, next_attempt_at=?, last_error=? WHERE id=?",
                         ("dead" if dead else "pending", next_attempt_at, error, row_id))
 
-    def next_attempt_at(self) -> float | None:
-        """When the earliest pending event becomes due (wall clock), or None if none is pending."""
+    def next_attempt_at(self, target: str = "make") -> float | None:
+        """When the earliest pending event for `target` becomes due (wall clock), or None if none is pending."""
         with self._tx() as cur:
-            row = cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE status='pending'").fetchone()
+            row = cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE status='pending' AND target=?",
+                              (target,)).fetchone()
             return row[0]
 
     def outbox_stats(self, now: float) -> dict[str, Any]:
@@ -310,6 +341,73 @@ class SQLiteStore:
             return cur.execute("UPDATE outbox SET status='pending', next_attempt_at=?, created_at=? "
                                "WHERE status='dead'", (now, now)).rowcount
 
+    # Payments
+
+    def decide_checkout(self, update_id: int, query_id: str, payload: str, now: float,
+                        hold_seconds: float) -> str:
+        """Decide a pre-checkout durably: `paid` (payload already paid), `busy` (another checkout of it
+        holds it), `ok` (now held for `hold_seconds`), or `duplicate` (this update was seen)."""
+        with self._tx() as cur:
+            if not self._mark_seen(cur, update_id, now):
+                return "duplicate"
+            if cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone():
+                return "paid"
+            hold = cur.execute("SELECT query_id, expires_at FROM checkout_holds WHERE payload=?",
+                               (payload,)).fetchone()
+            if hold is not None and hold[1] > now and hold[0] != query_id:
+                return "busy"
+            cur.execute("INSERT INTO checkout_holds VALUES (?, ?, ?) ON CONFLICT (payload) DO UPDATE "
+                        "SET query_id=excluded.query_id, expires_at=excluded.expires_at",
+                        (payload, query_id, now + hold_seconds))
+            cur.execute("DELETE FROM checkout_holds WHERE expires_at <= ?", (now,))
+            return "ok"
+
+    def release_checkout(self, payload: str, query_id: str) -> None:
+        """Drop the hold a refused checkout placed on `payload`."""
+        with self._tx() as cur:
+            cur.execute("DELETE FROM checkout_holds WHERE payload=? AND query_id=?", (payload, query_id))
+
+    def record_payment(self, update_id: int, charge_id: str, payload: str, user_id: int | None, currency: str,
+                       total_amount: int, body: dict[str, Any], now: float,
+                       build: Callable[[bool], list[NewEvent]]) -> tuple[bool, bool]:
+        """Record a successful payment once per charge id, mark its payload paid, and enqueue the events
+        `build(duplicate)` returns, all in one transaction. Returns (new, duplicate): `duplicate` when
+        the payload had already been paid by another charge."""
+        with self._tx() as cur:
+            if not self._mark_seen(cur, update_id, now):
+                return False, False
+            if cur.execute("SELECT 1 FROM payments WHERE charge_id=?", (charge_id,)).fetchone():
+                return False, False
+            duplicate = cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone() is not None
+            cur.execute("INSERT INTO payments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (charge_id, payload, user_id, currency, total_amount, int(duplicate), now,
+                         json.dumps(body, ensure_ascii=False)))
+            if not duplicate:
+                cur.execute("INSERT INTO paid_payloads VALUES (?, ?, ?)", (payload, charge_id, now))
+            cur.execute("DELETE FROM checkout_holds WHERE payload=?", (payload,))
+            for event in build(duplicate):
+                self._enqueue(cur, event, now)
+            return True, duplicate
+
+    def record_refund(self, update_id: int, charge_id: str, payload: str, body: dict[str, Any], now: float,
+                      events: list[NewEvent]) -> bool:
+        """Record a refund once per charge id (its payload is no longer paid) and enqueue `events`."""
+        with self._tx() as cur:
+            if not self._mark_seen(cur, update_id, now):
+                return False
+            if cur.execute("INSERT OR IGNORE INTO refunds VALUES (?, ?, ?, ?)",
+                           (charge_id, payload, now, json.dumps(body, ensure_ascii=False))).rowcount == 0:
+                return False
+            cur.execute("DELETE FROM paid_payloads WHERE payload=? AND charge_id=?", (payload, charge_id))
+            for event in events:
+                self._enqueue(cur, event, now)
+            return True
+
+    def payments_count(self) -> int:
+        """How many payments are recorded."""
+        with self._tx() as cur:
+            return cur.execute("SELECT COUNT(*) FROM payments").fetchone()[0]
+
     # Small facts
 
     def get_meta(self, key: str) -> str | None:
@@ -338,10 +436,10 @@ class SQLiteStore:
     @staticmethod
     def _enqueue(cur: sqlite3.Cursor, event: NewEvent, now: float) -> bool:
         return cur.execute(
-            "INSERT OR IGNORE INTO outbox (event_id, order_key, event_type, payload, created_at, next_attempt_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (event.event_id, event.order_key, event.event_type, json.dumps(event.payload, ensure_ascii=False),
-             now, now)).rowcount == 1
+            "INSERT OR IGNORE INTO outbox (event_id, order_key, event_type, target, payload, created_at, "
+            "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (event.event_id, event.order_key, event.event_type, event.target,
+             json.dumps(event.payload, ensure_ascii=False), now, now)).rowcount == 1
 
     @staticmethod
     def _load_batch(cur: sqlite3.Cursor, chat_id: int, user_id: int) -> BatchRow | None:

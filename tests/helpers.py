@@ -23,3 +23,27 @@ def text_update(text: str, user_id: int = 42, chat_id: int | None = None, update
     chat = {"id": chat_id if chat_id is not None else user_id, "type": "private" if chat_id is None else "group"}
     return {"update_id": update_id, "message": {"message_id": update_id, "date": int(time.time()),
                                                 "from": sender, "chat": chat, "text": text}}
+
+
+def pre_checkout_update(query_id: str, payload: str, user_id: int = 42, currency: str = "RUB",
+                        total_amount: int = 150000) -> dict[str, Any]:
+    """A pre_checkout_query update."""
+    return {"update_id": next_update_id(), "pre_checkout_query": {
+        "id": query_id, "from": {"id": user_id, "is_bot": False, "first_name": "Buyer"}, "currency": currency,
+        "total_amount": total_amount, "invoice_payload": payload}}
+
+
+def payment_update(charge_id: str, payload: str, user_id: int = 42, currency: str = "RUB",
+                   total_amount: int = 150000, order_info: dict[str, Any] | None = None,
+                   first_name: str = "Buyer") -> dict[str, Any]:
+    """A message carrying successful_payment."""
+    payment: dict[str, Any] = {"currency": currency, "total_amount": total_amount, "invoice_payload": payload,
+                               "telegram_payment_charge_id": charge_id,
+                               "provider_payment_charge_id": f"prov-{charge_id}"}
+    if order_info is not None:
+        payment["order_info"] = order_info
+    update_id = next_update_id()
+    return {"update_id": update_id, "message": {
+        "message_id": update_id, "date": int(time.time()), "chat": {"id": user_id, "type": "private"},
+        "from": {"id": user_id, "is_bot": False, "first_name": first_name, "username": "buyer"},
+        "successful_payment": payment}}

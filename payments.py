@@ -1,0 +1,318 @@
+"""Telegram Payments: pre-checkout decisions in time, each payment recorded once, the admin told.
+
+- `pre_checkout_query`: decided durably in the request (or poller) thread (`paid` / `busy` / `ok`,
+  with a short hold on the payload), answered by the `payment-answers` thread, which nothing else
+  uses, so no batch, Make call or typing can delay it. An optional check with Make falls back to the
+  local decision if Make does not answer in time.
+- `successful_payment`: recorded once per `telegram_payment_charge_id`, its payload marked paid, and,
+  in the same transaction, a `payment` event for Make and the admin's notice (and, opted in, a Stars
+  refund of a duplicate) put in the durable outbox. The `telegram-outbox` thread sends the Bot API
+  calls with retries; the payment path never waits for them.
+- `refunded_payment`: recorded once and forwarded as a `payment_refunded` event.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
+
+from make_client import Delivered, MakeClient
+from retry import BackoffPolicy, backoff
+from store import NewEvent, OutboxRow, SQLiteStore
+from telegram_api import BadRequest, Forbidden, InvalidToken, TelegramClient, TelegramError
+from updates import is_int, user_summary
+
+log = logging.getLogger("gateway.payments")
+
+# Minor digits per ISO 4217 where they are not 2; Telegram Stars (XTR) are whole.
+_EXPONENTS = {
+    **dict.fromkeys(("BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI",
+                     "VND", "VUV", "XAF", "XOF", "XPF", "XTR"), 0),
+    **dict.fromkeys(("BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"), 3),
+}
+_SYMBOLS = {"RUB": "₽", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "CNY": "¥", "UAH": "₴", "KZT": "₸",
+            "INR": "₹", "TRY": "₺", "XTR": "⭐"}
+_ANSWER_BUDGET_SECONDS = 10.0  # Telegram's limit for answerPreCheckoutQuery
+
+
+def currency_exponent(currency: str) -> int:
+    """How many minor digits `currency` has (2 unless listed)."""
+    return _EXPONENTS.get(currency.upper(), 2)
+
+
+def format_amount(total_amount: int, currency: str) -> str:
+    """`total_amount` (minor units) as a decimal string in major units: 150000 RUB -> "1500.00"."""
+    exponent = currency_exponent(currency)
+    value = Decimal(total_amount).scaleb(-exponent)
+    return f"{value:.{exponent}f}"
+
+
+def amount_with_currency(total_amount: int, currency: str) -> str:
+    """The amount as a person reads it: "1500.00 ₽", "500 ¥", "50 ⭐", "12.50 CHF"."""
+    return f"{format_amount(total_amount, currency)} {_SYMBOLS.get(currency.upper(), currency.upper())}"
+
+
+@dataclass(frozen=True)
+class PaymentTexts:
+    """Texts shown in Telegram (each a setting, see `config.py`; Russian by default, like the original bot)."""
+
+    already_paid: str
+    in_progress: str
+    refused: str
+    admin_payment: str
+    admin_duplicate: str
+    admin_refunded: str
+
+
+def admin_notice(title: str, payment: dict[str, Any], sender: dict[str, Any] | None, extra: str = "") -> str:
+    """The admin's HTML notice of a payment; every user-supplied value is escaped."""
+    e = lambda value: html.escape(str(value), quote=False)  # noqa: E731
+    currency = str(payment.get("currency", ""))
+    amount = payment.get("total_amount") if is_int(payment.get("total_amount")) else 0
+    lines = [f"<b>{e(title)}</b>", f"Сумма: <b>{e(amount_with_currency(amount, currency))}</b>"]
+    if sender:
+        name = " ".join(str(sender[k]) for k in ("first_name", "last_name") if sender.get(k))
+        handle = f"@{sender['username']}, " if sender.get("username") else ""
+        lines.append(f"Покупатель: {e(name)} ({e(handle)}id {e(sender.get('id'))})")
+    info = payment.get("order_info") if isinstance(payment.get("order_info"), dict) else {}
+    for label, key in (("Имя", "name"), ("Телефон", "phone_number"), ("Email", "email")):
+        if info.get(key):
+            lines.append(f"{label}: {e(info[key])}")
+    address = info.get("shipping_address")
+    if isinstance(address, dict):
+        parts = [address.get(k) for k in ("country_code", "state", "city", "street_line1", "street_line2", "post_code")]
+        lines.append("Адрес: " + e(", ".join(str(p) for p in parts if p)))
+    lines.append(f"Счёт (payload): <code>{e(payment.get('invoice_payload', ''))}</code>")
+    if payment.get("telegram_payment_charge_id"):
+        lines.append(f"Charge ID: <code>{e(payment['telegram_payment_charge_id'])}</code>")
+    if extra:
+        lines.append(e(extra))
+    return "\n".join(lines)
+
+
+def _telegram_call(event_id: str, method: str, params: dict[str, Any]) -> NewEvent:
+    return NewEvent(event_id, "admin", method, {"method": method, "params": params}, target="telegram")
+
+
+class PaymentProcessor:
+    """Takes payment updates from the router and owns the two payment threads."""
+
+    def __init__(self, store: SQLiteStore, telegram: TelegramClient, *, admin_chat_id: int | None,
+                 texts: PaymentTexts, hold_seconds: float = 30.0,
+                 auto_refund_stars: bool = False, make_check: MakeClient | None = None,
+                 on_enqueued: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._telegram = telegram
+        self._admin = admin_chat_id
+        self._hold = hold_seconds
+        self._texts = texts
+        self._auto_refund = auto_refund_stars
+        self._make_check = make_check
+        self._on_enqueued = on_enqueued
+        self._clock = clock
+        self._answers: queue.Queue[tuple[dict[str, Any], str, float] | None] = queue.Queue()
+        self._outbox_wakeup = threading.Event()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._policy = BackoffPolicy(initial=1.0, maximum=60.0)
+        self.answered = 0
+
+    # Called by the router, in a request or poller thread: store only, never call out.
+
+    def handle(self, update: dict[str, Any]) -> bool:
+        """Take a payment update durably (answers and notices go out on their threads); return whether it was new."""
+        if isinstance(update.get("pre_checkout_query"), dict):
+            return self._pre_checkout(update["update_id"], update["pre_checkout_query"])
+        message = update.get("message") if isinstance(update.get("message"), dict) else {}
+        if isinstance(message.get("successful_payment"), dict):
+            return self._successful(update["update_id"], message)
+        if isinstance(message.get("refunded_payment"), dict):
+            return self._refunded(update["update_id"], message)
+        return self._store.record_update(update["update_id"], self._clock())
+
+    def _pre_checkout(self, update_id: int, query: dict[str, Any]) -> bool:
+        query_id, payload = query.get("id"), query.get("invoice_payload")
+        if not isinstance(query_id, str) or not isinstance(payload, str):
+            log.warning("pre_checkout_query %s without id or payload; cannot answer it", update_id)
+            return self._store.record_update(update_id, self._clock())
+        decision = self._store.decide_checkout(update_id, query_id, payload, self._clock(), self._hold)
+        if decision == "duplicate":
+            return False
+        self._answers.put((query, decision, time.monotonic()))
+        return True
+
+    def _successful(self, update_id: int, message: dict[str, Any]) -> bool:
+        payment = message["successful_payment"]
+        charge_id, payload = payment.get("telegram_payment_charge_id"), payment.get("invoice_payload")
+        currency, amount = payment.get("currency"), payment.get("total_amount")
+        if not (isinstance(charge_id, str) and isinstance(payload, str) and isinstance(currency, str)
+                and is_int(amount)):
+            log.error("successful_payment in update %s lacks charge id, payload, currency or amount: "
+                      "forwarded to Make as an update for a person to check", update_id)
+            return self._store.record_update(update_id, self._clock(), NewEvent(
+                f"update-{update_id}", f"update:{update_id}", "update",
+                {"event_type": "update", "event_id": f"update-{update_id}", "update_type": "message",
+                 "update": {"update_id": update_id, "message": message}}))
+        sender = message.get("from") if isinstance(message.get("from"), dict) else None
+        chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
+        chat_id = chat.get("id") if is_int(chat.get("id")) else None
+        user_id = sender.get("id") if sender and is_int(sender.get("id")) else None
+
+        def build(duplicate: bool) -> list[NewEvent]:
+            event = {"event_type": "payment", "event_id": f"payment-{charge_id}", "chat_id": chat_id,
+                     "user_id": user_id, "user": user_summary(sender),
+                     "payment": {**payment, "amount": format_amount(amount, currency)}, "duplicate": duplicate}
+            events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment", event)]
+            refund = duplicate and self._auto_refund and currency == "XTR" and user_id is not None
+            if refund:
+                events.append(_telegram_call(f"refund-request-{charge_id}", "refundStarPayment",
+                                             {"user_id": user_id, "telegram_payment_charge_id": charge_id}))
+            if self._admin is not None:
+                title = self._texts.admin_duplicate if duplicate else self._texts.admin_payment
+                extra = "Возврат Stars запрошен автоматически." if refund else ""
+                events.append(_telegram_call(f"admin-payment-{charge_id}", "sendMessage", {
+                    "chat_id": self._admin, "parse_mode": "HTML",
+                    "text": admin_notice(title, payment, sender, extra)}))
+            return events
+
+        new, duplicate = self._store.record_payment(update_id, charge_id, payload, user_id, currency, amount,
+                                                    payment, self._clock(), build)
+        if new:
+            log.info("payment recorded: charge %s, %s, payload %r%s", charge_id,
+                     amount_with_currency(amount, currency), payload,
+                     " (DUPLICATE: the payload was already paid; refund needed)" if duplicate else "")
+            if self._admin is None:
+                log.warning("payment %s: no ADMIN_CHAT_ID, so the admin is not notified", charge_id)
+            self._on_enqueued()
+            self._outbox_wakeup.set()
+        return new
+
+    def _refunded(self, update_id: int, message: dict[str, Any]) -> bool:
+        refund = message["refunded_payment"]
+        charge_id, payload = refund.get("telegram_payment_charge_id"), refund.get("invoice_payload")
+        if not isinstance(charge_id, str) or not isinstance(payload, str):
+            return self._store.record_update(update_id, self._clock())
+        sender = message.get("from") if isinstance(message.get("from"), dict) else None
+        chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
+        chat_id = chat.get("id") if is_int(chat.get("id")) else None
+        amount, currency = refund.get("total_amount"), str(refund.get("currency", ""))
+        body = {**refund, "amount": format_amount(amount, currency)} if is_int(amount) else dict(refund)
+        event = {"event_type": "payment_refunded", "event_id": f"refund-{charge_id}", "chat_id": chat_id,
+                 "user_id": sender.get("id") if sender else None, "user": user_summary(sender), "refund": body}
+        events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment_refunded", event)]
+        if self._admin is not None:
+            events.append(_telegram_call(f"admin-refund-{charge_id}", "sendMessage", {
+                "chat_id": self._admin, "parse_mode": "HTML",
+                "text": admin_notice(self._texts.admin_refunded, refund, sender)}))
+        new = self._store.record_refund(update_id, charge_id, payload, refund, self._clock(), events)
+        if new:
+            log.info("refund recorded: charge %s, payload %r", charge_id, payload)
+            self._on_enqueued()
+            self._outbox_wakeup.set()
+        return new
+
+    # Threads
+
+    def start(self) -> None:
+        """Start the `payment-answers` and `telegram-outbox` threads."""
+        for name, target in (("payment-answers", self._answer_loop), ("telegram-outbox", self._outbox_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop both threads; unsent notices stay in the outbox for the next start. Safe to call twice."""
+        self._stopping.set()
+        self._answers.put(None)
+        self._outbox_wakeup.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def threads_alive(self) -> bool:
+        """True while both payment threads run."""
+        return len(self._threads) == 2 and all(t.is_alive() for t in self._threads)
+
+    def _answer_loop(self) -> None:
+        while not self._stopping.is_set():
+            item = self._answers.get()
+            if item is None:
+                return
+            try:
+                self._answer(*item)
+            except Exception:
+                log.exception("answering a pre-checkout query failed")
+
+    def _answer(self, query: dict[str, Any], decision: str, arrived: float) -> None:
+        query_id, payload = query["id"], query["invoice_payload"]
+        ok, message = decision == "ok", None
+        if decision == "paid":
+            message = self._texts.already_paid
+        elif decision == "busy":
+            message = self._texts.in_progress
+        elif self._make_check is not None:
+            ok, message = self._ask_make(query, arrived)
+            if not ok:
+                self._store.release_checkout(payload, query_id)
+        late = time.monotonic() - arrived
+        if late > _ANSWER_BUDGET_SECONDS:
+            log.error("pre-checkout %s is %.1f s old: Telegram has already cancelled it", query_id, late)
+        try:
+            self._telegram.answer_pre_checkout_query(query_id, ok, message)
+            self.answered += 1
+            log.info("pre-checkout %s for payload %r %s in %.3f s", query_id, payload,
+                     "approved" if ok else f"refused ({decision})", time.monotonic() - arrived)
+        except TelegramError as err:
+            log.error("pre-checkout %s not answered: %s", query_id, err)
+            if ok:
+                self._store.release_checkout(payload, query_id)
+
+    def _ask_make(self, query: dict[str, Any], arrived: float) -> tuple[bool, str | None]:
+        """Ask Make to approve; any answer but an explicit refusal in time approves (the local rules passed)."""
+        assert self._make_check is not None
+        event = {"event_type": "pre_checkout", "event_id": f"pre-checkout-{query['id']}",
+                 "user_id": (query.get("from") or {}).get("id"), "user": user_summary(query.get("from")),
+                 "pre_checkout_query": query}
+        outcome = self._make_check.deliver(event["event_id"], event)
+        if time.monotonic() - arrived > _ANSWER_BUDGET_SECONDS / 2:
+            log.warning("Make's pre-checkout answer came too late; using the local decision")
+            return True, None
+        if isinstance(outcome, Delivered) and isinstance(outcome.body, dict) and outcome.body.get("ok") is False:
+            message = outcome.body.get("error_message")
+            return False, message if isinstance(message, str) and message.strip() else self._texts.refused
+        return True, None
+
+    def _outbox_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                row = self._store.claim_due_event(self._clock(), target="telegram")
+                if row is not None:
+                    self._send(row)
+                    continue
+                next_at = self._store.next_attempt_at(target="telegram")
+                wait = 30.0 if next_at is None else min(30.0, max(0.05, next_at - self._clock()))
+            except Exception:
+                log.exception("telegram outbox pass failed")
+                wait = 1.0
+            self._outbox_wakeup.wait(wait)
+            self._outbox_wakeup.clear()
+
+    def _send(self, row: OutboxRow) -> None:
+        method, params = row.payload["method"], row.payload["params"]
+        try:
+            self._telegram.call(method, params)
+            self._store.mark_delivered(row.id)
+            log.info("%s done (%s)", method, row.event_id)
+        except (BadRequest, Forbidden, InvalidToken) as err:
+            # Telegram refuses the content or the chat: repeating will not help; keep it visible as dead.
+            self._store.mark_failed(row.id, self._clock(), err.description, dead=True)
+            log.error("%s for %s refused: %s (kept as a dead letter)", method, row.event_id, err)
+        except TelegramError as err:
+            delay = backoff(row.attempts, self._policy)
+            self._store.mark_failed(row.id, self._clock() + delay, err.description)
+            log.warning("%s for %s failed: %s; retrying in %.0f s", method, row.event_id, err, delay)

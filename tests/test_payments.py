@@ -1,0 +1,172 @@
+"""Payments end to end, and the amount formatting and admin notice on their own."""
+
+from __future__ import annotations
+
+import html
+import re
+
+import pytest
+
+from doubles import MakeDouble, TelegramDouble, wait_until
+from helpers import payment_update, pre_checkout_update, text_update
+from payments import admin_notice, amount_with_currency, format_amount
+
+ADMIN = "-1001234"
+
+
+def _answers(telegram: TelegramDouble) -> dict[str, dict]:
+    return {a["pre_checkout_query_id"]: a for a in telegram.calls_of("answerPreCheckoutQuery")}
+
+
+def _admin_messages(telegram: TelegramDouble) -> list[dict]:
+    return [m for m in telegram.calls_of("sendMessage") if str(m["chat_id"]) == ADMIN]
+
+
+@pytest.mark.parametrize("amount, currency, expected, shown", [
+    (150000, "RUB", "1500.00", "1500.00 ₽"),
+    (500, "JPY", "500", "500 ¥"),
+    (50, "XTR", "50", "50 ⭐"),
+    (1999, "USD", "19.99", "19.99 $"),
+    (12345, "KWD", "12.345", "12.345 KWD"),
+    (5, "EUR", "0.05", "0.05 €"),
+])
+def test_amounts_use_each_currencys_minor_digits(amount: int, currency: str, expected: str, shown: str) -> None:
+    """Amounts are divided by 10**exp of their own currency, not always by 100."""
+    assert format_amount(amount, currency) == expected
+    assert amount_with_currency(amount, currency) == shown
+
+
+def test_admin_notice_escapes_every_user_supplied_value() -> None:
+    """Names, order info and payload with <, > and & are escaped, and read back intact."""
+    evil = "<b>Ann</b> & </i>Co"
+    payment = {"currency": "RUB", "total_amount": 150000, "invoice_payload": "order<1>&2",
+               "telegram_payment_charge_id": "ch<1>",
+               "order_info": {"name": evil, "phone_number": "+7<900>", "email": "a&b@x.ru"}}
+    text = admin_notice("Новая оплата", payment, {"id": 1, "first_name": evil, "username": "u&<"})
+    allowed = re.sub(r"</?(b|code)>", "", text)
+    assert "<" not in allowed and ">" not in allowed
+    plain = html.unescape(allowed)
+    for value in (evil, "order<1>&2", "+7<900>", "a&b@x.ru", "u&<", "1500.00 ₽"):
+        assert value in plain
+
+
+def test_pre_checkout_is_answered_while_make_hangs(start_service, telegram: TelegramDouble,
+                                                   make: MakeDouble) -> None:
+    """A pre-checkout is approved while the only delivery to Make is still hanging."""
+    make.script((200, "Accepted", {}, 15))  # the first batch hangs in Make
+    service = start_service(DEBOUNCE_SECONDS="0.1", MAKE_TIMEOUT_SECONDS="30")
+    telegram.push_update(text_update("buying", user_id=42))
+    wait_until(lambda: make.requests, what="Make to receive the batch and hang")
+    telegram.push_update(pre_checkout_update("q1", "order-1"))
+    answer = wait_until(lambda: _answers(telegram).get("q1"), timeout=10, what="the pre-checkout answer")
+    assert answer["ok"] is True
+    assert service.health()["make"]["delivered"] == 0  # Make is still hanging
+
+
+def test_concurrent_and_already_paid_checkouts_are_refused(start_service, telegram: TelegramDouble) -> None:
+    """A second checkout of a payload being paid is refused; after payment, any checkout of it is refused."""
+    start_service(TEXT_PAYMENT_IN_PROGRESS="busy now", TEXT_ALREADY_PAID="paid already")
+    telegram.push_update(pre_checkout_update("a", "order-2"))
+    telegram.push_update(pre_checkout_update("b", "order-2"))
+    answers = wait_until(lambda: len(_answers(telegram)) == 2 and _answers(telegram), what="two answers")
+    assert answers["a"]["ok"] is True
+    assert answers["b"] == {"pre_checkout_query_id": "b", "ok": False, "error_message": "busy now"}
+    telegram.push_update(payment_update("charge-2", "order-2"))
+    telegram.push_update(pre_checkout_update("c", "order-2"))
+    answer = wait_until(lambda: _answers(telegram).get("c"), what="the third answer")
+    assert answer["ok"] is False and answer["error_message"] == "paid already"
+
+
+def test_redelivered_payment_gives_one_admin_message_and_one_make_event(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """A successful_payment update delivered three times is recorded, notified and sent once."""
+    service = start_service(ADMIN_CHAT_ID=ADMIN)
+    update = payment_update("charge-3", "order-3", order_info={"name": "<b>Ann</b> & Co"})
+    for _ in range(3):
+        telegram.push_update(update)
+    wait_until(lambda: _admin_messages(telegram), what="the admin notice")
+    event = wait_until(lambda: make.accepted(), what="the payment event")[0]
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
+    assert len(_admin_messages(telegram)) == 1 and len(make.accepted()) == 1
+    assert event["event_type"] == "payment" and event["event_id"] == "payment-charge-3"
+    assert event["payment"]["amount"] == "1500.00" and event["duplicate"] is False
+    assert event["chat_id"] == 42 and event["user"]["id"] == 42
+    notice = _admin_messages(telegram)[0]
+    assert notice["parse_mode"] == "HTML"
+    assert "&lt;b&gt;Ann&lt;/b&gt; &amp; Co" in notice["text"] and "1500.00 ₽" in notice["text"]
+    assert service.health()["payments_recorded"] == 1
+
+
+def test_restart_between_payment_and_second_checkout_still_refuses(
+        start_service, telegram: TelegramDouble) -> None:
+    """The paid payload survives a restart: a later checkout of it is refused."""
+    first = start_service()
+    telegram.push_update(payment_update("charge-4", "order-4", currency="XTR", total_amount=50))
+    wait_until(lambda: first.health()["payments_recorded"] == 1, what="the payment to be recorded")
+    first.kill()
+    start_service()
+    telegram.push_update(pre_checkout_update("d", "order-4", currency="XTR", total_amount=50))
+    answer = wait_until(lambda: _answers(telegram).get("d"), what="the answer after restart")
+    assert answer["ok"] is False and answer["error_message"] == "Этот счёт уже оплачен."
+
+
+def test_second_payment_of_paid_payload_is_flagged_and_stars_refunded(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """An old invoice paid again is recorded as a duplicate, the admin is told, Make sees duplicate: true,
+    and with auto-refund on, the Stars are refunded."""
+    start_service(ADMIN_CHAT_ID=ADMIN, PAYMENT_AUTO_REFUND_STARS="true")
+    telegram.push_update(payment_update("charge-5a", "order-5", currency="XTR", total_amount=50))
+    telegram.push_update(payment_update("charge-5b", "order-5", currency="XTR", total_amount=50))
+    refund = wait_until(lambda: telegram.calls_of("refundStarPayment"), what="the Stars refund")[0]
+    assert refund == {"user_id": 42, "telegram_payment_charge_id": "charge-5b"}
+    wait_until(lambda: len(make.accepted()) == 2, what="two payment events")
+    assert [e["duplicate"] for e in make.accepted()] == [False, True]
+    notices = wait_until(lambda: len(_admin_messages(telegram)) == 2 and _admin_messages(telegram),
+                         what="two admin notices")
+    assert "нужен возврат" in notices[1]["text"] and "50 ⭐" in notices[1]["text"]
+
+
+def test_refunded_payment_is_forwarded_as_payment_refunded(start_service, telegram: TelegramDouble,
+                                                           make: MakeDouble) -> None:
+    """A refunded_payment message becomes one payment_refunded event, and the payload may be bought again."""
+    start_service()
+    telegram.push_update(payment_update("charge-6", "order-6", currency="XTR", total_amount=50))
+    refund_update = {"update_id": 777006, "message": {
+        "message_id": 9, "date": 1, "chat": {"id": 42, "type": "private"},
+        "from": {"id": 42, "is_bot": False, "first_name": "Buyer"},
+        "refunded_payment": {"currency": "XTR", "total_amount": 50, "invoice_payload": "order-6",
+                             "telegram_payment_charge_id": "charge-6"}}}
+    telegram.push_update(refund_update)
+    telegram.push_update(refund_update)
+    events = wait_until(lambda: len(make.accepted()) == 2 and make.accepted(), what="two events")
+    assert [e["event_type"] for e in events] == ["payment", "payment_refunded"]
+    assert events[1]["refund"]["amount"] == "50"
+    telegram.push_update(pre_checkout_update("e", "order-6", currency="XTR", total_amount=50))
+    assert wait_until(lambda: _answers(telegram).get("e"), what="the answer")["ok"] is True
+
+
+def test_make_check_can_refuse_and_a_silent_make_falls_back_to_local_rules(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """With PAYMENT_CHECK_WITH_MAKE, Make's refusal reaches the user; a Make that does not answer in time
+    leaves the local decision (approve)."""
+    make.script((200, {"ok": False, "error_message": "Нет в наличии"}), (200, "Accepted", {}, 8))
+    start_service(PAYMENT_CHECK_WITH_MAKE="true", PAYMENT_CHECK_TIMEOUT_SECONDS="1")
+    telegram.push_update(pre_checkout_update("f", "order-7"))
+    refused = wait_until(lambda: _answers(telegram).get("f"), what="Make's refusal")
+    assert refused == {"pre_checkout_query_id": "f", "ok": False, "error_message": "Нет в наличии"}
+    telegram.push_update(pre_checkout_update("g", "order-7"))
+    approved = wait_until(lambda: _answers(telegram).get("g"), timeout=10, what="the fallback answer")
+    assert approved["ok"] is True
+    assert [e["event_type"] for e in make.events] == ["pre_checkout", "pre_checkout"]
+
+
+def test_payment_messages_never_enter_a_batch(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """A payment between two texts of the same user leaves the batch with just the two texts."""
+    start_service(DEBOUNCE_SECONDS="0.5")
+    telegram.push_update(text_update("one", user_id=42))
+    telegram.push_update(payment_update("charge-8", "order-8"))
+    telegram.push_update(text_update("two", user_id=42))
+    wait_until(lambda: len(make.accepted()) == 2, what="the payment and the batch")
+    by_type = {e["event_type"]: e for e in make.accepted()}
+    assert by_type["message_batch"]["text"] == "one\ntwo"
+    assert by_type["payment"]["payment"]["invoice_payload"] == "order-8"
