@@ -35,7 +35,7 @@ from replies import ReplySender
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
-from telegram_api import BadRequest, TelegramClient, TelegramError, redact
+from telegram_api import BadRequest, RedactingFilter, TelegramClient, TelegramError, redact
 from typing_keepalive import TypingKeepAlive
 
 log = logging.getLogger("gateway")
@@ -267,27 +267,11 @@ def reply_body_problem(body: Any) -> str | None:
     return None
 
 
-class _RedactingFilter(logging.Filter):
-    """Masks bot tokens and the configured secrets in every log record, whatever logged it."""
-
-    def __init__(self, *secrets: str) -> None:
-        super().__init__()
-        self._secrets = secrets
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + logging.Formatter().formatException(record.exc_info)
-            record.exc_info, record.exc_text = None, None
-        record.msg, record.args = redact(message, *self._secrets), None
-        return True
-
-
 def configure_logging(config: Config) -> None:
     """One line per record, with time and level; secrets masked; httpx's URL logging turned down."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
-    handler.addFilter(_RedactingFilter(config.bot_token, config.webhook_secret, config.reply_token))
+    handler.addFilter(RedactingFilter(config.bot_token, config.webhook_secret, config.reply_token))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)

@@ -185,9 +185,10 @@ def _parse(env: Mapping[str, str]) -> Config:
     host = get("HOST", "0.0.0.0") or "0.0.0.0"
     port = int(number("PORT", 5000, int, 0, 65535))
     http_threads = int(number("HTTP_THREADS", 8, int, 1, 256))
+    before = len(problems)
     debounce = number("DEBOUNCE_SECONDS", 4.0, float, 0.01, 3600)
     max_wait = number("MAX_WAIT_SECONDS", 15.0, float, 0.01, 86400)
-    if max_wait < debounce:
+    if len(problems) == before and max_wait < debounce:
         problems.append(f"MAX_WAIT_SECONDS ({max_wait:g}) must not be shorter than DEBOUNCE_SECONDS ({debounce:g})")
     max_batch = int(number("MAX_BATCH_MESSAGES", 50, int, 1, 1000))
     flood_max = int(number("FLOOD_MAX_MESSAGES", 30, int, 1, 100000))

@@ -82,7 +82,7 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
             body = None  # Make's plain "Accepted"
         return Delivered(status, parse_replies(body), body)
     snippet = " ".join(text.split())[:200]
-    retry_after = parse_retry_after(headers.get("retry-after"))
+    retry_after = parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
     if status == 429 or status >= 500:
         return RetryLater(f"HTTP {status}: {snippet}", retry_after)
     if status == 400 and "queue is full" in text.lower():

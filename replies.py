@@ -32,7 +32,8 @@ def split_text(text: str, limit: int = TEXT_LIMIT) -> list[str]:
         text = text[cut:]
     if text or not parts:
         parts.append(text)
-    return parts
+    # A cut just before trailing blanks would leave a part Telegram refuses ("message text is empty").
+    return [p for p in parts if p.strip()] or parts[:1]
 
 
 def _prefix_fitting(text: str, limit: int) -> int:

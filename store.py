@@ -95,6 +95,12 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 """
 
+SCHEMA_VERSION = 1
+
+# A pending event for a target that no earlier undelivered event of its order key is ahead of.
+_HEAD_OF_QUEUE = ("o.status='pending' AND o.target=? AND NOT EXISTS (SELECT 1 FROM outbox p "
+                  "WHERE p.order_key=o.order_key AND p.status IN ('pending', 'inflight') AND p.id < o.id)")
+
 
 @dataclass
 class BatchRow:
@@ -164,7 +170,14 @@ class SQLiteStore:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+            if version != SCHEMA_VERSION and (version or has_tables):
+                raise StoreError(f"state database {path!r} has schema version {version}, this gateway needs "
+                                 f"{SCHEMA_VERSION}; point STATE_DB at a new file (or keep the old gateway "
+                                 "until its outbox is empty)")
             self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as err:
             raise StoreError(f"cannot open state database {path!r}: {err}") from None
         # _lock guards _db: sqlite3 connections must not run two statements at once.
@@ -286,11 +299,8 @@ class SQLiteStore:
     def claim_due_event(self, now: float, target: str = "make") -> OutboxRow | None:
         """Pick the oldest due event for `target` that heads its order key's queue and mark it in flight, atomically."""
         with self._tx() as cur:
-            row = cur.execute(
-                "SELECT o.id FROM outbox o WHERE o.status='pending' AND o.target=? AND o.next_attempt_at <= ? "
-                "AND NOT EXISTS (SELECT 1 FROM outbox p WHERE p.order_key=o.order_key "
-                "AND p.status IN ('pending', 'inflight') AND p.id < o.id) ORDER BY o.id LIMIT 1",
-                (target, now)).fetchone()
+            row = cur.execute("SELECT o.id FROM outbox o WHERE " + _HEAD_OF_QUEUE +
+                              " AND o.next_attempt_at <= ? ORDER BY o.id LIMIT 1", (target, now)).fetchone()
             if row is None:
                 return None
             cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1 WHERE id=?", (row[0],))
@@ -308,9 +318,9 @@ class SQLiteStore:
                         ("dead" if dead else "pending", next_attempt_at, error, row_id))
 
     def next_attempt_at(self, target: str = "make") -> float | None:
-        """When the earliest pending event for `target` becomes due (wall clock), or None if none is pending."""
+        """When the earliest event for `target` that heads its queue becomes due (wall clock), or None."""
         with self._tx() as cur:
-            row = cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE status='pending' AND target=?",
+            row = cur.execute("SELECT MIN(o.next_attempt_at) FROM outbox o WHERE " + _HEAD_OF_QUEUE,
                               (target,)).fetchone()
             return row[0]
 

@@ -48,6 +48,28 @@ def redact(text: str, *secrets: str) -> str:
     return text
 
 
+class RedactingFilter(logging.Filter):
+    """Masks token shapes and the given secrets in every record it sees (message, arguments, traceback)."""
+
+    def __init__(self, *secrets: str) -> None:
+        super().__init__()
+        self._secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info, record.exc_text = None, None
+        record.msg, record.args = redact(message, *self._secrets), None
+        return True
+
+
+# httpx logs every request URL at INFO, and every Bot API URL holds the token: mask it at the source,
+# whoever configured logging (app.main() also turns httpx down to WARNING).
+_HTTPX_FILTER = RedactingFilter()
+logging.getLogger("httpx").addFilter(_HTTPX_FILTER)
+
+
 class TelegramError(Exception):
     """A Bot API call failed; the message names the method and Telegram's description only."""
 

@@ -54,6 +54,8 @@ def is_ordinary_message(update: dict[str, Any]) -> bool:
         return False
     if chat.get("type", "private") not in ("private", "group", "supergroup"):
         return False
+    if message.get("is_automatic_forward") is True:  # a channel post echoed into its discussion group
+        return False
     return message_type(message) is not None
 
 

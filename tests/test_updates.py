@@ -283,3 +283,10 @@ def test_real_album_documents_share_their_media_group_id(samples: list[dict]) ->
     assert items[0]["media_group_id"] == items[1]["media_group_id"] == album[0]["message"]["media_group_id"]
     assert items[0]["file_id"] != items[1]["file_id"]
     assert [i["file_id"] for i in items] == [u["message"]["document"]["file_id"] for u in album]
+
+
+def test_automatic_forward_from_linked_channel_is_not_a_user_message(samples) -> None:
+    """A channel post echoed into its discussion group is not batched for the AI to answer."""
+    forwards = [s["update"] for s in samples if (s["update"].get("message") or {}).get("is_automatic_forward")]
+    assert forwards, "the sample set has an automatic forward"
+    assert not any(is_ordinary_message(u) for u in forwards)

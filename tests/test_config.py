@@ -1,0 +1,214 @@
+"""config.py: settings from the environment and `.env`, defaults, every problem reported at once, secrets masked."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from config import Config, ConfigError, derive_webhook_secret
+from doubles import TOKEN
+
+ROOT = Path(__file__).resolve().parent.parent
+MAKE_URL = "https://hook.eu1.make.com/abcdefghijklmnop"
+REQUIRED = {"BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": MAKE_URL}
+TELEGRAM_SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")  # setWebhook's secret_token rule
+
+
+def load(**env: str) -> Config:
+    """A Config from exactly these variables, with no `.env` file."""
+    return Config.from_env(environ={**REQUIRED, **env}, dotenv_path=None)
+
+
+def problems_of(env: dict[str, str]) -> list[str]:
+    """The problems `ConfigError` lists for `env`."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ=env, dotenv_path=None)
+    assert caught.value.problems, "a ConfigError must list its problems"
+    for problem in caught.value.problems:
+        assert problem in str(caught.value)
+    return caught.value.problems
+
+
+def test_defaults_follow_the_contract() -> None:
+    """With only the two required variables every setting takes the contract's default."""
+    config = load()
+    assert config.bot_token == TOKEN
+    assert config.make_webhook_url == MAKE_URL
+    assert config.admin_chat_id is None
+    assert config.telegram_api_url == "https://api.telegram.org"
+    assert config.mode == "polling"
+    assert config.webhook_url == ""
+    assert (config.host, config.port) == ("0.0.0.0", 5000)
+    assert config.debounce_seconds == 4
+    assert config.max_wait_seconds == 15
+    assert config.max_batch_messages == 50
+    assert (config.flood_max_messages, config.flood_window_seconds) == (30, 60)
+    assert config.typing_mode == "simulate"
+    assert config.make_retry_max_seconds == 30
+    assert config.make_max_age_hours == 72
+    assert config.payment_hold_seconds == 30
+    assert config.state_db == "data/state.sqlite3"
+    assert config.reply_token == ""
+    assert config.log_level == "INFO"
+    assert config.webhook_secret == derive_webhook_secret(TOKEN)
+
+
+def test_settings_are_read_and_typed() -> None:
+    """Given values are parsed into their types, surrounding spaces ignored."""
+    config = load(ADMIN_CHAT_ID=" -100123 ", DEBOUNCE_SECONDS="0.5", MAX_WAIT_SECONDS="20",
+                  MAX_BATCH_MESSAGES="10", PORT="8080", TYPING_MODE="until_reply",
+                  FORWARD_UPDATE_KINDS="callback_query, edited_message", TELEGRAM_API_URL="http://127.0.0.1:8081/")
+    assert config.admin_chat_id == -100123
+    assert config.debounce_seconds == 0.5 and config.max_wait_seconds == 20
+    assert config.max_batch_messages == 10 and config.port == 8080
+    assert config.typing_mode == "until_reply"
+    assert config.forward_update_kinds == ("callback_query", "edited_message")
+    assert config.telegram_api_url == "http://127.0.0.1:8081"
+
+
+def test_webhook_url_selects_webhook_mode() -> None:
+    """Setting WEBHOOK_URL without MODE runs in webhook mode."""
+    config = load(WEBHOOK_URL="https://gateway.example.com/webhook")
+    assert config.mode == "webhook"
+    assert config.webhook_url == "https://gateway.example.com/webhook"
+
+
+def test_config_is_frozen_and_replaceable() -> None:
+    """A Config cannot be changed in place; tests vary it with dataclasses.replace."""
+    config = load()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.debounce_seconds = 1  # type: ignore[misc]
+    assert dataclasses.replace(config, debounce_seconds=0.2).debounce_seconds == 0.2
+
+
+def test_every_problem_is_reported_at_once_naming_its_variable() -> None:
+    """One ConfigError lists every bad setting, each problem naming its variable."""
+    env = {
+        "BOT_TOKEN": "not-a-token",
+        "WEBHOOK_URL": "http://gateway.example.com/webhook",
+        "WEBHOOK_SECRET": "has spaces and $ymbols!",
+        "DEBOUNCE_SECONDS": "-1",
+        "TYPING_MODE": "sometimes",
+        "FORWARD_UPDATE_KINDS": "callback_query,telepathy",
+    }
+    problems = problems_of(env)
+    for name in ("BOT_TOKEN", "MAKE_WEBHOOK_URL", "WEBHOOK_URL", "WEBHOOK_SECRET", "DEBOUNCE_SECONDS",
+                 "TYPING_MODE", "FORWARD_UPDATE_KINDS"):
+        assert any(re.search(rf"\b{name}\b", p) for p in problems), f"no problem names {name}: {problems}"
+    assert any("telepathy" in p for p in problems)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("BOT_TOKEN", ""),
+    ("BOT_TOKEN", "123:short"),
+    ("BOT_TOKEN", "abc:AAHk3x-TESTtokenTESTtokenTESTtoken_x9"),
+    ("MAKE_WEBHOOK_URL", ""),
+    ("MAKE_WEBHOOK_URL", "hook.eu1.make.com/abc"),
+    ("WEBHOOK_URL", "http://gateway.example.com/webhook"),
+    ("WEBHOOK_SECRET", "with space"),
+    ("WEBHOOK_SECRET", "x" * 257),
+    ("DEBOUNCE_SECONDS", "-1"),
+    ("DEBOUNCE_SECONDS", "soon"),
+    ("MAX_BATCH_MESSAGES", "2.5"),
+    ("PORT", "70000"),
+    ("TYPING_MODE", "sometimes"),
+    ("FORWARD_UPDATE_KINDS", "telepathy"),
+    ("ADMIN_CHAT_ID", "@admin"),
+    ("MODE", "carrier-pigeon"),
+    ("LOG_LEVEL", "LOUD"),
+])
+def test_each_bad_setting_is_refused_by_name(name: str, value: str) -> None:
+    """A single bad variable gives a ConfigError whose problem names that variable."""
+    problems = problems_of({**REQUIRED, name: value})
+    assert any(name in p for p in problems), problems
+
+
+def test_max_wait_shorter_than_debounce_is_refused() -> None:
+    """MAX_WAIT_SECONDS below DEBOUNCE_SECONDS is a problem naming both variables."""
+    problems = problems_of({**REQUIRED, "DEBOUNCE_SECONDS": "10", "MAX_WAIT_SECONDS": "5"})
+    assert any("MAX_WAIT_SECONDS" in p and "DEBOUNCE_SECONDS" in p for p in problems), problems
+
+
+def test_webhook_mode_without_webhook_url_is_refused() -> None:
+    """MODE=webhook with no WEBHOOK_URL cannot work, and says so."""
+    problems = problems_of({**REQUIRED, "MODE": "webhook"})
+    assert any("WEBHOOK_URL" in p for p in problems), problems
+
+
+def test_problems_do_not_reveal_the_token() -> None:
+    """Problems in other settings never repeat a valid bot token."""
+    problems = problems_of({"BOT_TOKEN": TOKEN, "TYPING_MODE": "x"})
+    assert TOKEN not in "\n".join(problems)
+
+
+def test_dotenv_file_is_read_and_the_real_environment_wins(tmp_path: Path) -> None:
+    """Values come from `.env` unless the real environment sets the same variable."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(
+        f"BOT_TOKEN={TOKEN}\n"
+        f"MAKE_WEBHOOK_URL={MAKE_URL}\n"
+        "DEBOUNCE_SECONDS=7\n"
+        "MAX_WAIT_SECONDS=30\n"
+        "# a comment\n"
+        "TYPING_MODE=off\n",
+        encoding="utf-8",
+    )
+    config = Config.from_env(environ={"DEBOUNCE_SECONDS": "2"}, dotenv_path=str(dotenv))
+    assert config.bot_token == TOKEN and config.make_webhook_url == MAKE_URL
+    assert config.debounce_seconds == 2  # the environment wins
+    assert config.max_wait_seconds == 30 and config.typing_mode == "off"  # from .env
+
+
+def test_missing_dotenv_file_is_fine(tmp_path: Path) -> None:
+    """A `.env` path that does not exist is simply skipped."""
+    config = Config.from_env(environ=REQUIRED, dotenv_path=str(tmp_path / "absent.env"))
+    assert config.bot_token == TOKEN
+
+
+def test_derived_webhook_secret_is_stable_and_telegram_accepts_it() -> None:
+    """Without WEBHOOK_SECRET the secret is derived from the token: same token, same secret, in Telegram's charset."""
+    secret = load().webhook_secret
+    assert TELEGRAM_SECRET.match(secret), secret
+    assert secret == load().webhook_secret == derive_webhook_secret(TOKEN)
+    assert TOKEN not in secret and TOKEN.split(":")[1] not in secret
+    other = TOKEN[:-1] + ("y" if TOKEN[-1] != "y" else "z")
+    assert derive_webhook_secret(other) != secret
+
+
+def test_given_webhook_secret_is_used() -> None:
+    """A valid WEBHOOK_SECRET is used as given."""
+    assert load(WEBHOOK_SECRET="My_Secret-123").webhook_secret == "My_Secret-123"
+
+
+def test_redacted_masks_secrets_and_shows_the_rest() -> None:
+    """`redacted()` names settings by variable and masks the token, webhook secret and reply token."""
+    config = load(WEBHOOK_SECRET="My_Secret-123", REPLY_TOKEN="reply-bearer-xyz")
+    shown = config.redacted()
+    text = repr(shown)
+    for secret in (TOKEN, TOKEN.split(":")[1], "My_Secret-123", "reply-bearer-xyz"):
+        assert secret not in text
+    assert shown["BOT_TOKEN"] != TOKEN and shown["WEBHOOK_SECRET"] != "My_Secret-123"
+    assert shown["REPLY_TOKEN"] != "reply-bearer-xyz"
+    assert shown["DEBOUNCE_SECONDS"] == config.debounce_seconds
+    assert shown["MODE"] == "polling"
+    assert load().redacted()["REPLY_TOKEN"] == ""  # an empty secret stays visibly empty
+
+
+def _variables_config_reads() -> set[str]:
+    source = (ROOT / "config.py").read_text(encoding="utf-8")
+    return set(re.findall(r"\b(?:get|number|flag)\(\s*[\"']([A-Z][A-Z0-9_]*)[\"']", source))
+
+
+def test_every_setting_is_documented() -> None:
+    """Every variable config.py reads (through get, number or flag) appears in `.env.example` and in the README."""
+    names = _variables_config_reads()
+    assert {"BOT_TOKEN", "MAKE_WEBHOOK_URL", "DEBOUNCE_SECONDS"} <= names, "the regex over config.py found too little"
+    for doc in (".env.example", "README.md"):
+        path = ROOT / doc
+        assert path.exists(), f"{doc} is missing"
+        text = path.read_text(encoding="utf-8")
+        missing = sorted(n for n in names if not re.search(rf"\b{n}\b", text))
+        assert not missing, f"{doc} does not mention: {', '.join(missing)}"

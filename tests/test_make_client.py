@@ -1,0 +1,198 @@
+"""make_client.py: what Make's answer means (pure classification) and delivery against a real Make double."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from typing import Any
+
+import httpx
+import pytest
+
+from doubles import MakeDouble, free_port
+from make_client import Delivered, MakeClient, RetryLater, classify, parse_replies, parse_retry_after
+
+EVENT = {"event_type": "message_batch", "event_id": "batch-abc", "chat_id": 42, "user_id": 42,
+         "messages": [{"type": "text", "text": "привет 👋"}], "batch_size": 1, "text": "привет 👋",
+         "reason": "quiet"}
+
+
+def headers(**values: str) -> httpx.Headers:
+    """Response headers as MakeClient receives them (names case-insensitive)."""
+    return httpx.Headers({name.replace("_", "-"): value for name, value in values.items()})
+
+
+# classify(): (status, headers, text) -> outcome
+
+@pytest.mark.parametrize("status,text,replies", [
+    (200, "Accepted", []),
+    (200, "", []),
+    (200, '{"reply": "x"}', ["x"]),
+    (200, '{"replies": ["a", "b"]}', ["a", "b"]),
+    (200, '{"reply": "first", "replies": ["second"]}', ["first", "second"]),
+    (200, '{"reply": "   "}', []),
+    (200, '["a list", "is not an answer"]', []),
+    (200, "{not json", []),
+    (202, '{"reply": "later"}', ["later"]),
+    (204, "", []),
+])
+def test_any_2xx_is_delivered_with_its_replies(status: int, text: str, replies: list[str]) -> None:
+    """Every 2xx is delivered; a JSON `reply` or `replies` becomes texts to send, anything else none."""
+    outcome = classify(status, headers(), text)
+    assert isinstance(outcome, Delivered)
+    assert (outcome.status, outcome.replies) == (status, replies)
+
+
+@pytest.mark.parametrize("status,text", [
+    (500, "Internal Server Error"),
+    (502, "<html>Bad Gateway</html>"),
+    (503, "Service Unavailable"),
+    (429, "Too Many Requests"),
+    (400, "Queue is full."),
+    (400, "queue IS FULL"),
+])
+def test_transient_failures_are_retried_and_not_permanent(status: int, text: str) -> None:
+    """5xx, 429 and Make's `400 Queue is full` are retried as transient, not reported as permanent."""
+    outcome = classify(status, headers(), text)
+    assert isinstance(outcome, RetryLater)
+    assert not outcome.permanent
+    assert str(status) in outcome.reason
+
+
+@pytest.mark.parametrize("status,text", [
+    (410, "There is no scenario listening for this webhook."),
+    (404, "Not Found"),
+    (400, "Bad Request: malformed JSON"),
+    (401, "Unauthorized"),
+    (413, "Payload Too Large"),
+])
+def test_other_client_errors_are_permanent(status: int, text: str) -> None:
+    """410 (webhook gone), 404 and other 4xx are retried later but flagged permanent, for health to report."""
+    outcome = classify(status, headers(), text)
+    assert isinstance(outcome, RetryLater)
+    assert outcome.permanent
+    assert str(status) in outcome.reason
+
+
+def test_gone_webhook_names_the_setting_to_check() -> None:
+    """A 410 says the Make webhook is gone and points at MAKE_WEBHOOK_URL."""
+    outcome = classify(410, headers(), "Gone")
+    assert isinstance(outcome, RetryLater) and "MAKE_WEBHOOK_URL" in outcome.reason
+
+
+def test_retry_after_in_seconds_is_honoured() -> None:
+    """A 429 with `Retry-After: 7` asks for a 7-second wait."""
+    outcome = classify(429, headers(Retry_After="7"), "slow down")
+    assert isinstance(outcome, RetryLater) and outcome.retry_after == 7.0
+
+
+def test_retry_after_as_http_date_is_honoured() -> None:
+    """A 503 with an HTTP-date `Retry-After` asks to wait until then."""
+    wait = 120
+    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=wait), usegmt=True)
+    outcome = classify(503, headers(Retry_After=when), "maintenance")
+    assert isinstance(outcome, RetryLater)
+    assert outcome.retry_after is not None and wait - 5 <= outcome.retry_after <= wait
+
+
+def test_retry_after_without_a_header_is_none() -> None:
+    """Without `Retry-After` the outcome leaves the wait to the backoff."""
+    outcome = classify(500, headers(), "oops")
+    assert isinstance(outcome, RetryLater) and outcome.retry_after is None
+
+
+def test_parse_retry_after_forms() -> None:
+    """Seconds, past and future dates, and garbage give a wait, zero, a wait and None."""
+    now = datetime(2025, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+    assert parse_retry_after("30", now) == 30.0
+    assert parse_retry_after(" 1.5 ", now) == 1.5
+    assert parse_retry_after(format_datetime(now + timedelta(seconds=90), usegmt=True), now) == 90.0
+    assert parse_retry_after(format_datetime(now - timedelta(seconds=90), usegmt=True), now) == 0.0
+    assert parse_retry_after("-5", now) == 0.0
+    assert parse_retry_after("soon", now) is None
+    assert parse_retry_after("", now) is None
+    assert parse_retry_after(None, now) is None
+
+
+def test_long_error_bodies_are_cut_in_the_reason() -> None:
+    """A huge error page does not end up whole in the reason (it is logged and shown in health)."""
+    outcome = classify(500, headers(), "<html>" + "x" * 10_000 + "</html>")
+    assert isinstance(outcome, RetryLater) and len(outcome.reason) < 300
+
+
+@pytest.mark.parametrize("body,replies", [
+    ({"reply": 5}, []),
+    ({"reply": None, "replies": None}, []),
+    ({"replies": ["a", 1, None, {"text": "b"}, ["c"], "d", ""]}, ["a", "d"]),
+    ({"replies": "not a list"}, []),
+    ({"reply": ["x"]}, []),
+    ("just a string", []),
+    (None, []),
+    ([{"reply": "x"}], []),
+])
+def test_parse_replies_ignores_what_is_not_text(body: Any, replies: list[str]) -> None:
+    """Only strings in `reply` and `replies` become replies; other values are skipped, never an error."""
+    assert parse_replies(body) == replies
+
+
+# MakeClient.deliver() against the Make double
+
+
+def test_deliver_posts_the_event_with_its_id_header(make: MakeDouble) -> None:
+    """The event goes as JSON with `X-Event-Id`, and Make's plain "Accepted" is delivered."""
+    client = MakeClient(make.url + "/hook", timeout=5)
+    try:
+        outcome = client.deliver(EVENT["event_id"], EVENT)
+    finally:
+        client.close()
+    assert isinstance(outcome, Delivered) and (outcome.status, outcome.replies) == (200, [])
+    assert make.events == [EVENT]
+    sent = {k.lower(): v for k, v in make.requests[0]["headers"].items()}
+    assert sent["x-event-id"] == EVENT["event_id"]
+    assert sent["content-type"].startswith("application/json")
+
+
+def test_deliver_reads_replies_and_retry_after_from_make(make: MakeDouble) -> None:
+    """A JSON reply comes back as replies; a 429 with `Retry-After` comes back as RetryLater with that wait."""
+    make.script((200, {"reply": "Здравствуйте!"}), (429, "Too Many Requests", {"Retry-After": "3"}))
+    client = MakeClient(make.url + "/hook", timeout=5)
+    try:
+        first = client.deliver("e1", EVENT)
+        second = client.deliver("e2", EVENT)
+    finally:
+        client.close()
+    assert isinstance(first, Delivered) and (first.status, first.replies) == (200, ["Здравствуйте!"])
+    assert isinstance(second, RetryLater) and second.retry_after == 3.0 and not second.permanent
+
+
+def test_deliver_to_a_closed_port_is_retry_later() -> None:
+    """With nothing listening, delivery is RetryLater, not an exception."""
+    client = MakeClient(f"http://127.0.0.1:{free_port()}/hook", timeout=2)
+    try:
+        outcome = client.deliver("e1", EVENT)
+    finally:
+        client.close()
+    assert isinstance(outcome, RetryLater) and not outcome.permanent
+
+
+def test_deliver_to_a_slow_scenario_times_out_as_retry_later(make: MakeDouble) -> None:
+    """When Make answers after the client's timeout, delivery gives up in about that time and says RetryLater."""
+    make.script((200, "Accepted", {}, 2.0))
+    client = MakeClient(make.url + "/hook", timeout=1)
+    started = time.monotonic()
+    try:
+        outcome = client.deliver("e1", EVENT)
+    finally:
+        client.close()
+    elapsed = time.monotonic() - started
+    assert isinstance(outcome, RetryLater) and not outcome.permanent
+    assert elapsed < 1.9, f"the client waited {elapsed:.2f} s, past its 1 s timeout"
+    assert len(make.requests) == 1  # the request did reach Make: delivery is at least once
+
+
+def test_close_is_safe_twice() -> None:
+    """Closing the client twice is harmless."""
+    client = MakeClient("http://127.0.0.1:9/hook")
+    client.close()
+    client.close()

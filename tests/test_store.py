@@ -1,0 +1,335 @@
+"""store.py: durable state (seen updates, open batches, the outbox), the same behaviour in a file and in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from batching import build_batch_event
+from debounce import DebounceSettings, deadline
+from store import BatchRow, MemoryStore, NewEvent, SQLiteStore
+
+T0 = 1_763_900_000.0  # wall-clock seconds, as the store keeps them
+SETTINGS = DebounceSettings(debounce_seconds=4.0, max_wait_seconds=15.0, max_messages=50)
+ALICE = {"id": 42, "username": "alice", "first_name": "Alice", "last_name": None, "language_code": "ru"}
+
+
+@pytest.fixture(params=["file", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SQLiteStore]:
+    """A fresh store: a SQLite file in tmp_path, or `:memory:`."""
+    db = SQLiteStore(str(tmp_path / "state" / "state.sqlite3")) if request.param == "file" else MemoryStore()
+    yield db
+    db.close()
+
+
+def item(update_id: int, text: str) -> dict[str, Any]:
+    """A text message's batch entry."""
+    return {"update_id": update_id, "message_id": update_id, "date": int(T0), "type": "text", "text": text}
+
+
+def add(store: SQLiteStore, update_id: int, text: str, now: float, chat_id: int = 42, user_id: int = 42,
+        max_messages: int = 50):
+    """Add a text message from Alice (or another user) to her open batch."""
+    return store.add_message(update_id, chat_id, user_id, ALICE, item(update_id, text), now, max_messages,
+                             build_batch_event)
+
+
+def event(event_id: str, order_key: str, **payload: Any) -> NewEvent:
+    """An outbox event with a small payload."""
+    return NewEvent(event_id, order_key, "update", {"event_id": event_id, **payload})
+
+
+def due(batch: BatchRow) -> tuple[float, str]:
+    """The batch's deadline under SETTINGS."""
+    return deadline(batch.first_at, batch.last_at, batch.count, SETTINGS)
+
+
+# Seen updates
+
+
+def test_duplicate_update_id_is_stored_once(store: SQLiteStore) -> None:
+    """Recording the same update_id twice stores it once and says the second one was not new."""
+    assert store.record_update(1001, T0)
+    assert not store.record_update(1001, T0 + 1)
+    assert store.seen(1001) and not store.seen(1002)
+    assert store.last_update_id() == 1001
+
+
+def test_event_recorded_with_a_duplicate_update_is_not_enqueued_twice(store: SQLiteStore) -> None:
+    """An update carrying an event enqueues it once, however often the update is redelivered."""
+    assert store.record_update(7, T0, event("upd-7", "chat:1"))
+    assert not store.record_update(7, T0, event("upd-7-again", "chat:1"))
+    assert store.outbox_stats(T0)["outbox_pending"] == 1
+
+
+def test_enqueue_event_is_idempotent_per_event_id(store: SQLiteStore) -> None:
+    """The same event_id is enqueued once."""
+    assert store.enqueue_event(event("e1", "chat:1"), T0)
+    assert not store.enqueue_event(event("e1", "chat:1"), T0)
+    assert store.outbox_stats(T0)["outbox_pending"] == 1
+
+
+def test_prune_seen_forgets_only_old_update_ids(store: SQLiteStore) -> None:
+    """Pruning drops update ids received before the cutoff; newer ones still count as seen."""
+    store.record_update(1, T0)
+    store.record_update(2, T0 + 100)
+    assert store.prune_seen(T0 + 50) == 1
+    assert not store.seen(1) and store.seen(2)
+    assert store.record_update(1, T0 + 200)  # forgotten, so new again
+    assert not store.record_update(2, T0 + 200)
+
+
+# Open batches
+
+
+def test_first_message_opens_a_batch_and_later_ones_append_in_order(store: SQLiteStore) -> None:
+    """Messages from one user go into one open batch, in arrival order, with first and last arrival times."""
+    first = add(store, 1, "hi", T0)
+    assert first.new and not first.closed and first.batch is not None
+    add(store, 2, "I need", T0 + 1)
+    third = add(store, 3, "a refund", T0 + 2.5)
+    batch = third.batch
+    assert batch is not None and batch.batch_id == first.batch.batch_id
+    assert [m["text"] for m in batch.messages] == ["hi", "I need", "a refund"]
+    assert (batch.count, batch.first_at, batch.last_at) == (3, T0, T0 + 2.5)
+    assert batch.user == ALICE
+    assert [b.batch_id for b in store.open_batches()] == [batch.batch_id]
+    assert store.outbox_stats(T0)["outbox_pending"] == 0
+
+
+def test_repeated_update_does_not_change_the_batch(store: SQLiteStore) -> None:
+    """A redelivered update is reported as not new and adds nothing to the batch."""
+    add(store, 1, "hi", T0)
+    again = add(store, 1, "hi", T0 + 1)
+    assert not again.new and not again.closed
+    second = add(store, 2, "there", T0 + 2)
+    assert second.batch is not None and second.batch.count == 2
+
+
+def test_users_have_separate_batches(store: SQLiteStore) -> None:
+    """Two users, or one user in two chats, each get their own batch."""
+    add(store, 1, "a", T0, chat_id=1, user_id=1)
+    add(store, 2, "b", T0, chat_id=2, user_id=2)
+    add(store, 3, "c", T0, chat_id=-100, user_id=1)
+    assert sorted((b.chat_id, b.user_id) for b in store.open_batches()) == [(-100, 1), (1, 1), (2, 2)]
+
+
+def test_batch_reaching_max_messages_closes_in_the_same_call(store: SQLiteStore) -> None:
+    """The message that fills a batch closes it into one outbox event built by the given builder."""
+    add(store, 1, "one", T0, max_messages=3)
+    add(store, 2, "two", T0 + 1, max_messages=3)
+    result = add(store, 3, "three", T0 + 2, max_messages=3)
+    assert result.new and result.closed and result.batch is not None
+    assert store.open_batches() == []
+    claimed = store.claim_due_event(T0 + 2)
+    assert claimed is not None and store.claim_due_event(T0 + 2) is None
+    expected = build_batch_event(result.batch, "max_messages")
+    assert (claimed.event_id, claimed.order_key, claimed.event_type) == (
+        expected.event_id, expected.order_key, "message_batch")
+    assert claimed.payload == expected.payload
+    assert claimed.payload["reason"] == "max_messages" and claimed.payload["batch_size"] == 3
+    assert claimed.payload["text"] == "one\ntwo\nthree"
+    fresh = add(store, 4, "four", T0 + 3, max_messages=3)
+    assert fresh.batch is not None and fresh.batch.count == 1 and fresh.batch.batch_id != result.batch.batch_id
+
+
+def test_failing_builder_leaves_nothing_half_written(store: SQLiteStore) -> None:
+    """If building the closing event fails, the whole add is rolled back: the update is not even seen."""
+    add(store, 1, "one", T0, max_messages=2)
+
+    def broken(batch: BatchRow, reason: str) -> NewEvent:
+        raise RuntimeError("builder failed")
+
+    with pytest.raises(RuntimeError):
+        store.add_message(2, 42, 42, ALICE, item(2, "two"), T0 + 1, 2, broken)
+    assert not store.seen(2)
+    (batch,) = store.open_batches()
+    assert batch.count == 1
+    assert store.outbox_stats(T0)["outbox_pending"] == 0
+
+
+def test_close_batch_if_due_waits_until_the_deadline(store: SQLiteStore) -> None:
+    """Before its deadline a batch stays open and the deadline is returned; at it, the batch becomes one event."""
+    add(store, 1, "hi", T0)
+    add(store, 2, "there", T0 + 1)
+    at = T0 + 1 + SETTINGS.debounce_seconds
+    assert store.close_batch_if_due(42, 42, at - 0.5, due, build_batch_event) == (False, at)
+    assert len(store.open_batches()) == 1
+    assert store.close_batch_if_due(42, 42, at, due, build_batch_event) == (True, None)
+    assert store.open_batches() == []
+    claimed = store.claim_due_event(at)
+    assert claimed is not None
+    assert claimed.payload["reason"] == "quiet"
+    assert [m["text"] for m in claimed.payload["messages"]] == ["hi", "there"]
+    assert store.close_batch_if_due(42, 42, at + 10, due, build_batch_event) == (False, None)
+
+
+# The outbox
+
+
+def test_events_of_one_chat_are_claimed_in_order_and_other_chats_go_ahead(store: SQLiteStore) -> None:
+    """A chat's second event waits while its first is in flight; another chat's event is claimable meanwhile."""
+    for event_id, key in (("a1", "chat:1"), ("a2", "chat:1"), ("b1", "chat:2")):
+        store.enqueue_event(event(event_id, key), T0)
+    first = store.claim_due_event(T0)
+    assert first is not None and first.event_id == "a1" and first.attempts == 1
+    other = store.claim_due_event(T0)
+    assert other is not None and other.event_id == "b1"
+    assert store.claim_due_event(T0) is None  # a2 waits behind the in-flight a1
+    store.mark_delivered(first.id)
+    second = store.claim_due_event(T0)
+    assert second is not None and second.event_id == "a2"
+
+
+def test_failed_event_waits_for_its_next_attempt_and_holds_its_chat(store: SQLiteStore) -> None:
+    """A failed event is not claimable before `next_attempt_at`, nor is the next event of its chat."""
+    store.enqueue_event(event("a1", "chat:1"), T0)
+    store.enqueue_event(event("a2", "chat:1"), T0)
+    claimed = store.claim_due_event(T0)
+    assert claimed is not None
+    store.mark_failed(claimed.id, T0 + 10, "HTTP 500: oops")
+    assert store.claim_due_event(T0 + 9.9) is None  # a1 not due, a2 behind a pending a1
+    again = store.claim_due_event(T0 + 10)
+    assert again is not None and again.event_id == "a1"
+    assert again.attempts == 2 and again.last_error == "HTTP 500: oops"
+
+
+def test_dead_letter_is_kept_and_its_chat_moves_on(store: SQLiteStore) -> None:
+    """A dead letter no longer blocks its chat: the next event goes ahead, and the dead one stays listed."""
+    store.enqueue_event(event("a1", "chat:1"), T0)
+    store.enqueue_event(event("a2", "chat:1"), T0)
+    claimed = store.claim_due_event(T0)
+    assert claimed is not None
+    store.mark_failed(claimed.id, T0 + 1, "too old", dead=True)
+    nxt = store.claim_due_event(T0)
+    assert nxt is not None and nxt.event_id == "a2"
+    assert [d.event_id for d in store.dead_events()] == ["a1"]
+    assert store.dead_events()[0].last_error == "too old"
+    assert store.outbox_stats(T0)["outbox_dead"] == 1
+    assert store.claim_due_event(T0 + 10_000) is None  # a dead letter is never claimed by itself
+
+
+def test_replay_dead_makes_dead_letters_deliverable_again(store: SQLiteStore) -> None:
+    """Replaying queues every dead letter again, due at once."""
+    store.enqueue_event(event("a1", "chat:1"), T0)
+    claimed = store.claim_due_event(T0)
+    assert claimed is not None
+    store.mark_failed(claimed.id, T0 + 3600, "gone", dead=True)
+    assert store.replay_dead(T0 + 50) == 1
+    assert store.dead_events() == []
+    again = store.claim_due_event(T0 + 50)
+    assert again is not None and again.event_id == "a1"
+    assert store.outbox_stats(T0 + 60)["outbox_oldest_age_seconds"] == 10  # its age starts again at the replay
+    assert store.replay_dead(T0 + 60) == 0
+
+
+def test_reset_inflight_returns_events_a_crash_left_in_flight(store: SQLiteStore) -> None:
+    """Events in flight when the process died become claimable again."""
+    store.enqueue_event(event("a1", "chat:1"), T0)
+    store.enqueue_event(event("b1", "chat:2"), T0)
+    assert store.claim_due_event(T0) is not None and store.claim_due_event(T0) is not None
+    assert store.claim_due_event(T0) is None
+    assert store.reset_inflight() == 2
+    assert {store.claim_due_event(T0).event_id, store.claim_due_event(T0).event_id} == {"a1", "b1"}
+    assert store.reset_inflight() == 2 and store.reset_inflight() == 0
+
+
+def test_outbox_stats_count_each_state(store: SQLiteStore) -> None:
+    """Health sees pending (with in-flight), in-flight, dead, the oldest undelivered age and open batches."""
+    assert store.outbox_stats(T0)["outbox_oldest_age_seconds"] is None
+    store.enqueue_event(event("a1", "chat:1"), T0)
+    store.enqueue_event(event("b1", "chat:2"), T0 + 5)
+    store.enqueue_event(event("c1", "chat:3"), T0 + 6)
+    a1 = store.claim_due_event(T0 + 10)
+    b1 = store.claim_due_event(T0 + 10)
+    assert a1 is not None and b1 is not None and (a1.event_id, b1.event_id) == ("a1", "b1")
+    store.mark_failed(a1.id, T0 + 20, "gone", dead=True)
+    add(store, 1, "open", T0)
+    stats = store.outbox_stats(T0 + 10)
+    assert stats["outbox_inflight"] == 1  # b1
+    assert stats["outbox_pending"] == 2  # b1 in flight and c1 waiting
+    assert stats["outbox_dead"] == 1  # a1
+    assert stats["outbox_oldest_age_seconds"] == 5  # b1, enqueued at T0+5; the dead a1 does not count
+    assert stats["stored_open_batches"] == 1
+
+
+def test_meta_facts_are_stored(store: SQLiteStore) -> None:
+    """A small fact is read back, and overwritten in place."""
+    assert store.get_meta("offset") is None
+    store.set_meta("offset", "10")
+    store.set_meta("offset", "11")
+    assert store.get_meta("offset") == "11"
+
+
+# Flood control
+
+
+def test_held_messages_are_counted_in_the_next_batch(store: SQLiteStore) -> None:
+    """Messages held back by flood control are counted once each, and the user's next batch reports them."""
+    assert store.hold_message(10, 42, 42, T0)
+    assert store.hold_message(11, 42, 42, T0 + 1)
+    assert not store.hold_message(11, 42, 42, T0 + 2)  # a redelivered held update counts once
+    assert store.seen(10) and store.seen(11)
+    result = add(store, 12, "later", T0 + 3, max_messages=1)
+    assert result.closed and result.batch is not None and result.batch.flood_held == 2
+    claimed = store.claim_due_event(T0 + 3)
+    assert claimed is not None and claimed.payload["flood_held"] == 2
+    following = add(store, 13, "after", T0 + 4, max_messages=1)
+    assert following.batch is not None and following.batch.flood_held == 0
+
+
+def test_held_messages_of_other_users_are_not_mixed(store: SQLiteStore) -> None:
+    """One user's held messages do not appear in another user's batch."""
+    store.hold_message(10, 1, 1, T0)
+    result = add(store, 11, "hi", T0, chat_id=2, user_id=2)
+    assert result.batch is not None and result.batch.flood_held == 0
+
+
+# Durability
+
+
+def test_everything_survives_reopening_the_file(tmp_path: Path) -> None:
+    """Seen updates, open batches, the outbox and meta are all there after closing and reopening the file."""
+    path = str(tmp_path / "state.sqlite3")
+    first = SQLiteStore(path)
+    add(first, 1, "hi", T0)
+    add(first, 2, "there", T0 + 1)
+    first.enqueue_event(event("a1", "chat:1"), T0)
+    first.enqueue_event(event("b1", "chat:2"), T0)
+    assert first.claim_due_event(T0) is not None  # in flight when the process "dies"
+    first.set_meta("offset", "3")
+    first.close()
+    first.close()  # safe twice
+
+    second = SQLiteStore(path)
+    try:
+        assert second.seen(1) and second.seen(2)
+        (batch,) = second.open_batches()
+        assert (batch.count, batch.first_at, batch.last_at) == (2, T0, T0 + 1)
+        assert second.close_batch_if_due(42, 42, T0 + 100, due, build_batch_event) == (True, None)
+        assert second.reset_inflight() == 1
+        claimed = [second.claim_due_event(T0 + 100) for _ in range(3)]
+        assert [c.event_id for c in claimed if c] == ["a1", "b1", f"batch-{batch.batch_id}"]
+        assert claimed[2].payload["messages"] == [item(1, "hi"), item(2, "there")]
+        assert second.get_meta("offset") == "3"
+    finally:
+        second.close()
+
+
+def test_database_of_another_schema_version_is_refused_clearly(tmp_path) -> None:
+    """A state file with a different schema version stops the start with a StoreError naming both versions."""
+    import sqlite3
+
+    import pytest as _pytest
+
+    from store import SCHEMA_VERSION, SQLiteStore, StoreError
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY)")
+    with _pytest.raises(StoreError, match=f"schema version 0, this gateway needs {SCHEMA_VERSION}"):
+        SQLiteStore(str(path))
+    fresh = SQLiteStore(str(tmp_path / "new.sqlite3"))
+    fresh.close()
+    SQLiteStore(str(tmp_path / "new.sqlite3")).close()  # its own file reopens fine
