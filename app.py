@@ -147,6 +147,7 @@ class Gateway:
                      "last_delivered_at": d.last_delivered_at},
             "problems": problems,
             "dead_threads": dead_threads,
+            "threads": threading.active_count(),
             "uptime_seconds": round(now - self.started_at, 1),
         }
         return report, (HTTPStatus.SERVICE_UNAVAILABLE if dead_threads else HTTPStatus.OK)

@@ -102,6 +102,7 @@ class TelegramDouble(_Server):
     def __init__(self, token: str = TOKEN) -> None:
         self.token = token
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.call_times: list[float] = []  # time.monotonic() of each call, parallel to `calls`
         self._scripts: dict[str, list[tuple[int, Any]]] = {}
         self._pending: list[dict[str, Any]] = []  # updates not yet confirmed by an offset
         self._cond = threading.Condition()
@@ -120,6 +121,11 @@ class TelegramDouble(_Server):
         with self.lock:
             self._scripts.setdefault(method, []).extend(replies)
 
+    def times_of(self, method: str) -> list[float]:
+        """When (time.monotonic()) each call of `method` arrived."""
+        with self.lock:
+            return [t for (name, _), t in zip(self.calls, self.call_times) if name == method]
+
     def calls_of(self, method: str) -> list[dict[str, Any]]:
         """The parameters of every call of `method` so far."""
         with self.lock:
@@ -135,6 +141,7 @@ class TelegramDouble(_Server):
         params = json.loads(body) if body else {}
         with self.lock:
             self.calls.append((name, params))
+            self.call_times.append(time.monotonic())
             scripted = self._scripts.get(name)
             reply = scripted.pop(0) if scripted else None
         if reply is not None:

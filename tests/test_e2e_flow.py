@@ -102,12 +102,13 @@ def test_long_make_reply_is_split_at_telegram_limit(start_service, telegram: Tel
     assert " ".join(p["text"].strip() for p in parts).split() == text.split()
 
 
-def test_make_failing_twice_then_ok_delivers_once(start_service, telegram: TelegramDouble,
+@pytest.mark.parametrize("mode", ["polling", "webhook"])
+def test_make_failing_twice_then_ok_delivers_once(mode: str, start_service, telegram: TelegramDouble,
                                                   make: MakeDouble) -> None:
     """Make answering 500 twice and then 200 gets the same event three times and accepts it once."""
     make.script((500, "Scenario failed to complete."), (500, "Scenario failed to complete."))
-    service = start_service()
-    telegram.push_update(text_update("retry me", user_id=9))
+    service = _start(start_service, mode)
+    _deliver(service, telegram, mode, text_update("retry me", user_id=9))
     wait_until(lambda: make.accepted(), timeout=15, what="the event to be accepted")
     wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
     assert [r["status"] for r in make.requests] == [500, 500, 200]
@@ -143,3 +144,48 @@ def test_every_sample_update_is_acknowledged_without_a_crash(start_service, tele
     health = service.health()
     assert health["status"] in ("ok", "degraded") and not health["dead_threads"]
     assert "Traceback" not in service.text
+
+
+def test_events_of_one_chat_stay_in_order_while_another_chat_goes_ahead(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """A chat whose first event Make refuses keeps its order; a second chat is not held up by it."""
+    make.script((503, "busy"), (503, "busy"), (503, "busy"))
+    service = start_service(DEBOUNCE_SECONDS="0.2", MAX_BATCH_MESSAGES="1", MAKE_RETRY_MAX_SECONDS="1")
+    for text in ("first", "second", "third"):
+        telegram.push_update(text_update(text, user_id=21))
+    wait_until(lambda: len(make.requests) >= 1, what="the first attempt")
+    telegram.push_update(text_update("other chat", user_id=22))
+    wait_until(lambda: len(make.accepted()) == 4, timeout=20, what="all four events")
+    chat21 = [e["text"] for e in make.accepted() if e["chat_id"] == 21]
+    assert chat21 == ["first", "second", "third"]
+    accepted = [e["text"] for e in make.accepted()]
+    assert accepted.index("other chat") < accepted.index("first")  # not held up by chat 21's retries
+    assert service.health()["outbox_pending"] == 0
+
+
+def test_thread_count_does_not_grow_with_users(start_service, telegram: TelegramDouble) -> None:
+    """200 users with open batches use the same threads as one user: the timers share one scheduler."""
+    service = start_service(DEBOUNCE_SECONDS="60", MAX_WAIT_SECONDS="120")
+    telegram.push_update(text_update("hello", user_id=1))
+    one = wait_until(lambda: (h := service.health())["active_batches"] == 1 and h, what="one open batch")
+    for user in range(2, 201):
+        telegram.push_update(text_update("hello", user_id=user))
+    many = wait_until(lambda: (h := service.health())["active_batches"] == 200 and h, what="200 open batches")
+    assert many["batch_timers"] == 200
+    assert many["threads"] == one["threads"]
+
+
+def test_polling_conflict_is_explained_and_polling_resumes(start_service, telegram: TelegramDouble,
+                                                           make: MakeDouble) -> None:
+    """A 409 from another poller and a 502 are logged clearly, backed off, and polling then goes on."""
+    telegram.script("getUpdates",
+                    (409, {"ok": False, "error_code": 409,
+                           "description": "Conflict: terminated by other getUpdates request; make sure that only "
+                                          "one bot instance is running"}),
+                    (502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}))
+    service = start_service()
+    telegram.push_update(text_update("still here", user_id=4))
+    wait_until(lambda: make.accepted(), timeout=15, what="the message after the errors")
+    assert "another process is polling with this bot token" in service.text
+    assert "Telegram unreachable" in service.text
+    assert len(telegram.calls_of("getUpdates")) >= 3
