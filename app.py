@@ -40,6 +40,7 @@ from typing_keepalive import TypingKeepAlive
 
 log = logging.getLogger("gateway")
 
+MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
 MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
 # Kinds the gateway always asks Telegram for; the forwarded ones are added from the settings.
 HANDLED_KINDS = ("message", "callback_query", "pre_checkout_query")
@@ -261,6 +262,8 @@ def reply_body_problem(body: Any) -> str | None:
         return "chat_id must be an integer"
     if not isinstance(body.get("text"), str) or not body["text"].strip():
         return "text must be a non-empty string"
+    if len(body["text"]) > MAX_REPLY_CHARS:
+        return f"text is longer than {MAX_REPLY_CHARS} characters (it would be {MAX_REPLY_CHARS // 4096}+ messages)"
     if body.get("parse_mode") not in (None, "HTML", "MarkdownV2"):
         return "parse_mode must be HTML or MarkdownV2"
     if body.get("reply_markup") is not None and not isinstance(body["reply_markup"], dict):

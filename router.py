@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 from batching import BatchManager
 from debounce import DebounceManager
 from metrics import GatewayMetrics
-from store import NewEvent, SQLiteStore
+from store import NewEvent, SQLiteStore, StoreError
 from updates import is_int, is_ordinary_message, is_payment_message, message_item, update_kind, user_summary
 
 log = logging.getLogger("gateway.router")
@@ -32,7 +32,7 @@ class PaymentHandler(Protocol):
 
 @dataclass(frozen=True)
 class Routed:
-    """What became of an update: `outcome` is stored, duplicate, held, ignored or invalid."""
+    """What became of an update: `outcome` is stored, duplicate, held, ignored, quarantined or invalid."""
 
     outcome: str
     kind: str = "unknown"
@@ -68,7 +68,15 @@ class UpdateRouter:
         update_id = update["update_id"]
         kind = update_kind(update)
         self._prune_now_and_then()
-        routed = self._route(update_id, kind, update)
+        try:
+            routed = self._route(update_id, kind, update)
+        except StoreError:
+            raise
+        except Exception:
+            # A shape nobody foresaw: keep the update (forwarded verbatim) rather than lose or refuse it.
+            log.exception("update %s (%s) could not be routed; forwarding it to Make as it is", update_id, kind)
+            new = self._store.record_update(update_id, self._clock(), forward_event(update_id, kind, update))
+            routed = Routed("quarantined" if new else "duplicate", kind)
         self._metrics.updates.labels(kind, routed.outcome).inc()
         if routed.outcome != "duplicate":
             with self._lock:

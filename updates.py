@@ -28,8 +28,8 @@ def update_kind(update: dict[str, Any]) -> str:
 
 
 def is_int(value: Any) -> bool:
-    """True for a JSON integer (booleans are not ids)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """True for a JSON integer that fits in 64 bits, as every Telegram id and amount does (booleans are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
 
 
 def message_type(message: dict[str, Any]) -> str | None:

@@ -1,0 +1,65 @@
+"""router.py: where each update goes, with a real (in-memory) store and no threads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batching import BatchManager
+from debounce import DebounceManager, DebounceSettings
+from helpers import text_update
+from metrics import GatewayMetrics
+from router import UpdateRouter
+from store import MemoryStore
+
+
+class ExplodingPayments:
+    """A payments handler with a bug: it raises on every update."""
+
+    def handle(self, update: dict[str, Any]) -> bool:
+        raise KeyError("a field nobody expected")
+
+
+@pytest.fixture
+def parts():
+    store = MemoryStore()
+    batches = BatchManager(store, DebounceSettings(60, 120, 50))
+    router = UpdateRouter(store, batches, DebounceManager(30, 60), GatewayMetrics(), ("callback_query",),
+                          payments=ExplodingPayments())
+    yield store, batches, router
+    store.close()
+
+
+def test_ordinary_message_is_stored_in_its_batch(parts) -> None:
+    """A user's text is stored in an open batch and counted as stored."""
+    store, batches, router = parts
+    assert router.handle(text_update("hi", user_id=5, update_id=1)).outcome == "stored"
+    assert batches.active_batches == 1 and store.open_batches()[0].count == 1
+    assert router.handle(text_update("hi", user_id=5, update_id=1)).outcome == "duplicate"
+
+
+def test_invalid_updates_are_refused_without_storing(parts) -> None:
+    """Not an object, or no integer update_id that fits in 64 bits: invalid, nothing stored."""
+    store, _, router = parts
+    for bad in ([], "x", {}, {"update_id": "1"}, {"update_id": True}, {"update_id": 2**63}, {"update_id": 1.0}):
+        assert router.handle(bad).outcome == "invalid"
+    assert store.last_update_id() is None
+
+
+def test_a_routing_bug_quarantines_the_update_instead_of_losing_it(parts) -> None:
+    """An exception while routing still stores the update and forwards it verbatim to Make."""
+    store, _, router = parts
+    update = {"update_id": 77, "pre_checkout_query": {"id": "q", "invoice_payload": "p"}}
+    assert router.handle(update).outcome == "quarantined"
+    event = store.claim_due_event(now=10**10)
+    assert event is not None and event.payload["update"] == update
+    assert router.handle(update).outcome == "duplicate"
+
+
+def test_unknown_kind_is_acknowledged_and_dropped(parts) -> None:
+    """A kind that is not forwarded is stored as seen and ignored, with no event."""
+    store, _, router = parts
+    assert router.handle({"update_id": 9, "new_update_kind": {"x": 1}}).outcome == "ignored"
+    assert store.claim_due_event(now=10**10) is None
+    assert store.seen(9)
