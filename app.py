@@ -37,6 +37,7 @@ from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
 from telegram_api import BadRequest, RedactingFilter, TelegramClient, TelegramError, redact
 from typing_keepalive import TypingKeepAlive
+from updates import is_int
 
 log = logging.getLogger("gateway")
 
@@ -257,9 +258,8 @@ def reply_body_problem(body: Any) -> str | None:
     """What is wrong with a `POST /reply` body, or None if it is usable."""
     if not isinstance(body, dict):
         return "body must be a JSON object"
-    chat_id = body.get("chat_id")
-    if not isinstance(chat_id, int) or isinstance(chat_id, bool):
-        return "chat_id must be an integer"
+    if not is_int(body.get("chat_id")):
+        return "chat_id must be an integer (64-bit)"
     if not isinstance(body.get("text"), str) or not body["text"].strip():
         return "text must be a non-empty string"
     if len(body["text"]) > MAX_REPLY_CHARS:

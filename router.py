@@ -62,9 +62,9 @@ class UpdateRouter:
 
     def handle(self, update: Any) -> Routed:
         """Store and route one update; a malformed one is `invalid`, a repeat `duplicate`. Raises `StoreError` only."""
-        if not isinstance(update, dict) or not is_int(update.get("update_id")):
+        if not isinstance(update, dict) or not is_int(update.get("update_id")) or update["update_id"] < 0:
             self._metrics.updates.labels("unknown", "invalid").inc()
-            return Routed("invalid", detail="not a JSON object with an integer update_id")
+            return Routed("invalid", detail="not a JSON object with an integer update_id (0 or more)")
         update_id = update["update_id"]
         kind = update_kind(update)
         self._prune_now_and_then()

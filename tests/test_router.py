@@ -42,7 +42,8 @@ def test_ordinary_message_is_stored_in_its_batch(parts) -> None:
 def test_invalid_updates_are_refused_without_storing(parts) -> None:
     """Not an object, or no integer update_id that fits in 64 bits: invalid, nothing stored."""
     store, _, router = parts
-    for bad in ([], "x", {}, {"update_id": "1"}, {"update_id": True}, {"update_id": 2**63}, {"update_id": 1.0}):
+    for bad in ([], "x", {}, {"update_id": "1"}, {"update_id": True}, {"update_id": 2**63}, {"update_id": 1.0},
+                {"update_id": -1}):
         assert router.handle(bad).outcome == "invalid"
     assert store.last_update_id() is None
 
