@@ -36,6 +36,7 @@ from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
 from telegram_api import BadRequest, RedactingFilter, TelegramClient, TelegramError, redact
+from telegram_outbox import TelegramOutbox
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
 
@@ -65,8 +66,11 @@ class Gateway:
         self.typing = TypingKeepAlive(self.telegram, config.typing_mode, config.typing_interval_seconds,
                                       config.typing_max_seconds)
         self.replies = ReplySender(self.telegram, self.typing)
+        self.telegram_outbox = TelegramOutbox(self.store, self.telegram, self.typing,
+                                              max_age_seconds=config.make_max_age_hours * 3600)
         self.delivery = DeliveryWorkers(
-            self.store, self.make, self.replies, self.typing, workers=config.make_delivery_workers,
+            self.store, self.make, self.typing, on_replies=self.telegram_outbox.wakeup,
+            workers=config.make_delivery_workers,
             retry_max_seconds=config.make_retry_max_seconds, max_age_seconds=config.make_max_age_hours * 3600,
             on_outcome=self._count_delivery)
         self.batches = BatchManager(
@@ -80,7 +84,8 @@ class Gateway:
         self.payments = PaymentProcessor(
             self.store, self.telegram, admin_chat_id=config.admin_chat_id, texts=texts,
             hold_seconds=config.payment_hold_seconds, auto_refund_stars=config.payment_auto_refund_stars,
-            make_check=self.make_check, on_enqueued=self.delivery.wakeup)
+            make_check=self.make_check, make_check_timeout=config.payment_check_timeout_seconds,
+            on_enqueued=self._payment_enqueued)
         self.router = UpdateRouter(self.store, self.batches, self.flood, self.metrics, config.forward_update_kinds,
                                    payments=self.payments, on_enqueued=self.delivery.wakeup)
         self.poller: Poller | None = None
@@ -95,6 +100,7 @@ class Gateway:
         if restored:
             log.info("reloaded %d open batch(es) from %s", restored, self.config.state_db)
         self.payments.start()
+        self.telegram_outbox.start()
         self.delivery.start()
         self.batches.start()
         self.typing.start_thread()
@@ -114,6 +120,7 @@ class Gateway:
         self.batches.stop()
         self.payments.stop()
         self.delivery.stop()
+        self.telegram_outbox.stop()
         self.typing.stop_thread()
         self.telegram.close()
         self.make.close()
@@ -155,8 +162,11 @@ class Gateway:
         return report, (HTTPStatus.SERVICE_UNAVAILABLE if dead_threads else HTTPStatus.OK)
 
     def _threads_alive(self) -> dict[str, bool]:
-        alive = {"batch-scheduler": self.batches.is_alive(), "payments": self.payments.threads_alive(),
-                 "make-delivery": self.delivery.alive() == self.config.make_delivery_workers}
+        alive = {"batch-scheduler": self.batches.is_alive(), "payment-answers": self.payments.is_alive(),
+                 "make-delivery": self.delivery.alive() == self.config.make_delivery_workers,
+                 "telegram-outbox": self.telegram_outbox.alive(), "typing-keepalive": self.typing.is_alive()}
+        if self._registrar is not None and not self.webhook_registered:
+            alive["webhook-register"] = self._registrar.is_alive()
         if self.poller is not None:
             alive["telegram-poller"] = self.poller.is_alive()
         return alive
@@ -174,11 +184,15 @@ class Gateway:
             except BadRequest as err:
                 log.error("Telegram refused WEBHOOK_URL: %s; fix it and restart", err)
                 return
-            except TelegramError as err:
+            except Exception as err:  # TelegramError, or anything else: keep trying, never die silently
                 failures += 1
                 delay = backoff(failures, policy)
-                log.warning("setWebhook failed: %s; retrying in %.1f s", err, delay)
+                log.warning("setWebhook failed: %s; retrying in %.1f s", redact(str(err)), delay)
                 self._stopping.wait(delay)
+
+    def _payment_enqueued(self) -> None:
+        self.delivery.wakeup()
+        self.telegram_outbox.wakeup()
 
     def _batch_closed(self, batch: BatchRow, reason: str) -> None:
         self.metrics.batches_closed.labels(reason).inc()
@@ -202,6 +216,8 @@ def create_app(config: Config) -> Flask:
     """Build the Flask app and its gateway (threads not started: call `app.extensions["gateway"].start()`)."""
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    if not config.webhook_secret:
+        raise ValueError("config.webhook_secret must not be empty (Config.from_env derives one from the token)")
     gateway = Gateway(config)
     app.extensions["gateway"] = gateway
     secret = config.webhook_secret.encode()
@@ -212,7 +228,7 @@ def create_app(config: Config) -> Flask:
         if not hmac.compare_digest(given, secret):
             return jsonify(ok=False, error="wrong secret token"), HTTPStatus.UNAUTHORIZED
         try:
-            update = json.loads(request.get_data(cache=False))
+            update = parse_json(request.get_data(cache=False))
         except (ValueError, RecursionError):
             return jsonify(ok=False, error="body is not JSON"), HTTPStatus.BAD_REQUEST
         try:
@@ -240,7 +256,10 @@ def create_app(config: Config) -> Flask:
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, f"Bearer {config.reply_token}".encode()):
             return jsonify(ok=False, error="wrong or missing bearer token"), HTTPStatus.UNAUTHORIZED
-        body = request.get_json(silent=True)
+        try:
+            body = parse_json(request.get_data(cache=False))
+        except (ValueError, RecursionError):
+            body = None
         problem = reply_body_problem(body)
         if problem:
             return jsonify(ok=False, error=problem), HTTPStatus.BAD_REQUEST
@@ -252,6 +271,15 @@ def create_app(config: Config) -> Flask:
         return jsonify(ok=True, message_ids=message_ids), HTTPStatus.OK
 
     return app
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse a request body as strict JSON (no NaN or Infinity, which nothing downstream can send on)."""
+    return json.loads(raw, parse_constant=_no_constants)
 
 
 def reply_body_problem(body: Any) -> str | None:

@@ -155,7 +155,11 @@ class BatchManager:
                     due_keys.append((key, generation))
             wait = self._heap[0][0] - now if self._heap else 60.0
         for key, generation in due_keys:  # store writes and Make hand-off happen outside the lock
-            self._close(key, generation)
+            try:
+                self._close(key, generation)
+            except Exception:
+                log.exception("closing the batch of %s failed; looking again in 1 s", key)
+                self._schedule(key, self._clock() + 1.0)
         return max(0.0, wait) if not due_keys else 0.0
 
     def _close(self, key: Key, generation: int | None, restart: bool = False) -> None:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from make_client import Delivered, MakeClient, RetryLater
-from replies import ReplySender
+from replies import split_text
 from retry import BackoffPolicy, backoff
-from store import OutboxRow, SQLiteStore
-from telegram_api import TelegramError
+from store import NewEvent, OutboxRow, SQLiteStore
+from telegram_outbox import bot_call
 from typing_keepalive import TypingKeepAlive
 
 log = logging.getLogger("gateway.delivery")
@@ -40,13 +40,13 @@ class DeliveryHealth:
 class DeliveryWorkers:
     """A fixed pool of threads draining the outbox to Make."""
 
-    def __init__(self, store: SQLiteStore, make: MakeClient, replies: ReplySender, typing: TypingKeepAlive,
-                 *, workers: int = 2, retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
+    def __init__(self, store: SQLiteStore, make: MakeClient, typing: TypingKeepAlive,
+                 *, on_replies: Callable[[], None] = lambda: None, workers: int = 2, retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time,
                  on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None) -> None:
         self._store = store
         self._make = make
-        self._replies = replies
+        self._on_replies = on_replies
         self._typing = typing
         self._workers = workers
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
@@ -91,7 +91,7 @@ class DeliveryWorkers:
             try:
                 row = self._store.claim_due_event(self._clock())
                 if row is not None:
-                    self._deliver(row)
+                    self._deliver_safely(row)
                     continue
                 next_at = self._store.next_attempt_at()
                 wait = 5.0 if next_at is None else min(5.0, max(0.05, next_at - self._clock()))
@@ -100,6 +100,18 @@ class DeliveryWorkers:
                 wait = 1.0
             self._wakeup.wait(wait)
             self._wakeup.clear()
+
+    def _deliver_safely(self, row: OutboxRow) -> None:
+        """Deliver a claimed event; whatever goes wrong, it leaves the in-flight state (or its chat would stall)."""
+        try:
+            self._deliver(row)
+        except Exception as err:
+            log.exception("delivering event %s failed unexpectedly", row.event_id)
+            self._store.mark_failed(row.id, self._clock() + backoff(row.attempts, self._policy),
+                                    f"{type(err).__name__} in the gateway")
+            chat_id = row.payload.get("chat_id")
+            if isinstance(chat_id, int):
+                self._typing.stop(chat_id)
 
     def _deliver(self, row: OutboxRow) -> None:
         chat_id = row.payload.get("chat_id")
@@ -111,7 +123,10 @@ class DeliveryWorkers:
         elapsed = time.monotonic() - started
         now = self._clock()
         if isinstance(outcome, Delivered):
-            self._store.mark_delivered(row.id)
+            replies = reply_calls(row.event_id, chat_id, outcome.replies) if isinstance(chat_id, int) else []
+            self._store.mark_delivered(row.id, replies, now)
+            if replies:
+                self._on_replies()
             self._on_outcome("delivered", elapsed)
             with self._lock:
                 self.health.delivered += 1
@@ -119,9 +134,8 @@ class DeliveryWorkers:
                 self.health.failing_since = None
                 self.health.last_error = None
                 self.health.last_error_permanent = False
-            log.info("event %s delivered to Make (HTTP %s, attempt %d)", row.event_id, outcome.status, row.attempts)
-            if outcome.replies and isinstance(chat_id, int):
-                self._send_replies(chat_id, outcome.replies, row.event_id)
+            log.info("event %s delivered to Make (HTTP %s, attempt %d, %d reply part(s))", row.event_id,
+                     outcome.status, row.attempts, len(replies))
             return
         self._retry_later(row, outcome, now, elapsed)
         if shows_typing:
@@ -130,7 +144,8 @@ class DeliveryWorkers:
     def _retry_later(self, row: OutboxRow, outcome: RetryLater, now: float, elapsed: float) -> None:
         dead = now - row.created_at >= self._max_age
         if outcome.retry_after is not None:
-            delay = min(outcome.retry_after, 3600.0)  # Make's own wait wins, within reason
+            # Make's wait is honoured, but attempts are never further apart than the configured maximum.
+            delay = min(outcome.retry_after, self._policy.maximum)
         elif outcome.permanent:
             delay = self._policy.maximum
         else:
@@ -153,9 +168,9 @@ class DeliveryWorkers:
             log.log(level, "event %s not delivered (attempt %d): %s; next try in %.1f s",
                     row.event_id, row.attempts, outcome.reason, delay)
 
-    def _send_replies(self, chat_id: int, replies: list[str], event_id: str) -> None:
-        for text in replies:
-            try:
-                self._replies.send(chat_id, text)
-            except TelegramError as err:
-                log.error("reply to chat %s for event %s not sent: %s", chat_id, event_id, err)
+
+def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEvent]:
+    """Make's replies as durable sendMessage calls, split at Telegram's limit, in order for the chat."""
+    return [bot_call(f"reply-{event_id}-{i}-{j}", f"reply:{chat_id}", "sendMessage",
+                     {"chat_id": chat_id, "text": part})
+            for i, text in enumerate(replies) for j, part in enumerate(split_text(text))]

@@ -98,17 +98,25 @@ class MakeClient:
 
     def __init__(self, url: str, timeout: float = 45.0, verify: bool | str = True) -> None:
         self._url = url
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=10.0), verify=verify,
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), verify=verify,
                                   headers={"User-Agent": "telegram-make-gateway"})
 
     def deliver(self, event_id: str, payload: dict[str, Any]) -> Outcome:
         """POST one event (header `X-Event-Id`) and classify the answer; never raises for HTTP or network trouble."""
         try:
-            response = self._http.post(self._url, json=payload, headers={"X-Event-Id": event_id})
+            # ASCII JSON: a lone surrogate from a user's update is sent escaped, never crashes the send.
+            content = json.dumps(payload, ensure_ascii=True, allow_nan=False).encode()
+        except (TypeError, ValueError) as err:
+            return RetryLater(f"event is not valid JSON: {err}", permanent=True)
+        try:
+            response = self._http.post(self._url, content=content,
+                                       headers={"X-Event-Id": event_id, "Content-Type": "application/json"})
         except httpx.TimeoutException as err:
             return RetryLater(f"timed out ({type(err).__name__})")
         except httpx.HTTPError as err:
             return RetryLater(f"{type(err).__name__}: {redact(str(err))}")
+        except Exception as err:  # e.g. closed during shutdown: still an outcome, never an escape
+            return RetryLater(f"{type(err).__name__}: {redact(str(err))}", permanent=True)
         return classify(response.status_code, response.headers, response.text)
 
     def close(self) -> None:

@@ -23,9 +23,9 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from make_client import Delivered, MakeClient
-from retry import BackoffPolicy, backoff
-from store import NewEvent, OutboxRow, SQLiteStore
-from telegram_api import BadRequest, Forbidden, InvalidToken, TelegramClient, TelegramError
+from store import NewEvent, SQLiteStore
+from telegram_api import BadRequest, NetworkError, TelegramClient, TelegramError
+from telegram_outbox import bot_call
 from updates import is_int, user_summary
 
 log = logging.getLogger("gateway.payments")
@@ -96,16 +96,13 @@ def admin_notice(title: str, payment: dict[str, Any], sender: dict[str, Any] | N
     return "\n".join(lines)
 
 
-def _telegram_call(event_id: str, method: str, params: dict[str, Any]) -> NewEvent:
-    return NewEvent(event_id, "admin", method, {"method": method, "params": params}, target="telegram")
-
-
 class PaymentProcessor:
     """Takes payment updates from the router and owns the two payment threads."""
 
     def __init__(self, store: SQLiteStore, telegram: TelegramClient, *, admin_chat_id: int | None,
                  texts: PaymentTexts, hold_seconds: float = 30.0,
                  auto_refund_stars: bool = False, make_check: MakeClient | None = None,
+                 make_check_timeout: float = 3.0,
                  on_enqueued: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._telegram = telegram
@@ -117,10 +114,9 @@ class PaymentProcessor:
         self._on_enqueued = on_enqueued
         self._clock = clock
         self._answers: queue.Queue[tuple[dict[str, Any], str, float] | None] = queue.Queue()
-        self._outbox_wakeup = threading.Event()
+        self._make_check_timeout = make_check_timeout
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._policy = BackoffPolicy(initial=1.0, maximum=60.0)
+        self._thread: threading.Thread | None = None
         self.answered = 0
 
     # Called by the router, in a request or poller thread: store only, never call out.
@@ -151,8 +147,8 @@ class PaymentProcessor:
         payment = message["successful_payment"]
         charge_id, payload = payment.get("telegram_payment_charge_id"), payment.get("invoice_payload")
         currency, amount = payment.get("currency"), payment.get("total_amount")
-        if not (isinstance(charge_id, str) and isinstance(payload, str) and isinstance(currency, str)
-                and is_int(amount)):
+        if not (isinstance(charge_id, str) and charge_id and isinstance(payload, str)
+                and isinstance(currency, str) and is_int(amount)):
             log.error("successful_payment in update %s lacks charge id, payload, currency or amount: "
                       "forwarded to Make as an update for a person to check", update_id)
             return self._store.record_update(update_id, self._clock(), NewEvent(
@@ -171,12 +167,12 @@ class PaymentProcessor:
             events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment", event)]
             refund = duplicate and self._auto_refund and currency == "XTR" and user_id is not None
             if refund:
-                events.append(_telegram_call(f"refund-request-{charge_id}", "refundStarPayment",
-                                             {"user_id": user_id, "telegram_payment_charge_id": charge_id}))
+                events.append(bot_call(f"refund-request-{charge_id}", f"refund:{charge_id}", "refundStarPayment",
+                                       {"user_id": user_id, "telegram_payment_charge_id": charge_id}))
             if self._admin is not None:
                 title = self._texts.admin_duplicate if duplicate else self._texts.admin_payment
                 extra = "Возврат Stars запрошен автоматически." if refund else ""
-                events.append(_telegram_call(f"admin-payment-{charge_id}", "sendMessage", {
+                events.append(bot_call(f"admin-payment-{charge_id}", "admin", "sendMessage", {
                     "chat_id": self._admin, "parse_mode": "HTML",
                     "text": admin_notice(title, payment, sender, extra)}))
             return events
@@ -190,13 +186,13 @@ class PaymentProcessor:
             if self._admin is None:
                 log.warning("payment %s: no ADMIN_CHAT_ID, so the admin is not notified", charge_id)
             self._on_enqueued()
-            self._outbox_wakeup.set()
         return new
 
     def _refunded(self, update_id: int, message: dict[str, Any]) -> bool:
         refund = message["refunded_payment"]
         charge_id, payload = refund.get("telegram_payment_charge_id"), refund.get("invoice_payload")
-        if not isinstance(charge_id, str) or not isinstance(payload, str):
+        if not isinstance(charge_id, str) or not charge_id or not isinstance(payload, str):
+            log.error("refunded_payment in update %s lacks a charge id or payload; dropped", update_id)
             return self._store.record_update(update_id, self._clock())
         sender = message.get("from") if isinstance(message.get("from"), dict) else None
         chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
@@ -207,36 +203,32 @@ class PaymentProcessor:
                  "user_id": sender.get("id") if sender else None, "user": user_summary(sender), "refund": body}
         events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment_refunded", event)]
         if self._admin is not None:
-            events.append(_telegram_call(f"admin-refund-{charge_id}", "sendMessage", {
+            events.append(bot_call(f"admin-refund-{charge_id}", "admin", "sendMessage", {
                 "chat_id": self._admin, "parse_mode": "HTML",
                 "text": admin_notice(self._texts.admin_refunded, refund, sender)}))
         new = self._store.record_refund(update_id, charge_id, payload, refund, self._clock(), events)
         if new:
             log.info("refund recorded: charge %s, payload %r", charge_id, payload)
             self._on_enqueued()
-            self._outbox_wakeup.set()
         return new
 
     # Threads
 
     def start(self) -> None:
-        """Start the `payment-answers` and `telegram-outbox` threads."""
-        for name, target in (("payment-answers", self._answer_loop), ("telegram-outbox", self._outbox_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        """Start the `payment-answers` thread (notices and refunds go out through the Telegram outbox)."""
+        self._thread = threading.Thread(target=self._answer_loop, name="payment-answers", daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop both threads; unsent notices stay in the outbox for the next start. Safe to call twice."""
+        """Stop the thread; notices not yet sent stay in the outbox for the next start. Safe to call twice."""
         self._stopping.set()
         self._answers.put(None)
-        self._outbox_wakeup.set()
-        for thread in self._threads:
-            thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
-    def threads_alive(self) -> bool:
-        """True while both payment threads run."""
-        return len(self._threads) == 2 and all(t.is_alive() for t in self._threads)
+    def is_alive(self) -> bool:
+        """True while the `payment-answers` thread runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def _answer_loop(self) -> None:
         while not self._stopping.is_set():
@@ -250,69 +242,46 @@ class PaymentProcessor:
 
     def _answer(self, query: dict[str, Any], decision: str, arrived: float) -> None:
         query_id, payload = query["id"], query["invoice_payload"]
+        deadline = arrived + _ANSWER_BUDGET_SECONDS - 0.5
         ok, message = decision == "ok", None
         if decision == "paid":
             message = self._texts.already_paid
         elif decision == "busy":
             message = self._texts.in_progress
         elif self._make_check is not None:
-            ok, message = self._ask_make(query, arrived)
+            if deadline - time.monotonic() > self._make_check_timeout + 2.0:
+                ok, message = self._ask_make(query, deadline)
+            else:
+                log.warning("pre-checkout %s: no time left to ask Make; the local rules decide", query_id)
             if not ok:
                 self._store.release_checkout(payload, query_id)
         late = time.monotonic() - arrived
         if late > _ANSWER_BUDGET_SECONDS:
             log.error("pre-checkout %s is %.1f s old: Telegram has already cancelled it", query_id, late)
         try:
-            self._telegram.answer_pre_checkout_query(query_id, ok, message)
+            self._telegram.answer_pre_checkout_query(query_id, ok, message, deadline=deadline)
             self.answered += 1
             log.info("pre-checkout %s for payload %r %s in %.3f s", query_id, payload,
                      "approved" if ok else f"refused ({decision})", time.monotonic() - arrived)
         except TelegramError as err:
             log.error("pre-checkout %s not answered: %s", query_id, err)
-            if ok:
+            # A hold is released only when Telegram surely did not take the approval; otherwise the
+            # checkout may go on, and a second one must stay refused until the hold expires.
+            if ok and not (isinstance(err, NetworkError) and err.sent):
                 self._store.release_checkout(payload, query_id)
 
-    def _ask_make(self, query: dict[str, Any], arrived: float) -> tuple[bool, str | None]:
+    def _ask_make(self, query: dict[str, Any], deadline: float) -> tuple[bool, str | None]:
         """Ask Make to approve; any answer but an explicit refusal in time approves (the local rules passed)."""
         assert self._make_check is not None
+        sender = query.get("from") if isinstance(query.get("from"), dict) else None
         event = {"event_type": "pre_checkout", "event_id": f"pre-checkout-{query['id']}",
-                 "user_id": (query.get("from") or {}).get("id"), "user": user_summary(query.get("from")),
+                 "user_id": sender.get("id") if sender else None, "user": user_summary(sender),
                  "pre_checkout_query": query}
         outcome = self._make_check.deliver(event["event_id"], event)
-        if time.monotonic() - arrived > _ANSWER_BUDGET_SECONDS / 2:
+        if time.monotonic() > deadline - 1.0:
             log.warning("Make's pre-checkout answer came too late; using the local decision")
             return True, None
         if isinstance(outcome, Delivered) and isinstance(outcome.body, dict) and outcome.body.get("ok") is False:
             message = outcome.body.get("error_message")
             return False, message if isinstance(message, str) and message.strip() else self._texts.refused
         return True, None
-
-    def _outbox_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                row = self._store.claim_due_event(self._clock(), target="telegram")
-                if row is not None:
-                    self._send(row)
-                    continue
-                next_at = self._store.next_attempt_at(target="telegram")
-                wait = 30.0 if next_at is None else min(30.0, max(0.05, next_at - self._clock()))
-            except Exception:
-                log.exception("telegram outbox pass failed")
-                wait = 1.0
-            self._outbox_wakeup.wait(wait)
-            self._outbox_wakeup.clear()
-
-    def _send(self, row: OutboxRow) -> None:
-        method, params = row.payload["method"], row.payload["params"]
-        try:
-            self._telegram.call(method, params)
-            self._store.mark_delivered(row.id)
-            log.info("%s done (%s)", method, row.event_id)
-        except (BadRequest, Forbidden, InvalidToken) as err:
-            # Telegram refuses the content or the chat: repeating will not help; keep it visible as dead.
-            self._store.mark_failed(row.id, self._clock(), err.description, dead=True)
-            log.error("%s for %s refused: %s (kept as a dead letter)", method, row.event_id, err)
-        except TelegramError as err:
-            delay = backoff(row.attempts, self._policy)
-            self._store.mark_failed(row.id, self._clock() + delay, err.description)
-            log.warning("%s for %s failed: %s; retrying in %.0f s", method, row.event_id, err, delay)

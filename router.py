@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 from batching import BatchManager
+from config import FORWARDABLE_KINDS
 from debounce import DebounceManager
 from metrics import GatewayMetrics
 from store import NewEvent, SQLiteStore, StoreError
@@ -20,6 +21,7 @@ from updates import is_int, is_ordinary_message, is_payment_message, message_ite
 
 log = logging.getLogger("gateway.router")
 
+KNOWN_KINDS = frozenset(FORWARDABLE_KINDS) | {"pre_checkout_query", "unknown"}
 DEDUP_SECONDS = 48 * 3600  # Telegram keeps undelivered updates 24 h; twice that for margin
 _PRUNE_EVERY = 3600.0
 
@@ -75,9 +77,16 @@ class UpdateRouter:
         except Exception:
             # A shape nobody foresaw: keep the update (forwarded verbatim) rather than lose or refuse it.
             log.exception("update %s (%s) could not be routed; forwarding it to Make as it is", update_id, kind)
-            new = self._store.record_update(update_id, self._clock(), forward_event(update_id, kind, update))
+            try:
+                new = self._store.record_update(update_id, self._clock(), forward_event(update_id, kind, update))
+            except StoreError:
+                raise
+            except Exception:
+                log.exception("update %s cannot even be forwarded; acknowledged and dropped", update_id)
+                new = self._store.record_update(update_id, self._clock())
             routed = Routed("quarantined" if new else "duplicate", kind)
-        self._metrics.updates.labels(kind, routed.outcome).inc()
+        # The label is bounded to kinds we know: a sender must not be able to mint metric series.
+        self._metrics.updates.labels(kind if kind in KNOWN_KINDS else "other", routed.outcome).inc()
         if routed.outcome != "duplicate":
             with self._lock:
                 if self.last_update_id is None or update_id > self.last_update_id:

@@ -14,7 +14,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen_updates (
@@ -186,14 +186,17 @@ class SQLiteStore:
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
         with self._lock:
-            cur = self._db.cursor()
             try:
+                cur = self._db.cursor()
                 cur.execute("BEGIN IMMEDIATE")
                 yield cur
                 cur.execute("COMMIT")
             except BaseException as err:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                try:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
                 if isinstance(err, sqlite3.Error):
                     raise StoreError(f"state database error: {err}") from None
                 raise
@@ -233,7 +236,7 @@ class SQLiteStore:
                 return AddResult(new=False)
             row = cur.execute("SELECT batch_id, count FROM batches WHERE chat_id=? AND user_id=?",
                               (chat_id, user_id)).fetchone()
-            user_json = json.dumps(user, ensure_ascii=False)
+            user_json = json.dumps(user, ensure_ascii=True)
             if row is None:
                 batch_id, seq = uuid.uuid4().hex, 1
                 cur.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1)",
@@ -243,7 +246,7 @@ class SQLiteStore:
                 cur.execute("UPDATE batches SET last_at=?, count=?, user_json=? WHERE batch_id=?",
                             (now, seq, user_json, batch_id))
             cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)",
-                        (batch_id, seq, json.dumps(item, ensure_ascii=False)))
+                        (batch_id, seq, json.dumps(item, ensure_ascii=True)))
             batch = self._load_batch(cur, chat_id, user_id)
             assert batch is not None
             if batch.count >= max_messages:
@@ -306,10 +309,12 @@ class SQLiteStore:
             cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1 WHERE id=?", (row[0],))
             return self._outbox_row(cur, row[0])
 
-    def mark_delivered(self, row_id: int) -> None:
-        """Delivered: the event leaves the outbox."""
+    def mark_delivered(self, row_id: int, followups: Iterable[NewEvent] = (), now: float = 0.0) -> None:
+        """Delivered: the event leaves the outbox, and `followups` (e.g. Make's replies) enter it, atomically."""
         with self._tx() as cur:
             cur.execute("DELETE FROM outbox WHERE id=?", (row_id,))
+            for event in followups:
+                self._enqueue(cur, event, now)
 
     def mark_failed(self, row_id: int, next_attempt_at: float, error: str, dead: bool = False) -> None:
         """Not delivered: try again at `next_attempt_at`, or keep it as a dead letter."""
@@ -391,7 +396,7 @@ class SQLiteStore:
             duplicate = cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone() is not None
             cur.execute("INSERT INTO payments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (charge_id, payload, user_id, currency, total_amount, int(duplicate), now,
-                         json.dumps(body, ensure_ascii=False)))
+                         json.dumps(body, ensure_ascii=True)))
             if not duplicate:
                 cur.execute("INSERT INTO paid_payloads VALUES (?, ?, ?)", (payload, charge_id, now))
             cur.execute("DELETE FROM checkout_holds WHERE payload=?", (payload,))
@@ -406,7 +411,7 @@ class SQLiteStore:
             if not self._mark_seen(cur, update_id, now):
                 return False
             if cur.execute("INSERT OR IGNORE INTO refunds VALUES (?, ?, ?, ?)",
-                           (charge_id, payload, now, json.dumps(body, ensure_ascii=False))).rowcount == 0:
+                           (charge_id, payload, now, json.dumps(body, ensure_ascii=True))).rowcount == 0:
                 return False
             cur.execute("DELETE FROM paid_payloads WHERE payload=? AND charge_id=?", (payload, charge_id))
             for event in events:
@@ -449,7 +454,7 @@ class SQLiteStore:
             "INSERT OR IGNORE INTO outbox (event_id, order_key, event_type, target, payload, created_at, "
             "next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (event.event_id, event.order_key, event.event_type, event.target,
-             json.dumps(event.payload, ensure_ascii=False), now, now)).rowcount == 1
+             json.dumps(event.payload, ensure_ascii=True), now, now)).rowcount == 1
 
     @staticmethod
     def _load_batch(cur: sqlite3.Cursor, chat_id: int, user_id: int) -> BatchRow | None:

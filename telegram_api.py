@@ -18,9 +18,11 @@ exception's text without `redact()`.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -82,15 +84,20 @@ class TelegramError(Exception):
 
 
 class NetworkError(TelegramError):
-    """No usable answer (connection failed, 5xx): worth retrying."""
+    """No usable answer (connection failed, 5xx): worth retrying. `sent` is True when the request may
+    have reached Telegram (the connection broke or timed out after sending), so repeating a method
+    that is not idempotent, like `sendMessage`, may do it twice."""
+
+    def __init__(self, method: str, description: str, error_code: int | None = None, sent: bool = False) -> None:
+        self.sent = sent
+        super().__init__(method, description, error_code)
 
 
 class TimedOut(NetworkError):
     """No answer in time; `sent` is False when the request certainly never left (connect/pool timeout)."""
 
     def __init__(self, method: str, description: str, sent: bool) -> None:
-        self.sent = sent
-        super().__init__(method, description)
+        super().__init__(method, description, sent=sent)
 
 
 class RetryAfter(TelegramError):
@@ -180,8 +187,10 @@ class TelegramClient:
         self._closed = False
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, read_timeout: float | None = None,
-             attempts: int | None = None) -> Any:
-        """Call `method` and return its `result`, retrying what is worth retrying; raise `TelegramError`."""
+             attempts: int | None = None, deadline: float | None = None) -> Any:
+        """Call `method` and return its `result`, retrying what is worth retrying; raise `TelegramError`.
+
+        With `deadline` (a `time.monotonic()` value) no retry is started that could not finish by then."""
         attempts = attempts or self._max_attempts
         for attempt in range(1, attempts + 1):
             try:
@@ -191,16 +200,14 @@ class TelegramClient:
                 if attempt == attempts or err.retry_after > self._max_retry_after:
                     raise
                 log.warning("%s: flood control, waiting %.0f s as Telegram asks", method, err.retry_after)
-                delay = err.retry_after
-            except TimedOut as err:
+                delay, last = err.retry_after, err
+            except NetworkError as err:
                 if attempt == attempts or (err.sent and method not in _IDEMPOTENT):
                     raise
-                delay = backoff(attempt, self._policy)
-            except NetworkError as err:
-                if attempt == attempts:
-                    raise
-                delay = backoff(attempt, self._policy)
+                delay, last = backoff(attempt, self._policy), err
                 log.info("%s: %s; retrying in %.1f s", method, err.description, delay)
+            if deadline is not None and time.monotonic() + delay + (read_timeout or 1.0) > deadline:
+                raise last
             if self._stopping.wait(delay):
                 raise NetworkError(method, "client is shutting down")
         raise AssertionError("unreachable")
@@ -212,13 +219,21 @@ class TelegramClient:
         timeout = self._timeout if read_timeout is None else httpx.Timeout(
             self._timeout.connect, read=read_timeout, write=self._timeout.write, pool=self._timeout.pool)
         try:
-            response = self._http.post(self._url + method, json=params, timeout=timeout)
+            # ASCII JSON: a lone surrogate (valid in JSON, not in UTF-8) is sent escaped instead of crashing.
+            content = json.dumps(params, ensure_ascii=True, allow_nan=False).encode()
+        except (TypeError, ValueError) as err:
+            raise BadRequest(method, f"parameters are not valid JSON: {err}") from None
+        try:
+            response = self._http.post(self._url + method, content=content, timeout=timeout,
+                                       headers={"Content-Type": "application/json"})
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as err:
             raise TimedOut(method, f"no connection in time ({type(err).__name__})", sent=False) from None
         except httpx.TimeoutException as err:
             raise TimedOut(method, f"no answer in time ({type(err).__name__})", sent=True) from None
         except httpx.ConnectError as err:
             raise NetworkError(method, f"cannot connect: {redact(str(err))}") from None
+        except httpx.TransportError as err:  # the request may have gone out before the connection broke
+            raise NetworkError(method, f"{type(err).__name__}: {redact(str(err))}", sent=True) from None
         except httpx.HTTPError as err:
             raise NetworkError(method, f"{type(err).__name__}: {redact(str(err))}") from None
         try:
@@ -263,12 +278,13 @@ class TelegramClient:
         """Show `action` in the chat for up to 5 seconds; one attempt, since a late one is useless."""
         self.call("sendChatAction", {"chat_id": chat_id, "action": action}, read_timeout=5.0, attempts=1)
 
-    def answer_pre_checkout_query(self, query_id: str, ok: bool, error_message: str | None = None) -> None:
-        """Approve or refuse a checkout; Telegram needs this within 10 seconds."""
+    def answer_pre_checkout_query(self, query_id: str, ok: bool, error_message: str | None = None,
+                                  deadline: float | None = None) -> None:
+        """Approve or refuse a checkout; Telegram needs this within 10 seconds (retries stop at `deadline`)."""
         params: dict[str, Any] = {"pre_checkout_query_id": query_id, "ok": ok}
         if not ok:
             params["error_message"] = error_message or "Payment refused"
-        self.call("answerPreCheckoutQuery", params, read_timeout=5.0, attempts=2)
+        self.call("answerPreCheckoutQuery", params, read_timeout=3.0, attempts=3, deadline=deadline)
 
     def close(self) -> None:
         """Stop pending retries and close the connection pool; safe to call twice."""

@@ -77,6 +77,10 @@ class TypingKeepAlive:
         self._thread = threading.Thread(target=self._run, name="typing-keepalive", daemon=True)
         self._thread.start()
 
+    def is_alive(self) -> bool:
+        """True while the thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop_thread(self, timeout: float = 5.0) -> None:
         """Stop the thread; safe to call twice."""
         self._stopping.set()
@@ -95,25 +99,29 @@ class TypingKeepAlive:
             self._wakeup.clear()
 
     def _send_due(self) -> float:
-        due: list[int] = []
+        due: list[tuple[int, int, bool]] = []
         with self._lock:
             now = self._monotonic()
             while self._heap and self._heap[0][0] <= now:
                 _, _, chat_id, generation, index = heapq.heappop(self._heap)
                 if self._active.get(chat_id) != generation:
                     continue
-                due.append(chat_id)
-                if index + 1 < len(self._offsets):
+                last = index + 1 >= len(self._offsets)
+                due.append((chat_id, generation, last))
+                if not last:
                     at = now + self._offsets[index + 1] - self._offsets[index]
                     heapq.heappush(self._heap, (at, next(self._seq), chat_id, generation, index + 1))
-                else:
-                    del self._active[chat_id]
             wait = self._heap[0][0] - now if self._heap else 60.0
-        for chat_id in due:  # network calls happen outside the lock
-            self._send(chat_id)
+        for chat_id, generation, last in due:  # network calls happen outside the lock
+            self._send(chat_id, generation, last)
         return max(0.0, wait) if not due else 0.0
 
-    def _send(self, chat_id: int) -> None:
+    def _send(self, chat_id: int, generation: int, last: bool) -> None:
+        with self._lock:
+            # A reply may have stopped this run since it was taken off the heap: typing after the
+            # answer would show for another 5 s.
+            if self._active.get(chat_id) != generation:
+                return
         try:
             self._client.send_chat_action(chat_id, "typing")
             self.actions_sent += 1
@@ -121,3 +129,8 @@ class TypingKeepAlive:
             self.stop(chat_id)  # blocked by the user: renewing would only fail again
         except TelegramError as err:
             log.debug("typing in chat %s not shown: %s", chat_id, err)
+        finally:
+            if last:
+                with self._lock:
+                    if self._active.get(chat_id) == generation:
+                        del self._active[chat_id]

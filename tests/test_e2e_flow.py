@@ -160,7 +160,7 @@ def test_events_of_one_chat_stay_in_order_while_another_chat_goes_ahead(
     assert chat21 == ["first", "second", "third"]
     accepted = [e["text"] for e in make.accepted()]
     assert accepted.index("other chat") < accepted.index("first")  # not held up by chat 21's retries
-    assert service.health()["outbox_pending"] == 0
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
 
 
 def test_thread_count_does_not_grow_with_users(start_service, telegram: TelegramDouble) -> None:
@@ -189,3 +189,19 @@ def test_polling_conflict_is_explained_and_polling_resumes(start_service, telegr
     assert "another process is polling with this bot token" in service.text
     assert "Telegram unreachable" in service.text
     assert len(telegram.calls_of("getUpdates")) >= 3
+
+
+def test_make_reply_survives_telegram_flood_control_and_is_sent_once(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """A reply Telegram first refuses with 429 (retry_after 1) is sent after the wait, exactly once."""
+    telegram.script("sendMessage", (429, {"ok": False, "error_code": 429, "description": "Too Many Requests: "
+                                          "retry after 1", "parameters": {"retry_after": 1}}))
+    make.script((200, {"replies": ["first answer", "second answer"]}))
+    service = start_service()
+    telegram.push_update(text_update("question", user_id=15))
+    wait_until(lambda: len([m for m in telegram.calls_of("sendMessage")]) >= 3, what="the replies")
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the replies to leave the outbox")
+    texts = [m["text"] for m in telegram.calls_of("sendMessage")]
+    assert texts == ["first answer", "first answer", "second answer"]  # the 429'd one once more, in order
+    first, second = telegram.times_of("sendMessage")[:2]
+    assert second - first >= 1.0  # Telegram's retry_after was honoured

@@ -170,3 +170,17 @@ def test_payment_messages_never_enter_a_batch(start_service, telegram: TelegramD
     by_type = {e["event_type"]: e for e in make.accepted()}
     assert by_type["message_batch"]["text"] == "one\ntwo"
     assert by_type["payment"]["payment"]["invoice_payload"] == "order-8"
+
+
+def test_admin_group_that_migrated_does_not_block_later_notices(start_service, telegram: TelegramDouble) -> None:
+    """A notice refused because the admin group became a supergroup is kept as a dead letter with the new
+    chat id logged, and the next payment's notice still goes out."""
+    telegram.script("sendMessage", (400, {"ok": False, "error_code": 400, "description": "Bad Request: group chat "
+                                          "was upgraded to a supergroup chat",
+                                          "parameters": {"migrate_to_chat_id": -1009999999999}}))
+    service = start_service(ADMIN_CHAT_ID=ADMIN)
+    telegram.push_update(payment_update("charge-9a", "order-9a"))
+    wait_until(lambda: service.health()["outbox_dead"] == 1, what="the first notice to be a dead letter")
+    telegram.push_update(payment_update("charge-9b", "order-9b"))
+    wait_until(lambda: len(_admin_messages(telegram)) == 2, what="the second notice")
+    assert "-1009999999999" in service.text

@@ -145,3 +145,20 @@ def test_reply_route_refuses_oversized_text_and_compares_token_safely(start_serv
     assert service.post("/reply", json={"chat_id": 1, "text": "x"},
                         headers={"Authorization": "Bearer r"}).status_code == 401
     assert telegram.calls_of("sendMessage") == []
+
+
+def test_nan_and_lone_surrogates_neither_crash_nor_stall_a_chat(start_service, make: MakeDouble) -> None:
+    """NaN (not JSON for anyone downstream) is refused with 400; a lone surrogate in a text is stored,
+    sent to Make escaped, and the chat's next batch follows."""
+    service = start_service(**WEBHOOK, DEBOUNCE_SECONDS="0.1")
+    headers = {"X-Telegram-Bot-Api-Secret-Token": SECRET, "Content-Type": "application/json"}
+    nan = b'{"update_id": 2, "callback_query": {"id": "c", "data": NaN, "message": {"chat": {"id": 7}}}}'
+    assert service.post("/webhook", content=nan, headers=headers).status_code == 400
+    surrogate = b'{"update_id": 3, "message": {"message_id": 1, "date": 1, "chat": {"id": 7, "type": "private"},' \
+                b' "from": {"id": 7, "is_bot": false, "first_name": "S"}, "text": "bad \\ud800 text"}}'
+    assert service.post("/webhook", content=surrogate, headers=headers).status_code == 200
+    event = wait_until(lambda: make.accepted(), what="the batch with the surrogate")[0]
+    assert event["text"] == "bad \ud800 text"
+    assert service.post("/webhook", json=text_update("next", user_id=7), headers=headers).status_code == 200
+    wait_until(lambda: len(make.accepted()) == 2, what="the chat's next batch")
+    assert service.health()["outbox_inflight"] == 0

@@ -247,3 +247,42 @@ def test_token_is_not_in_any_log_line(name: str, shared_telegram: TelegramDouble
                         f" (TelegramClient leaves httpx's INFO request log on, and it holds the URL): {leaked[0]}")
     for secret in TOKENS:
         assert secret not in caplog.text
+
+
+def test_connection_dropped_after_sending_is_not_repeated_for_send_message() -> None:
+    """A connection that breaks after the request went out may have delivered it: sendMessage is not
+    sent again (the user would get it twice), while an idempotent method is retried."""
+    import socket
+    import threading as _threading
+
+    from telegram_api import NetworkError as _NetworkError
+    from telegram_api import TelegramClient as _Client
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    received: list[bytes] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                received.append(conn.recv(65536))  # read the request, then hang up without answering
+
+    _threading.Thread(target=serve, daemon=True).start()
+    client = _Client(TOKEN, f"http://127.0.0.1:{server.getsockname()[1]}", max_attempts=3)
+    try:
+        with pytest.raises(_NetworkError) as caught:
+            client.send_message(1, "hello")
+        assert caught.value.sent is True
+        assert sum(b"/sendMessage" in r for r in received) == 1
+        with pytest.raises(_NetworkError):
+            client.call("getWebhookInfo")
+        assert sum(b"/getWebhookInfo" in r for r in received) == 3
+        assert TOKEN not in str(caught.value)
+    finally:
+        client.close()
+        server.close()
