@@ -288,7 +288,7 @@ def reply_body_problem(body: Any) -> str | None:
         return "body must be a JSON object"
     if not is_int(body.get("chat_id")):
         return "chat_id must be an integer (64-bit)"
-    if not isinstance(body.get("text"), str) or not body["text"].strip():
+    if not isinstance(body.get("text"), str) or not body["text"]:
         return "text must be a non-empty string"
     if len(body["text"]) > MAX_REPLY_CHARS:
         return f"text is longer than {MAX_REPLY_CHARS} characters (it would be {MAX_REPLY_CHARS // 4096}+ messages)"

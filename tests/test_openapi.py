@@ -8,6 +8,7 @@ from typing import Iterator
 
 import pytest
 import schemathesis
+from hypothesis import HealthCheck, settings
 
 from config import derive_webhook_secret
 from doubles import ROOT, TOKEN, MakeDouble, Service, TelegramDouble
@@ -36,6 +37,7 @@ def service() -> Iterator[Service]:
 
 
 @schema.parametrize()
+@settings(derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_route_answers_as_documented(case, service: Service) -> None:
     """Each generated request gets a documented status and body, and never a 500."""
     headers = {}
