@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
 from dataclasses import dataclass
 
 
@@ -33,9 +32,12 @@ class DebounceManager:
     def __init__(self, max_messages: int, window_seconds: float) -> None:
         self._max = max_messages
         self._window = window_seconds
-        # _lock guards _recent: user id -> arrival times (monotonic) inside the window, oldest first.
+        # _lock guards _recent (user id -> arrival times (monotonic) inside the window, oldest first;
+        # plain lists, at most `max_messages` long, since a deque costs ~600 bytes per user) and
+        # _held (user id -> messages held back since the user was last allowed one).
         self._lock = threading.Lock()
-        self._recent: dict[int, deque[float]] = {}
+        self._recent: dict[int, list[float]] = {}
+        self._held: dict[int, int] = {}
         self._sweep_at = 0.0
 
     def should_process(self, user_id: int, now: float) -> bool:
@@ -43,18 +45,28 @@ class DebounceManager:
         with self._lock:
             if now >= self._sweep_at:
                 self._sweep(now)
-            times = self._recent.setdefault(user_id, deque())
-            while times and times[0] <= now - self._window:
-                times.popleft()
+            times = self._recent.setdefault(user_id, [])
+            expired = 0
+            while expired < len(times) and times[expired] <= now - self._window:
+                expired += 1
+            del times[:expired]
             if len(times) >= self._max:
+                self._held[user_id] = self._held.get(user_id, 0) + 1
                 return False
+            self._held.pop(user_id, None)
             times.append(now)
             return True
+
+    def held_in_a_row(self, user_id: int) -> int:
+        """How many of the user's messages were held back since the last one that passed."""
+        with self._lock:
+            return self._held.get(user_id, 0)
 
     def clear_user(self, user_id: int) -> None:
         """Forget a user's recent messages (their limit starts afresh)."""
         with self._lock:
             self._recent.pop(user_id, None)
+            self._held.pop(user_id, None)
 
     def get_active_users_count(self) -> int:
         """How many users sent a message within the window."""
@@ -66,4 +78,5 @@ class DebounceManager:
         cutoff = now - self._window
         for user_id in [u for u, t in self._recent.items() if not t or t[-1] <= cutoff]:
             del self._recent[user_id]
+            self._held.pop(user_id, None)
         self._sweep_at = now + self._window

@@ -115,7 +115,10 @@ class UpdateRouter:
             if not self._store.hold_message(update_id, chat_id, user_id, self._clock()):
                 return Routed("duplicate", "message")
             self._metrics.flood_held.inc()
-            log.warning("flood control held back update %s from user %s in chat %s", update_id, user_id, chat_id)
+            held = self._flood.held_in_a_row(user_id)
+            if held == 1 or held % 1000 == 0:  # a flooding user must not flood the log too
+                log.warning("flood control held back update %s from user %s in chat %s (%d in a row; counted, "
+                            "reported as flood_held in the next batch)", update_id, user_id, chat_id, held)
             return Routed("held", "message")
         result = self._batches.add(update_id, chat_id, user_id, user_summary(message.get("from")),
                                    message_item(update_id, message))

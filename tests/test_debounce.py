@@ -155,3 +155,13 @@ def test_memory_follows_the_active_users_not_every_user_ever_seen(window: float)
         for i in range(per_round):
             flood.should_process(round_no * 10_000 + i, T0 + round_no * window + i * window / (2 * per_round))
         assert flood.get_active_users_count() <= 2 * per_round, f"round {round_no}"
+
+
+def test_held_in_a_row_counts_until_a_message_passes_again() -> None:
+    """held_in_a_row counts the user's held messages and starts again once one passes."""
+    flood = DebounceManager(max_messages=1, window_seconds=10)
+    assert flood.should_process(1, now=0.0)
+    assert not flood.should_process(1, now=1.0) and not flood.should_process(1, now=2.0)
+    assert flood.held_in_a_row(1) == 2 and flood.held_in_a_row(2) == 0
+    assert flood.should_process(1, now=11.0)
+    assert flood.held_in_a_row(1) == 0
