@@ -60,8 +60,8 @@ class Gateway:
         self.config = config
         self.started_at = time.time()
         self.metrics = GatewayMetrics()
-        self.store = SQLiteStore(config.state_db)
-        self.telegram = TelegramClient(config.bot_token, config.telegram_api_url)
+        self.store = SQLiteStore(config.state_db, exclusive=True)
+        self.telegram = TelegramClient(config.bot_token, config.telegram_api_url, observe=self._count_call)
         self.make = MakeClient(config.make_webhook_url, timeout=config.make_timeout_seconds)
         self.typing = TypingKeepAlive(self.telegram, config.typing_mode, config.typing_interval_seconds,
                                       config.typing_max_seconds)
@@ -139,6 +139,12 @@ class Gateway:
             problems.append(f"Telegram: {self.poller.last_error}")
         if self.config.mode == "webhook" and not self.webhook_registered:
             problems.append("webhook not registered with Telegram yet")
+        oldest = outbox["outbox_oldest_age_seconds"]
+        if oldest is not None and oldest > self.config.health_max_outbox_age_seconds:
+            problems.append(f"oldest undelivered event is {oldest:.0f} s old "
+                            f"(HEALTH_MAX_OUTBOX_AGE_SECONDS={self.config.health_max_outbox_age_seconds:g})")
+        if outbox["outbox_dead"]:
+            problems.append(f"{outbox['outbox_dead']} dead letter(s): see `python app.py dead-letters`")
         dead_threads = [name for name, alive in self._threads_alive().items() if not alive]
         status = "failing" if dead_threads else ("degraded" if problems else "ok")
         report: dict[str, Any] = {
@@ -160,6 +166,17 @@ class Gateway:
             "uptime_seconds": round(now - self.started_at, 1),
         }
         return report, (HTTPStatus.SERVICE_UNAVAILABLE if dead_threads else HTTPStatus.OK)
+
+    def ready(self) -> tuple[dict[str, Any], int]:
+        """The `GET /ready` answer: 200 when updates can be taken now (state writable, threads alive)."""
+        reasons = [f"thread {name} is not running" for name, alive in self._threads_alive().items() if not alive]
+        try:
+            self.store.check_writable()
+        except StoreError as err:
+            reasons.append(str(err))
+        if reasons:
+            return {"ready": False, "reasons": reasons}, HTTPStatus.SERVICE_UNAVAILABLE
+        return {"ready": True}, HTTPStatus.OK
 
     def _threads_alive(self) -> dict[str, bool]:
         alive = {"batch-scheduler": self.batches.is_alive(), "payment-answers": self.payments.is_alive(),
@@ -194,8 +211,12 @@ class Gateway:
         self.delivery.wakeup()
         self.telegram_outbox.wakeup()
 
+    def _count_call(self, method: str, outcome: str) -> None:
+        self.metrics.telegram_calls.labels(method, outcome).inc()
+
     def _batch_closed(self, batch: BatchRow, reason: str) -> None:
         self.metrics.batches_closed.labels(reason).inc()
+        self.metrics.batch_age.observe(max(0.0, time.time() - batch.first_at))
         self.metrics.batch_size.observe(batch.count)
         self.delivery.wakeup()
 
@@ -243,6 +264,11 @@ def create_app(config: Config) -> Flask:
     @app.get("/")
     def health() -> tuple[Response, int]:
         report, status = gateway.health()
+        return jsonify(report), status
+
+    @app.get("/ready")
+    def ready() -> tuple[Response, int]:
+        report, status = gateway.ready()
         return jsonify(report), status
 
     @app.get("/metrics")

@@ -79,6 +79,7 @@ class Config:
     text_admin_payment: str = "💰 Новая оплата"
     text_admin_duplicate_payment: str = "⚠️ Повторная оплата уже оплаченного счёта: нужен возврат"
     text_admin_refund: str = "↩️ Возврат платежа"
+    health_max_outbox_age_seconds: float = 300.0
     state_db: str = "data/state.sqlite3"
     reply_token: str = ""
     log_level: str = "INFO"
@@ -228,6 +229,7 @@ def _parse(env: Mapping[str, str]) -> Config:
         if len(texts[name]) > 255:
             problems.append(f"{name.upper()} is too long for Telegram's error_message (255 characters at most)")
 
+    outbox_age_alert = number("HEALTH_MAX_OUTBOX_AGE_SECONDS", 300.0, float, 1, 7 * 86400)
     state_db = get("STATE_DB", "data/state.sqlite3") or "data/state.sqlite3"
     reply_token = get("REPLY_TOKEN")
     log_level = get("LOG_LEVEL", "INFO").upper() or "INFO"
@@ -248,7 +250,7 @@ def _parse(env: Mapping[str, str]) -> Config:
         make_delivery_workers=workers, poll_timeout_seconds=poll_timeout,
         payment_hold_seconds=hold, payment_check_with_make=check_with_make,
         payment_check_timeout_seconds=check_timeout, payment_auto_refund_stars=auto_refund, **texts,
-        state_db=state_db, reply_token=reply_token, log_level=log_level,
+        health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, reply_token=reply_token, log_level=log_level,
     )
 
 

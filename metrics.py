@@ -23,6 +23,11 @@ class GatewayMetrics:
         self.deliveries = Counter("gateway_make_deliveries_total", "Attempts to deliver an event to Make, by outcome",
                                   ["outcome"], registry=r)
         self.delivery_seconds = Histogram("gateway_make_delivery_seconds", "Time Make took to answer", registry=r)
+        self.batch_age = Histogram("gateway_batch_age_seconds", "Time from a batch's first message to its closing",
+                                   buckets=(1, 2, 4, 8, 15, 30, 60, 300), registry=r)
+        self.telegram_calls = Counter("gateway_telegram_calls_total",
+                                      "Bot API requests by method and outcome (ok, RetryAfter for 429s, ...)",
+                                      ["method", "outcome"], registry=r)
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Register a gauge whose value is read at scrape time."""

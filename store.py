@@ -14,7 +14,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS seen_updates (
@@ -162,10 +162,15 @@ class StoreError(Exception):
 class SQLiteStore:
     """The gateway's durable state in one SQLite database."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, exclusive: bool = False) -> None:
+        """Open (creating if needed) the database at `path`; with `exclusive`, refuse if another process
+        holds it exclusively (a second gateway on the same state would deliver everything twice)."""
         self.path = path
+        self._instance_lock = None
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if exclusive:
+                self._instance_lock = _lock_instance(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -178,7 +183,11 @@ class SQLiteStore:
                                  "until its outbox is empty)")
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error as err:
+        except (sqlite3.Error, StoreError) as err:
+            if self._instance_lock is not None:
+                self._instance_lock.close()
+            if isinstance(err, StoreError):
+                raise
             raise StoreError(f"cannot open state database {path!r}: {err}") from None
         # _lock guards _db: sqlite3 connections must not run two statements at once.
         self._lock = threading.Lock()
@@ -423,6 +432,11 @@ class SQLiteStore:
         with self._tx() as cur:
             return cur.execute("SELECT COUNT(*) FROM payments").fetchone()[0]
 
+    def check_writable(self) -> None:
+        """Raise `StoreError` unless a write transaction can be taken now."""
+        with self._tx():
+            pass
+
     # Small facts
 
     def get_meta(self, key: str) -> str | None:
@@ -438,9 +452,11 @@ class SQLiteStore:
                         (key, value))
 
     def close(self) -> None:
-        """Close the database; safe to call twice."""
+        """Close the database (and release the instance lock); safe to call twice."""
         with self._lock:
             self._db.close()
+            if self._instance_lock is not None:
+                self._instance_lock.close()
 
     # Inside a transaction
 
@@ -483,6 +499,23 @@ class SQLiteStore:
         r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error "
                         "FROM outbox WHERE id=?", (row_id,)).fetchone()
         return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+
+
+def _lock_instance(path: str) -> IO[str]:
+    """Hold an exclusive OS lock on `<path>.lock` for this process's life (the OS drops it on any exit)."""
+    handle = open(path + ".lock", "a+")
+    try:
+        if os.name == "nt":
+            import msvcrt
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StoreError(f"another gateway is already running on state database {path!r}; stop it first "
+                         "(two instances on one state would deliver every event twice)") from None
+    return handle
 
 
 def MemoryStore() -> SQLiteStore:  # noqa: N802 - reads like the class it stands for

@@ -23,7 +23,7 @@ import logging
 import re
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import httpx
 
@@ -176,6 +176,7 @@ class TelegramClient:
         max_attempts: int = 4,
         max_retry_after: float = 60.0,
         policy: BackoffPolicy = BackoffPolicy(initial=0.5, maximum=10.0, jitter=0.5),
+        observe: Callable[[str, str], None] = lambda method, outcome: None,
     ) -> None:
         self._url = f"{base_url.rstrip('/')}/bot{token}/"
         self._timeout = httpx.Timeout(timeout, connect=5.0, pool=5.0)
@@ -183,6 +184,7 @@ class TelegramClient:
         self._max_attempts = max_attempts
         self._max_retry_after = max_retry_after
         self._policy = policy
+        self._observe = observe  # (method, outcome) after every attempt, for metrics
         self._stopping = threading.Event()
         self._closed = False
 
@@ -194,8 +196,7 @@ class TelegramClient:
         attempts = attempts or self._max_attempts
         for attempt in range(1, attempts + 1):
             try:
-                status, body = self._send(method, params or {}, read_timeout)
-                return _raise_for_reply(method, status, body)
+                return self._attempt(method, params or {}, read_timeout)
             except RetryAfter as err:
                 if attempt == attempts or err.retry_after > self._max_retry_after:
                     raise
@@ -211,6 +212,16 @@ class TelegramClient:
             if self._stopping.wait(delay):
                 raise NetworkError(method, "client is shutting down")
         raise AssertionError("unreachable")
+
+    def _attempt(self, method: str, params: dict[str, Any], read_timeout: float | None) -> Any:
+        """One request: its result, or the typed error; either way counted by `observe`."""
+        try:
+            result = _raise_for_reply(method, *self._send(method, params, read_timeout))
+        except TelegramError as err:
+            self._observe(method, type(err).__name__)
+            raise
+        self._observe(method, "ok")
+        return result
 
     def _send(self, method: str, params: dict[str, Any], read_timeout: float | None) -> tuple[int, Any]:
         """Send one request; return (HTTP status, parsed JSON or None). Only transport failures raise."""
