@@ -96,6 +96,8 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 SCHEMA_VERSION = 1
+_BUSY_TIMEOUT_SECONDS = 2.0  # SQLite's wait for a lock held by another process
+_LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others waiting on SQLite
 
 # A pending event for a target that no earlier undelivered event of its order key is ahead of.
 _HEAD_OF_QUEUE = ("o.status='pending' AND o.target=? AND NOT EXISTS (SELECT 1 FROM outbox p "
@@ -172,7 +174,8 @@ class SQLiteStore:
             if exclusive:
                 self._instance_lock = _lock_instance(path)
         try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=5.0)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                       timeout=_BUSY_TIMEOUT_SECONDS)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -194,21 +197,26 @@ class SQLiteStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Cursor]:
-        with self._lock:
+        # Every thread shares one connection; if the file is locked from outside, each waits its busy
+        # timeout while holding _lock, so the wait for _lock is bounded too (a webhook answers in time).
+        if not self._lock.acquire(timeout=_LOCK_WAIT_SECONDS):
+            raise StoreError("state database busy: another thread is waiting for it (locked from outside?)")
+        try:
+            cur = self._db.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            yield cur
+            cur.execute("COMMIT")
+        except BaseException as err:
             try:
-                cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE")
-                yield cur
-                cur.execute("COMMIT")
-            except BaseException as err:
-                try:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
-                if isinstance(err, sqlite3.Error):
-                    raise StoreError(f"state database error: {err}") from None
-                raise
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
+            if isinstance(err, sqlite3.Error):
+                raise StoreError(f"state database error: {err}") from None
+            raise
+        finally:
+            self._lock.release()
 
     # Updates
 

@@ -38,9 +38,9 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = 
 
 
 class _Server:
-    """A threaded HTTP server on 127.0.0.1:0 whose handler calls `self.handle`."""
+    """A threaded HTTP server on 127.0.0.1 (port 0: any free one) whose handler calls `self.handle`."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         double = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -71,7 +71,7 @@ class _Server:
 
         self.errors: list[Exception] = []
         self.lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -180,10 +180,12 @@ class TelegramDouble(_Server):
 class MakeDouble(_Server):
     """A Make custom webhook: records events, plays scripted answers (status, body, headers, delay)."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         self._scripts: list[tuple[int, Any, dict[str, str], float]] = []
-        super().__init__()
+        # When set, an event for which it returns a (status, body) pair gets that answer instead.
+        self.reject_if: Callable[[dict[str, Any]], tuple[int, Any] | None] | None = None
+        super().__init__(port)
 
     def script(self, *replies: tuple) -> None:
         """Answer the next requests with these (status, body[, headers[, delay seconds]]) tuples, in order."""
@@ -205,10 +207,15 @@ class MakeDouble(_Server):
             return [r["json"] for r in self.requests if 200 <= r["status"] < 300]
 
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
+        event = json.loads(body)
+        rejected = self.reject_if(event) if self.reject_if is not None else None
         with self.lock:
-            scripted = self._scripts.pop(0) if self._scripts else (200, "Accepted", {}, 0.0)
+            if rejected is not None:
+                scripted = (*rejected, {}, 0.0)
+            else:
+                scripted = self._scripts.pop(0) if self._scripts else (200, "Accepted", {}, 0.0)
         status, reply, reply_headers, delay = scripted
-        record = {"json": json.loads(body), "headers": headers, "status": status, "at": time.monotonic()}
+        record = {"json": event, "headers": headers, "status": status, "at": time.monotonic()}
         with self.lock:
             self.requests.append(record)
         if delay:
