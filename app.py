@@ -171,7 +171,7 @@ class Gateway:
         """The `GET /ready` answer: 200 when updates can be taken now (state writable, threads alive)."""
         reasons = [f"thread {name} is not running" for name, alive in self._threads_alive().items() if not alive]
         try:
-            self.store.check_writable()
+            self.store.check_writable(time.time())
         except StoreError as err:
             reasons.append(str(err))
         if reasons:

@@ -440,10 +440,11 @@ class SQLiteStore:
         with self._tx() as cur:
             return cur.execute("SELECT COUNT(*) FROM payments").fetchone()[0]
 
-    def check_writable(self) -> None:
-        """Raise `StoreError` unless a write transaction can be taken now."""
-        with self._tx():
-            pass
+    def check_writable(self, now: float) -> None:
+        """Raise `StoreError` unless a small write commits now (locked, read-only or full: it does not)."""
+        with self._tx() as cur:
+            cur.execute("INSERT INTO meta VALUES ('ready_check', ?) ON CONFLICT (key) DO UPDATE "
+                        "SET value=excluded.value", (repr(now),))
 
     # Small facts
 
@@ -511,7 +512,10 @@ class SQLiteStore:
 
 def _lock_instance(path: str) -> IO[str]:
     """Hold an exclusive OS lock on `<path>.lock` for this process's life (the OS drops it on any exit)."""
-    handle = open(path + ".lock", "a+")
+    try:
+        handle = open(path + ".lock", "a+")
+    except OSError as err:
+        raise StoreError(f"cannot open state database {path!r}: its lock file: {err.strerror}") from None
     try:
         if os.name == "nt":
             import msvcrt

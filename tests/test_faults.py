@@ -188,3 +188,74 @@ def test_second_instance_on_the_same_database_is_refused(start_service, service_
         second.start(timeout=15)
     assert "another gateway is already running on state database" in second.text
     assert second.proc is not None and second.proc.wait(10) == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB filesystem of its own (tmpfs), so a test can fill it or make it read-only; needs root."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+
+    def remount(options: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,{options}", str(mount_point)], check=True)
+
+    yield mount_point, remount
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_disk_full_refuses_updates_cleanly_and_loses_none(small_disk, start_service, make: MakeDouble) -> None:
+    """When the disk fills up, updates get 503 (not acknowledged, so Telegram resends them), every one
+    acknowledged before is kept, and once there is room again everything reaches Make exactly once."""
+    mount_point, remount = small_disk
+    make.reject_if = lambda event: (503, "paused")  # keep the events in the outbox while the disk fills
+    service = start_service(**WEBHOOK, STATE_DB=str(mount_point / "state.sqlite3"), DEBOUNCE_SECONDS="0.1",
+                            MAKE_RETRY_MAX_SECONDS="0.5")
+    acknowledged, refused = [], []
+    for n in range(400):
+        update = text_update(f"{n}:" + "x" * 3000, user_id=1000 + n)
+        status = service.post("/webhook", json=update, headers=SECRET_HEADERS).status_code
+        assert status in (200, 503)
+        (acknowledged if status == 200 else refused).append(update)
+        if len(refused) >= 3:
+            break
+    assert acknowledged and len(refused) == 3, "the disk never filled up"
+    assert "database or disk is full" in service.text
+    remount("size=8m")
+    for update in refused:  # Telegram resends what was not acknowledged
+        assert service.post("/webhook", json=update, headers=SECRET_HEADERS).status_code == 200
+    make.reject_if = None
+    expected = sorted(u["update_id"] for u in acknowledged + refused)
+
+    def delivered() -> list[int]:
+        return sorted(m["update_id"] for e in _by_event_id(make) for m in e["messages"])
+
+    wait_until(lambda: delivered() == expected, timeout=60, what="every update at Make")
+    assert service.health()["outbox_pending"] == 0
+
+
+def test_read_only_state_stops_the_start_with_a_clear_message(small_disk, start_service, service_env,
+                                                               make: MakeDouble) -> None:
+    """A state database on a read-only filesystem stops the start with one clear line (exit 1), and the
+    batch it holds is delivered once the filesystem is writable again."""
+    mount_point, remount = small_disk
+    env = {"STATE_DB": str(mount_point / "state.sqlite3"), "DEBOUNCE_SECONDS": "30", "MAX_WAIT_SECONDS": "60"}
+    first = start_service(**WEBHOOK, **env)
+    update = text_update("kept through it all", user_id=70)
+    assert first.post("/webhook", json=update, headers=SECRET_HEADERS).json()["outcome"] == "stored"
+    assert first.stop() == 0
+    remount("ro")
+    try:
+        refused = Service(mount_point.parent, {**service_env, **WEBHOOK, **env})
+        with pytest.raises(AssertionError, match="service exited at start"):
+            refused.start(timeout=15)
+        assert refused.proc is not None and refused.proc.wait(10) == 1
+        assert "cannot open state database" in refused.text and "Read-only file system" in refused.text
+        assert "Traceback" not in refused.text
+    finally:
+        remount("rw")
+    start_service(**WEBHOOK, **{**env, "DEBOUNCE_SECONDS": "0.01", "MAX_WAIT_SECONDS": "0.01"})
+    assert wait_until(lambda: make.accepted(), what="the kept batch")[0]["text"] == "kept through it all"
