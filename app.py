@@ -180,7 +180,7 @@ class Gateway:
 
     def _threads_alive(self) -> dict[str, bool]:
         alive = {"batch-scheduler": self.batches.is_alive(), "payment-answers": self.payments.is_alive(),
-                 "make-delivery": self.delivery.alive() == self.config.make_delivery_workers,
+                 "make-delivery": self.delivery.alive(),
                  "telegram-outbox": self.telegram_outbox.alive(), "typing-keepalive": self.typing.is_alive()}
         if self._registrar is not None and not self.webhook_registered:
             alive["webhook-register"] = self._registrar.is_alive()

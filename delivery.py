@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from make_client import Delivered, MakeClient, RetryLater
+from outbox import OutboxWorkers
 from replies import split_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
@@ -37,71 +38,26 @@ class DeliveryHealth:
     last_delivered_at: float | None = None
 
 
-class DeliveryWorkers:
-    """A fixed pool of threads draining the outbox to Make."""
+class DeliveryWorkers(OutboxWorkers):
+    """A fixed pool of `make-delivery-N` threads draining the outbox to Make."""
 
     def __init__(self, store: SQLiteStore, make: MakeClient, typing: TypingKeepAlive,
-                 *, on_replies: Callable[[], None] = lambda: None, workers: int = 2, retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
+                 *, on_replies: Callable[[], None] = lambda: None, workers: int = 2,
+                 retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time,
                  on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None) -> None:
-        self._store = store
+        super().__init__(store, "make", "make-delivery", workers, clock)
         self._make = make
-        self._on_replies = on_replies
         self._typing = typing
-        self._workers = workers
+        self._on_replies = on_replies
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
         self._max_age = max_age_seconds
-        self._clock = clock
         self._on_outcome = on_outcome
         # _lock guards health, written by every worker.
         self._lock = threading.Lock()
         self.health = DeliveryHealth()
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
 
-    def wakeup(self) -> None:
-        """Tell the workers an event may be due now."""
-        self._wakeup.set()
-
-    def start(self) -> None:
-        """Start the worker threads, after making events a crash left in flight deliverable again."""
-        reset = self._store.reset_inflight()
-        if reset:
-            log.info("%d event(s) were in flight at the last stop; they will be sent again", reset)
-        for n in range(1, self._workers + 1):
-            thread = threading.Thread(target=self._run, name=f"make-delivery-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking events; an event still in flight is sent again at the next start. Safe to call twice."""
-        self._stopping.set()
-        self._wakeup.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def alive(self) -> int:
-        """How many worker threads are running."""
-        return sum(t.is_alive() for t in self._threads)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                row = self._store.claim_due_event(self._clock())
-                if row is not None:
-                    self._deliver_safely(row)
-                    continue
-                next_at = self._store.next_attempt_at()
-                wait = 5.0 if next_at is None else min(5.0, max(0.05, next_at - self._clock()))
-            except Exception:
-                log.exception("delivery pass failed; retrying in 1 s")
-                wait = 1.0
-            self._wakeup.wait(wait)
-            self._wakeup.clear()
-
-    def _deliver_safely(self, row: OutboxRow) -> None:
+    def _handle(self, row: OutboxRow) -> None:
         """Deliver a claimed event; whatever goes wrong, it leaves the in-flight state (or its chat would stall)."""
         try:
             self._deliver(row)

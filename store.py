@@ -311,10 +311,11 @@ class SQLiteStore:
         with self._tx() as cur:
             return self._enqueue(cur, event, now)
 
-    def reset_inflight(self) -> int:
-        """Make events left in flight by a crash deliverable again; return how many."""
+    def reset_inflight(self, target: str = "make") -> int:
+        """Make rows of `target` left in flight by a crash deliverable again; return how many."""
         with self._tx() as cur:
-            return cur.execute("UPDATE outbox SET status='pending' WHERE status='inflight'").rowcount
+            return cur.execute("UPDATE outbox SET status='pending' WHERE status='inflight' AND target=?",
+                               (target,)).rowcount
 
     def claim_due_event(self, now: float, target: str = "make") -> OutboxRow | None:
         """Pick the oldest due event for `target` that heads its order key's queue and mark it in flight, atomically."""

@@ -11,10 +11,10 @@ letter, kept and visible.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable
 
+from outbox import OutboxWorkers
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
 from telegram_api import ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError
@@ -31,63 +31,20 @@ def bot_call(event_id: str, order_key: str, method: str, params: dict) -> NewEve
     return NewEvent(event_id, order_key, method, {"method": method, "params": params}, target=TARGET)
 
 
-class TelegramOutbox:
-    """A few threads sending the durable Bot API calls."""
+class TelegramOutbox(OutboxWorkers):
+    """A few `telegram-outbox-N` threads sending the durable Bot API calls."""
 
     def __init__(self, store: SQLiteStore, client: TelegramClient, typing: TypingKeepAlive, *,
                  workers: int = 2, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time) -> None:
-        self._store = store
+        super().__init__(store, TARGET, "telegram-outbox", workers, clock)
         self._client = client
         self._typing = typing
-        self._workers = workers
         self._max_age = max_age_seconds
-        self._clock = clock
         self._policy = BackoffPolicy(initial=1.0, maximum=60.0)
-        self._wakeup = threading.Event()
-        self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
         self.sent = 0
 
-    def wakeup(self) -> None:
-        """Tell the threads a call may be due now."""
-        self._wakeup.set()
-
-    def start(self) -> None:
-        """Start the `telegram-outbox-N` threads."""
-        for n in range(1, self._workers + 1):
-            thread = threading.Thread(target=self._run, name=f"telegram-outbox-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the threads; unsent calls stay in the outbox. Safe to call twice."""
-        self._stopping.set()
-        self._wakeup.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-
-    def alive(self) -> bool:
-        """True while every thread runs."""
-        return len(self._threads) == self._workers and all(t.is_alive() for t in self._threads)
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                row = self._store.claim_due_event(self._clock(), target=TARGET)
-                if row is not None:
-                    self._send(row)
-                    continue
-                next_at = self._store.next_attempt_at(target=TARGET)
-                wait = 5.0 if next_at is None else min(5.0, max(0.05, next_at - self._clock()))
-            except Exception:
-                log.exception("telegram outbox pass failed; retrying in 1 s")
-                wait = 1.0
-            self._wakeup.wait(wait)
-            self._wakeup.clear()
-
-    def _send(self, row: OutboxRow) -> None:
+    def _handle(self, row: OutboxRow) -> None:
         method, params = row.payload["method"], row.payload["params"]
         now = self._clock()
         try:

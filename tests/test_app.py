@@ -24,6 +24,7 @@ def test_webhook_mode_registers_webhook_with_secret_and_kinds(start_service, tel
     registered = wait_until(lambda: telegram.calls_of("setWebhook"), what="setWebhook")[0]
     assert registered["url"] == WEBHOOK["WEBHOOK_URL"]
     assert registered["secret_token"] == derive_webhook_secret(TOKEN)
+    assert registered["drop_pending_updates"] is False  # a restart never drops what Telegram holds
     assert set(registered["allowed_updates"]) >= {"message", "callback_query", "pre_checkout_query", "poll_answer"}
     wait_until(lambda: service.health()["status"] == "ok", what="status ok once registered")
 
