@@ -137,6 +137,8 @@ class Gateway:
             problems.append(f"Make: {d.last_error}")
         if self.poller is not None and self.poller.last_error:
             problems.append(f"Telegram: {self.poller.last_error}")
+        elif self.telegram.network_error:
+            problems.append(f"Telegram unreachable: {self.telegram.network_error}")
         if self.config.mode == "webhook" and not self.webhook_registered:
             problems.append("webhook not registered with Telegram yet")
         oldest = outbox["outbox_oldest_age_seconds"]
@@ -353,6 +355,8 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     if config.admin_chat_id is None:
         log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
+    if not config.make_webhook_url.startswith("https://"):
+        log.warning("MAKE_WEBHOOK_URL is not https://: events (users' messages) travel unencrypted")
     gateway.start()
     host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
     log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)

@@ -185,6 +185,8 @@ class TelegramClient:
         self._max_retry_after = max_retry_after
         self._policy = policy
         self._observe = observe  # (method, outcome) after every attempt, for metrics
+        # Written by every thread, read by health; a str and a float assigned whole, so no lock is needed.
+        self.network_error: str | None = None  # the last "Telegram unreachable" seen, cleared by any success
         self._stopping = threading.Event()
         self._closed = False
 
@@ -219,8 +221,11 @@ class TelegramClient:
             result = _raise_for_reply(method, *self._send(method, params, read_timeout))
         except TelegramError as err:
             self._observe(method, type(err).__name__)
+            if isinstance(err, NetworkError):
+                self.network_error = str(err)
             raise
         self._observe(method, "ok")
+        self.network_error = None
         return result
 
     def _send(self, method: str, params: dict[str, Any], read_timeout: float | None) -> tuple[int, Any]:

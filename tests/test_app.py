@@ -78,7 +78,9 @@ def test_health_reports_the_contract_fields(start_service, telegram: TelegramDou
     service = start_service(DEBOUNCE_SECONDS="30", MAX_WAIT_SECONDS="60")
     telegram.push_update(text_update("open", user_id=1, update_id=4242))
     health = wait_until(lambda: (h := service.health())["active_batches"] == 1 and h, what="an open batch")
-    assert service.get("/").status_code == 200
+    response = service.get("/")
+    assert response.status_code == 200
+    assert response.headers["Server"] == "telegram-make-gateway"  # waitress, not Flask's development server
     assert health["status"] == "ok" and health["mode"] == "polling"
     assert health["last_update_id"] == 4242
     assert health["batch_timers"] == 1 and health["outbox_pending"] == 0

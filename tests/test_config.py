@@ -212,3 +212,12 @@ def test_every_setting_is_documented() -> None:
         text = path.read_text(encoding="utf-8")
         missing = sorted(n for n in names if not re.search(rf"\b{n}\b", text))
         assert not missing, f"{doc} does not mention: {', '.join(missing)}"
+
+
+def test_polling_and_payment_defaults() -> None:
+    """Long polls last 30 s by default, and checking checkouts with Make is off unless asked."""
+    from config import Config as _Config
+    config = _Config.from_env({"BOT_TOKEN": "123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9",
+                               "MAKE_WEBHOOK_URL": "https://hook.eu1.make.com/x"}, dotenv_path=None)
+    assert config.poll_timeout_seconds == 30 and config.payment_check_with_make is False
+    assert config.payment_auto_refund_stars is False and config.payment_hold_seconds == 30

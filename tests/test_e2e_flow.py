@@ -44,8 +44,12 @@ def test_burst_of_three_messages_is_one_make_event_in_order(
     assert event["chat_id"] == 42 and event["user_id"] == 42
     assert [m["text"] for m in event["messages"]] == ["hi", "I need", "a refund"]
     assert event["text"] == "hi\nI need\na refund"
-    assert event["batch_size"] == 3 and event["reason"] == "quiet"
+    assert event["batch_size"] == 3 and event["reason"] == "quiet" and event["flood_held"] == 0
+    assert event["user"] == {"id": 42, "username": "user42", "first_name": "User42", "last_name": None,
+                             "language_code": "ru"}
+    assert [m["type"] for m in event["messages"]] == ["text"] * 3
     assert make.requests[0]["headers"]["X-Event-Id"] == event["event_id"]
+    assert 'gateway_batches_closed_total{reason="quiet"} 1.0' in service.get("/metrics").text
     assert service.stop() == 0
 
 
@@ -74,6 +78,7 @@ def test_repeated_update_is_processed_once(mode: str, start_service, telegram: T
     event = wait_until(lambda: make.accepted(), what="a Make event")[0]
     assert [m["text"] for m in event["messages"]] == ["only once", "second"]
     assert service.health()["last_update_id"] is not None
+    assert 'gateway_updates_total{kind="message",outcome="duplicate"} 2.0' in service.get("/metrics").text
 
 
 @pytest.mark.parametrize("mode", ["polling", "webhook"])
@@ -114,6 +119,10 @@ def test_make_failing_twice_then_ok_delivers_once(mode: str, start_service, tele
     assert [r["status"] for r in make.requests] == [500, 500, 200]
     assert len({e["event_id"] for e in make.events}) == 1
     assert len(make.accepted()) == 1
+    metrics = service.get("/metrics").text
+    assert 'gateway_make_deliveries_total{outcome="retry"} 2.0' in metrics
+    assert 'gateway_make_deliveries_total{outcome="delivered"} 1.0' in metrics
+    assert "gateway_outbox_pending 0.0" in metrics
 
 
 def test_callback_query_is_forwarded_at_once(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
@@ -205,3 +214,40 @@ def test_make_reply_survives_telegram_flood_control_and_is_sent_once(
     assert texts == ["first answer", "first answer", "second answer"]  # the 429'd one once more, in order
     first, second = telegram.times_of("sendMessage")[:2]
     assert second - first >= 1.0  # Telegram's retry_after was honoured
+
+
+def test_typing_stops_once_the_reply_is_sent(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """In until_reply mode typing is renewed while Make works and ends when the reply goes out."""
+    make.script((200, {"reply": "done thinking"}, {}, 1.5))
+    service = start_service(TYPING_MODE="until_reply", TYPING_INTERVAL_SECONDS="0.5", TYPING_MAX_SECONDS="120")
+    telegram.push_update(text_update("think hard", user_id=16))
+    wait_until(lambda: len(telegram.calls_of("sendChatAction")) >= 2, what="typing renewed while Make works")
+    wait_until(lambda: telegram.calls_of("sendMessage"), what="the reply")
+    wait_until(lambda: service.health()["typing_chats"] == 0, what="typing to stop")
+    reply_at = telegram.times_of("sendMessage")[0]
+    late = [t for t in telegram.times_of("sendChatAction") if t > reply_at]
+    assert len(late) <= 1  # at most one renewal already on the wire when the reply was sent
+
+
+def test_typing_off_sends_no_chat_action(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """TYPING_MODE=off: the batch goes to Make and the reply comes back without any sendChatAction."""
+    make.script((200, {"reply": "quiet answer"}))
+    start_service(TYPING_MODE="off")
+    telegram.push_update(text_update("hello", user_id=17))
+    wait_until(lambda: telegram.calls_of("sendMessage"), what="the reply")
+    assert telegram.calls_of("sendChatAction") == []
+
+
+def test_configured_kind_is_forwarded_and_unknown_kinds_counted(start_service, telegram: TelegramDouble,
+                                                                make: MakeDouble) -> None:
+    """A kind listed in FORWARD_UPDATE_KINDS reaches Make; an unknown kind is acknowledged and counted as other."""
+    service = start_service(FORWARD_UPDATE_KINDS="callback_query,poll_answer")
+    telegram.push_update({"update_id": 880100, "poll_answer": {"poll_id": "p", "user": {"id": 9, "is_bot": False,
+                                                                                      "first_name": "P"},
+                                                              "option_ids": [1]}})
+    telegram.push_update({"update_id": 880101, "brand_new_kind": {"x": 1}})
+    event = wait_until(lambda: make.accepted(), what="the poll answer")[0]
+    assert event["update_type"] == "poll_answer" and event["user_id"] == 9
+    metrics = wait_until(lambda: "brand" not in (m := service.get("/metrics").text)
+                         and 'kind="other",outcome="ignored"} 1.0' in m and m, what="the unknown kind counted")
+    assert 'gateway_updates_total{kind="poll_answer",outcome="stored"} 1.0' in metrics

@@ -75,13 +75,15 @@ def test_make_down_then_back_delivers_everything_in_order(start_service, telegra
     everything arrives, in order per chat."""
     port = free_port()
     service = start_service(MAKE_WEBHOOK_URL=f"http://127.0.0.1:{port}/hook", DEBOUNCE_SECONDS="0.1",
-                            MAX_BATCH_MESSAGES="1", MAKE_RETRY_MAX_SECONDS="0.5")
+                            MAX_BATCH_MESSAGES="1", MAKE_RETRY_MAX_SECONDS="0.5", HEALTH_MAX_OUTBOX_AGE_SECONDS="1")
     for n in range(3):
         for user in (1, 2):
             telegram.push_update(text_update(f"{user}:{n}", user_id=user))
     health = wait_until(lambda: (h := service.health())["outbox_pending"] == 6 and h["make"]["failed_attempts"]
                         and h, what="undeliverable events")
     assert health["status"] == "degraded" and "ConnectError" in health["make"]["last_error"]
+    wait_until(lambda: any("oldest undelivered event" in p for p in service.health()["problems"]),
+               what="the outbox age to be reported")
     make = MakeDouble(port=port)
     try:
         wait_until(lambda: len(_by_event_id(make)) == 6, timeout=15, what="all six events")
@@ -128,7 +130,8 @@ def test_old_undelivered_event_becomes_dead_letter_chat_moves_on_and_replay_deli
     make.reject_if = lambda event: (500, "Scenario failed") if event.get("text") == "doomed" else None
     service = start_service(MAKE_MAX_AGE_HOURS="0.001", MAKE_RETRY_MAX_SECONDS="0.5", MAX_BATCH_MESSAGES="1")
     telegram.push_update(text_update("doomed", user_id=40))
-    wait_until(lambda: service.health()["outbox_dead"] == 1, timeout=20, what="a dead letter")
+    health = wait_until(lambda: (h := service.health())["outbox_dead"] == 1 and h, timeout=20, what="a dead letter")
+    assert health["status"] == "degraded" and any("dead letter" in p for p in health["problems"])
     telegram.push_update(text_update("next one", user_id=40))
     wait_until(lambda: [e["text"] for e in make.accepted()] == ["next one"], what="the chat moving on")
     env = {**service.env}
@@ -259,3 +262,47 @@ def test_read_only_state_stops_the_start_with_a_clear_message(small_disk, start_
         remount("rw")
     start_service(**WEBHOOK, **{**env, "DEBOUNCE_SECONDS": "0.01", "MAX_WAIT_SECONDS": "0.01"})
     assert wait_until(lambda: make.accepted(), what="the kept batch")[0]["text"] == "kept through it all"
+
+
+def test_sigterm_while_make_hangs_exits_0_and_the_event_is_sent_again(start_service, telegram: TelegramDouble,
+                                                                      make: MakeDouble) -> None:
+    """SIGTERM during a delivery Make never answers: the service exits 0 within its stop time, and the
+    event (in flight, so not known delivered) goes to Make again after the restart, with the same event_id."""
+    make.script((200, "Accepted", {}, 30.0))
+    first = start_service(DEBOUNCE_SECONDS="0.1", MAKE_TIMEOUT_SECONDS="60")
+    telegram.push_update(text_update("in flight", user_id=80))
+    wait_until(lambda: make.requests, what="the delivery to hang")
+    assert first.stop(timeout=20) == 0
+    start_service(DEBOUNCE_SECONDS="0.1")
+    wait_until(lambda: len(make.requests) == 2, timeout=15, what="the event sent again")
+    assert make.requests[0]["json"]["event_id"] == make.requests[1]["json"]["event_id"]
+    assert make.requests[1]["json"]["text"] == "in flight"
+
+
+def test_polling_does_not_confirm_updates_it_could_not_store(start_service, telegram: TelegramDouble,
+                                                            make: MakeDouble) -> None:
+    """While the database is locked, polled updates are not confirmed (the offset stays), so they are
+    fetched again and delivered once it is free."""
+    service = start_service(DEBOUNCE_SECONDS="0.1")
+    wait_until(lambda: telegram.calls_of("getUpdates"), what="polling to start")
+    blocker = sqlite3.connect(service.env["STATE_DB"], timeout=1)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        telegram.push_update(text_update("wait for me", user_id=81))
+        wait_until(lambda: "updates not stored, so not confirmed" in service.text, timeout=20,
+                   what="the store failure to be logged")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    event = wait_until(lambda: make.accepted(), timeout=30, what="the update after the lock")[0]
+    assert event["text"] == "wait for me"
+
+
+def test_telegram_unreachable_in_webhook_mode_is_reported(start_service) -> None:
+    """With the Bot API unreachable, webhook mode keeps retrying setWebhook and health names the problem."""
+    service = start_service(**WEBHOOK, TELEGRAM_API_URL=f"http://127.0.0.1:{free_port()}")
+    health = wait_until(lambda: (h := service.health())["problems"] and any("Telegram unreachable" in p
+                        for p in h["problems"]) and h, what="the problem in health")
+    assert health["status"] == "degraded"
+    assert any("webhook not registered" in p for p in health["problems"])
+    wait_until(lambda: "setWebhook failed" in service.text, timeout=20, what="the failure to be logged")

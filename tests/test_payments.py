@@ -84,6 +84,8 @@ def test_redelivered_payment_gives_one_admin_message_and_one_make_event(
     update = payment_update("charge-3", "order-3", order_info={"name": "<b>Ann</b> & Co"})
     for _ in range(3):
         telegram.push_update(update)
+    # The same payment in an update with another id (a charge id is the payment's key, not the update id).
+    telegram.push_update({**update, "update_id": update["update_id"] + 100000})
     wait_until(lambda: _admin_messages(telegram), what="the admin notice")
     event = wait_until(lambda: make.accepted(), what="the payment event")[0]
     wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
@@ -184,3 +186,16 @@ def test_admin_group_that_migrated_does_not_block_later_notices(start_service, t
     telegram.push_update(payment_update("charge-9b", "order-9b"))
     wait_until(lambda: len(_admin_messages(telegram)) == 2, what="the second notice")
     assert "-1009999999999" in service.text
+
+
+def test_admin_notice_is_retried_after_telegram_fails_and_no_refund_without_opt_in(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """A notice Telegram answers with 500 is sent again; a duplicate Stars payment is not refunded unless asked."""
+    telegram.script("sendMessage", (500, {"ok": False, "error_code": 500, "description": "Internal Server Error"}))
+    service = start_service(ADMIN_CHAT_ID=ADMIN)
+    telegram.push_update(payment_update("charge-10a", "order-10", currency="XTR", total_amount=50))
+    telegram.push_update(payment_update("charge-10b", "order-10", currency="XTR", total_amount=50))
+    wait_until(lambda: len(_admin_messages(telegram)) == 3, timeout=15, what="two notices, one sent twice")
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
+    assert [e["duplicate"] for e in make.accepted()] == [False, True]
+    assert telegram.calls_of("refundStarPayment") == []

@@ -64,3 +64,19 @@ def test_unknown_kind_is_acknowledged_and_dropped(parts) -> None:
     assert router.handle({"update_id": 9, "new_update_kind": {"x": 1}}).outcome == "ignored"
     assert store.claim_due_event(now=10**10) is None
     assert store.seen(9)
+
+
+def test_update_ids_are_remembered_for_at_least_a_day() -> None:
+    """A redelivery 23 hours later is still a duplicate; ids older than the window are forgotten."""
+    store = MemoryStore()
+    hours = 3600.0
+
+    def router_at(wall: float) -> UpdateRouter:
+        batches = BatchManager(store, DebounceSettings(60, 120, 50), clock=lambda: wall)
+        return UpdateRouter(store, batches, DebounceManager(30, 60), GatewayMetrics(), (), clock=lambda: wall)
+
+    assert router_at(0.0).handle({"update_id": 1, "x": {}}).outcome == "ignored"
+    assert router_at(23 * hours).handle({"update_id": 1, "x": {}}).outcome == "duplicate"
+    assert router_at(49 * hours).handle({"update_id": 2, "x": {}}).outcome == "ignored"  # prunes
+    assert not store.seen(1) and store.seen(2)
+    store.close()

@@ -162,3 +162,29 @@ def test_nan_and_lone_surrogates_neither_crash_nor_stall_a_chat(start_service, m
     assert service.post("/webhook", json=text_update("next", user_id=7), headers=headers).status_code == 200
     wait_until(lambda: len(make.accepted()) == 2, what="the chat's next batch")
     assert service.health()["outbox_inflight"] == 0
+
+
+def test_setwebhook_failures_at_debug_never_print_the_token(start_service, telegram: TelegramDouble) -> None:
+    """Webhook mode with setWebhook failing (500, then 401) logs the failures without the token, then registers."""
+    telegram.script("setWebhook", (500, {"ok": False, "error_code": 500, "description": "Internal Server Error"}),
+                    (401, {"ok": False, "error_code": 401, "description": "Unauthorized"}))
+    service = start_service(**WEBHOOK, LOG_LEVEL="DEBUG")
+    wait_until(lambda: service.health()["status"] == "ok", timeout=20, what="the webhook to be registered")
+    assert len(telegram.calls_of("setWebhook")) == 3 and "Unauthorized" in service.text
+    for secret in (TOKEN, TOKEN.split(":")[1], SECRET):
+        assert secret not in service.text + service.get("/").text + service.get("/metrics").text
+
+
+def test_telegram_with_an_untrusted_certificate_is_never_called(start_service, tmp_path) -> None:
+    """TLS verification stays on for the Bot API: a server with an untrusted certificate gets no request."""
+    telegram = TelegramDouble()
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    telegram._httpd.socket = context.wrap_socket(telegram._httpd.socket, server_side=True)
+    try:
+        service = start_service(TELEGRAM_API_URL=f"https://127.0.0.1:{telegram.port}")
+        wait_until(lambda: "CERTIFICATE_VERIFY_FAILED" in service.text, what="the refused certificate")
+        assert telegram.calls == []
+    finally:
+        telegram.close()

@@ -333,3 +333,56 @@ def test_database_of_another_schema_version_is_refused_clearly(tmp_path) -> None
     fresh = SQLiteStore(str(tmp_path / "new.sqlite3"))
     fresh.close()
     SQLiteStore(str(tmp_path / "new.sqlite3")).close()  # its own file reopens fine
+
+
+def _payment_events(duplicate: bool) -> list[NewEvent]:
+    return [NewEvent("payment-x" + ("-dup" if duplicate else ""), "chat:1", "payment", {"duplicate": duplicate})]
+
+
+def test_checkout_hold_refuses_a_second_checkout_until_it_expires(store: SQLiteStore) -> None:
+    """An approved checkout holds its payload: another query is `busy` until the hold expires, then `ok`."""
+    assert store.decide_checkout(1, "q1", "order", now=100.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(2, "q2", "order", now=110.0, hold_seconds=30) == "busy"
+    assert store.decide_checkout(3, "q3", "other", now=110.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(4, "q4", "order", now=131.0, hold_seconds=30) == "ok"  # expired
+    assert store.decide_checkout(4, "q4", "order", now=131.0, hold_seconds=30) == "duplicate"
+
+
+def test_released_hold_lets_the_next_checkout_through(store: SQLiteStore) -> None:
+    """A refused checkout's hold is released, so the buyer can try again at once."""
+    assert store.decide_checkout(1, "q1", "order", now=100.0, hold_seconds=30) == "ok"
+    store.release_checkout("order", "q1")
+    assert store.decide_checkout(2, "q2", "order", now=101.0, hold_seconds=30) == "ok"
+
+
+def test_payment_is_recorded_once_per_charge_id_even_under_a_new_update_id(store: SQLiteStore) -> None:
+    """The same charge id arriving in another update changes nothing; a new charge for a paid payload is a duplicate."""
+    assert store.record_payment(1, "charge-1", "order", 7, "RUB", 100, {}, 100.0, _payment_events) == (True, False)
+    assert store.record_payment(2, "charge-1", "order", 7, "RUB", 100, {}, 101.0, _payment_events) == (False, False)
+    assert store.record_payment(3, "charge-2", "order", 7, "RUB", 100, {}, 102.0, _payment_events) == (True, True)
+    assert store.payments_count() == 2
+    assert store.decide_checkout(4, "q", "order", now=103.0, hold_seconds=30) == "paid"
+    events = [store.claim_due_event(10**10) for _ in range(1)]
+    assert events[0] is not None and events[0].event_id == "payment-x"
+
+
+def test_paid_payload_and_holds_survive_a_restart(tmp_path: Path) -> None:
+    """A paid payload and a live hold are still there after the file is reopened."""
+    path = str(tmp_path / "state.sqlite3")
+    first = SQLiteStore(path)
+    first.record_payment(1, "charge-1", "paid-order", 7, "XTR", 50, {}, 100.0, _payment_events)
+    assert first.decide_checkout(2, "q1", "held-order", now=100.0, hold_seconds=30) == "ok"
+    first.close()
+    second = SQLiteStore(path)
+    assert second.decide_checkout(3, "q2", "paid-order", now=101.0, hold_seconds=30) == "paid"
+    assert second.decide_checkout(4, "q3", "held-order", now=101.0, hold_seconds=30) == "busy"
+    second.close()
+
+
+def test_refund_unmarks_the_payload_once(store: SQLiteStore) -> None:
+    """A refund of the paying charge makes the payload payable again; a repeated refund changes nothing."""
+    store.record_payment(1, "charge-1", "order", 7, "XTR", 50, {}, 100.0, _payment_events)
+    refund = [NewEvent("refund-charge-1", "chat:7", "payment_refunded", {})]
+    assert store.record_refund(2, "charge-1", "order", {}, 101.0, refund) is True
+    assert store.record_refund(3, "charge-1", "order", {}, 102.0, refund) is False
+    assert store.decide_checkout(4, "q", "order", now=103.0, hold_seconds=30) == "ok"
