@@ -103,7 +103,7 @@ class TelegramDouble(_Server):
         self.token = token
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.call_times: list[float] = []  # time.monotonic() of each call, parallel to `calls`
-        self._scripts: dict[str, list[tuple[int, Any]]] = {}
+        self._scripts: dict[str, list[tuple]] = {}
         self._pending: list[dict[str, Any]] = []  # updates not yet confirmed by an offset
         self._cond = threading.Condition()
         self._message_id = 1000
@@ -116,8 +116,8 @@ class TelegramDouble(_Server):
             self._pending.append(update)
             self._cond.notify_all()
 
-    def script(self, method: str, *replies: tuple[int, Any]) -> None:
-        """Answer the next calls of `method` with these (status, JSON body) pairs, in order."""
+    def script(self, method: str, *replies: tuple) -> None:
+        """Answer the next calls of `method` with these (status, JSON body[, delay seconds]), in order."""
         with self.lock:
             self._scripts.setdefault(method, []).extend(replies)
 
@@ -145,7 +145,9 @@ class TelegramDouble(_Server):
             scripted = self._scripts.get(name)
             reply = scripted.pop(0) if scripted else None
         if reply is not None:
-            return _json(*reply)
+            if len(reply) > 2:
+                time.sleep(reply[2])  # a slow Bot API, on the double's own thread
+            return _json(reply[0], reply[1])
         return _json(200, {"ok": True, "result": self._default(name, params)})
 
     def _default(self, name: str, params: dict[str, Any]) -> Any:

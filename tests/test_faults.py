@@ -306,3 +306,20 @@ def test_telegram_unreachable_in_webhook_mode_is_reported(start_service) -> None
     assert health["status"] == "degraded"
     assert any("webhook not registered" in p for p in health["problems"])
     wait_until(lambda: "setWebhook failed" in service.text, timeout=20, what="the failure to be logged")
+
+
+def test_hanging_bot_api_does_not_hold_up_ingestion_or_delivery(start_service, telegram: TelegramDouble,
+                                                                make: MakeDouble) -> None:
+    """While every sendChatAction and sendMessage hangs for seconds, updates are still acknowledged at
+    once and batches still reach Make: typing and replies degrade, ingestion does not."""
+    slow = (200, {"ok": True, "result": True}, 3.0)
+    telegram.script("sendChatAction", *[slow] * 20)
+    telegram.script("sendMessage", *[(200, {"ok": True, "result": {"message_id": 1}}, 3.0)] * 20)
+    make.script(*[(200, {"reply": "slow to arrive"})] * 10)
+    service = start_service(**WEBHOOK, DEBOUNCE_SECONDS="0.1", TYPING_MODE="until_reply",
+                            TYPING_INTERVAL_SECONDS="0.5")
+    for user in range(1, 6):
+        answer = service.post("/webhook", json=text_update("hello", user_id=90 + user), headers=SECRET_HEADERS)
+        assert answer.json()["outcome"] == "stored"
+        wait_until(lambda: len(make.accepted()) == user, what=f"batch {user} at Make")
+    wait_until(lambda: len(telegram.calls_of("sendMessage")) == 5, timeout=30, what="the slow replies, in the end")
