@@ -161,7 +161,7 @@ def _parse(env: Mapping[str, str]) -> Config:
         except ValueError:
             problems.append(f"ADMIN_CHAT_ID={admin_raw!r} is not a chat id (an integer)")
 
-    api_url = get("TELEGRAM_API_URL", "https://api.telegram.org").rstrip("/")
+    api_url = (get("TELEGRAM_API_URL") or Config.telegram_api_url).rstrip("/")
     if not _is_http_url(api_url):
         problems.append(f"TELEGRAM_API_URL={api_url!r} is not an http(s) URL")
 
@@ -183,38 +183,38 @@ def _parse(env: Mapping[str, str]) -> Config:
     if not secret and token:
         secret = derive_webhook_secret(token)
 
-    host = get("HOST", "0.0.0.0") or "0.0.0.0"
-    port = int(number("PORT", 5000, int, 0, 65535))
-    http_threads = int(number("HTTP_THREADS", 8, int, 1, 256))
+    host = get("HOST") or Config.host
+    port = int(number("PORT", Config.port, int, 0, 65535))
+    http_threads = int(number("HTTP_THREADS", Config.http_threads, int, 1, 256))
     before = len(problems)
-    debounce = number("DEBOUNCE_SECONDS", 4.0, float, 0.01, 3600)
-    max_wait = number("MAX_WAIT_SECONDS", 15.0, float, 0.01, 86400)
+    debounce = number("DEBOUNCE_SECONDS", Config.debounce_seconds, float, 0.01, 3600)
+    max_wait = number("MAX_WAIT_SECONDS", Config.max_wait_seconds, float, 0.01, 86400)
     if len(problems) == before and max_wait < debounce:
         problems.append(f"MAX_WAIT_SECONDS ({max_wait:g}) must not be shorter than DEBOUNCE_SECONDS ({debounce:g})")
-    max_batch = int(number("MAX_BATCH_MESSAGES", 50, int, 1, 1000))
-    flood_max = int(number("FLOOD_MAX_MESSAGES", 30, int, 1, 100000))
-    flood_window = number("FLOOD_WINDOW_SECONDS", 60.0, float, 0.1, 86400)
+    max_batch = int(number("MAX_BATCH_MESSAGES", Config.max_batch_messages, int, 1, 1000))
+    flood_max = int(number("FLOOD_MAX_MESSAGES", Config.flood_max_messages, int, 1, 100000))
+    flood_window = number("FLOOD_WINDOW_SECONDS", Config.flood_window_seconds, float, 0.1, 86400)
 
-    typing_mode = get("TYPING_MODE", "simulate").lower() or "simulate"
+    typing_mode = get("TYPING_MODE").lower() or Config.typing_mode
     if typing_mode not in TYPING_MODES:
         problems.append(f"TYPING_MODE={typing_mode!r} must be one of {', '.join(TYPING_MODES)}")
-    typing_interval = number("TYPING_INTERVAL_SECONDS", 4.0, float, 0.5, 5.0)
-    typing_max = number("TYPING_MAX_SECONDS", 120.0, float, 1, 3600)
+    typing_interval = number("TYPING_INTERVAL_SECONDS", Config.typing_interval_seconds, float, 0.5, 5.0)
+    typing_max = number("TYPING_MAX_SECONDS", Config.typing_max_seconds, float, 1, 3600)
 
-    kinds_raw = get("FORWARD_UPDATE_KINDS", "callback_query")
+    kinds_raw = get("FORWARD_UPDATE_KINDS", ",".join(Config.forward_update_kinds))
     kinds = tuple(k.strip() for k in kinds_raw.split(",") if k.strip())
     unknown = [k for k in kinds if k not in FORWARDABLE_KINDS]
     if unknown:
         problems.append(f"FORWARD_UPDATE_KINDS has unknown kinds: {', '.join(unknown)}")
 
-    make_timeout = number("MAKE_TIMEOUT_SECONDS", 45.0, float, 1, 600)
-    retry_max = number("MAKE_RETRY_MAX_SECONDS", 30.0, float, 0.1, 3600)
-    max_age = number("MAKE_MAX_AGE_HOURS", 72.0, float, 0.001, 24 * 365)
-    workers = int(number("MAKE_DELIVERY_WORKERS", 2, int, 1, 32))
-    poll_timeout = int(number("POLL_TIMEOUT_SECONDS", 30, int, 1, 50))
-    hold = number("PAYMENT_HOLD_SECONDS", 30.0, float, 1, 3600)
+    make_timeout = number("MAKE_TIMEOUT_SECONDS", Config.make_timeout_seconds, float, 1, 600)
+    retry_max = number("MAKE_RETRY_MAX_SECONDS", Config.make_retry_max_seconds, float, 0.1, 3600)
+    max_age = number("MAKE_MAX_AGE_HOURS", Config.make_max_age_hours, float, 0.001, 24 * 365)
+    workers = int(number("MAKE_DELIVERY_WORKERS", Config.make_delivery_workers, int, 1, 32))
+    poll_timeout = int(number("POLL_TIMEOUT_SECONDS", Config.poll_timeout_seconds, int, 1, 50))
+    hold = number("PAYMENT_HOLD_SECONDS", Config.payment_hold_seconds, float, 1, 3600)
     check_with_make = flag("PAYMENT_CHECK_WITH_MAKE")
-    check_timeout = number("PAYMENT_CHECK_TIMEOUT_SECONDS", 3.0, float, 0.5, 5)
+    check_timeout = number("PAYMENT_CHECK_TIMEOUT_SECONDS", Config.payment_check_timeout_seconds, float, 0.5, 5)
     auto_refund = flag("PAYMENT_AUTO_REFUND_STARS")
     texts = {
         "text_already_paid": get("TEXT_ALREADY_PAID"),
@@ -229,10 +229,11 @@ def _parse(env: Mapping[str, str]) -> Config:
         if len(texts[name]) > 255:
             problems.append(f"{name.upper()} is too long for Telegram's error_message (255 characters at most)")
 
-    outbox_age_alert = number("HEALTH_MAX_OUTBOX_AGE_SECONDS", 300.0, float, 1, 7 * 86400)
-    state_db = get("STATE_DB", "data/state.sqlite3") or "data/state.sqlite3"
+    outbox_age_alert = number("HEALTH_MAX_OUTBOX_AGE_SECONDS", Config.health_max_outbox_age_seconds, float, 1,
+                              7 * 86400)
+    state_db = get("STATE_DB") or Config.state_db
     reply_token = get("REPLY_TOKEN")
-    log_level = get("LOG_LEVEL", "INFO").upper() or "INFO"
+    log_level = get("LOG_LEVEL").upper() or Config.log_level
     if log_level not in LOG_LEVELS:
         problems.append(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
 
