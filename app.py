@@ -130,9 +130,16 @@ class Gateway:
     def health(self) -> tuple[dict[str, Any], int]:
         """The `GET /` report and its HTTP status (503 once a thread the service needs has died)."""
         now = time.time()
-        outbox = self.store.outbox_stats(now)
-        d = self.delivery.health
         problems: list[str] = []
+        try:
+            outbox: dict[str, Any] = self.store.outbox_stats(now)
+            payments: int | None = self.store.payments_count()
+        except StoreError as err:
+            outbox = dict.fromkeys(("outbox_pending", "outbox_inflight", "outbox_dead", "outbox_oldest_age_seconds",
+                                    "stored_open_batches"))
+            payments = None
+            problems.append(f"state database: {err}")
+        d = self.delivery.health
         if d.last_error:
             problems.append(f"Make: {d.last_error}")
         if self.poller is not None and self.poller.last_error:
@@ -157,7 +164,7 @@ class Gateway:
             "batch_timers": self.batches.scheduled_deadlines,
             **outbox,
             "typing_chats": self.typing.active_chats,
-            "payments_recorded": self.store.payments_count(),
+            "payments_recorded": payments,
             "flood_active_users": self.flood.get_active_users_count(),
             "make": {"delivered": d.delivered, "failed_attempts": d.failed_attempts, "last_error": d.last_error,
                      "webhook_gone": d.last_error_permanent, "failing_since": d.failing_since,

@@ -63,8 +63,9 @@ class DeliveryWorkers(OutboxWorkers):
             self._deliver(row)
         except Exception as err:
             log.exception("delivering event %s failed unexpectedly", row.event_id)
-            self._store.mark_failed(row.id, self._clock() + backoff(row.attempts, self._policy),
-                                    f"{type(err).__name__} in the gateway")
+            retry_at = self._clock() + backoff(row.attempts, self._policy)
+            self._settle(lambda: self._store.mark_failed(row.id, retry_at, f"{type(err).__name__} in the gateway"),
+                         row)
             chat_id = row.payload.get("chat_id")
             if isinstance(chat_id, int):
                 self._typing.stop(chat_id)
@@ -80,7 +81,7 @@ class DeliveryWorkers(OutboxWorkers):
         now = self._clock()
         if isinstance(outcome, Delivered):
             replies = reply_calls(row.event_id, chat_id, outcome.replies) if isinstance(chat_id, int) else []
-            self._store.mark_delivered(row.id, replies, now)
+            self._settle(lambda: self._store.mark_delivered(row.id, replies, now), row)
             if replies:
                 self._on_replies()
             self._on_outcome("delivered", elapsed)
@@ -106,7 +107,7 @@ class DeliveryWorkers(OutboxWorkers):
             delay = self._policy.maximum
         else:
             delay = backoff(row.attempts, self._policy)
-        self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead)
+        self._settle(lambda: self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead), row)
         self._on_outcome("dead" if dead else ("rejected" if outcome.permanent else "retry"), elapsed)
         with self._lock:
             self.health.failed_attempts += 1

@@ -30,8 +30,14 @@ class GatewayMetrics:
                                       ["method", "outcome"], registry=r)
 
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
-        """Register a gauge whose value is read at scrape time."""
-        Gauge(name, documentation, registry=self.registry).set_function(read)
+        """Register a gauge whose value is read at scrape time (NaN when it cannot be read, e.g. a locked store)."""
+        def safe() -> float:
+            try:
+                return read()
+            except Exception:  # a scrape must not fail because one value is unavailable
+                return float("nan")
+
+        Gauge(name, documentation, registry=self.registry).set_function(safe)
 
     def render(self) -> bytes:
         """The metrics in Prometheus text format."""

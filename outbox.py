@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable
 
-from store import OutboxRow, SQLiteStore
+from store import OutboxRow, SQLiteStore, StoreError
 
 log = logging.getLogger("gateway.outbox")
 
@@ -33,6 +33,21 @@ class OutboxWorkers:
 
     def _handle(self, row: OutboxRow) -> None:
         raise NotImplementedError
+
+    def _settle(self, write: Callable[[], None], row: OutboxRow) -> None:
+        """Record a row's outcome, retrying while the store is busy or full: the call already happened,
+        so reading a store error as "not sent" would send it again."""
+        while True:
+            try:
+                write()
+                return
+            except StoreError as err:
+                if self._stopping.is_set():
+                    log.error("outcome of %s not recorded (%s): it stays in flight and is sent again at the next "
+                              "start", row.event_id, err)
+                    return
+                log.error("outcome of %s not recorded yet (%s); retrying in 1 s", row.event_id, err)
+                self._stopping.wait(1.0)
 
     def wakeup(self) -> None:
         """Tell the threads a row may be due now."""

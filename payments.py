@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from make_client import Delivered, MakeClient
 from store import NewEvent, SQLiteStore
-from telegram_api import BadRequest, NetworkError, TelegramClient, TelegramError
+from telegram_api import TelegramClient, TelegramError
 from telegram_outbox import bot_call
 from updates import is_int, user_summary
 
@@ -115,7 +115,6 @@ class PaymentProcessor:
         self._clock = clock
         self._answers: queue.Queue[tuple[dict[str, Any], str, float] | None] = queue.Queue()
         self._make_check_timeout = make_check_timeout
-        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.answered = 0
 
@@ -139,6 +138,9 @@ class PaymentProcessor:
             return self._store.record_update(update_id, self._clock())
         decision = self._store.decide_checkout(update_id, query_id, payload, self._clock(), self._hold)
         if decision == "duplicate":
+            if self._store.holds(payload, query_id, self._clock()):
+                # Approved before a crash, perhaps never answered: answering again is harmless.
+                self._answers.put((query, "ok", time.monotonic()))
             return False
         self._answers.put((query, decision, time.monotonic()))
         return True
@@ -221,7 +223,6 @@ class PaymentProcessor:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread; notices not yet sent stay in the outbox for the next start. Safe to call twice."""
-        self._stopping.set()
         self._answers.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
@@ -231,7 +232,7 @@ class PaymentProcessor:
         return self._thread is not None and self._thread.is_alive()
 
     def _answer_loop(self) -> None:
-        while not self._stopping.is_set():
+        while True:  # drains the queue up to stop()'s sentinel: every decided checkout gets its answer
             item = self._answers.get()
             if item is None:
                 return
@@ -267,7 +268,7 @@ class PaymentProcessor:
             log.error("pre-checkout %s not answered: %s", query_id, err)
             # A hold is released only when Telegram surely did not take the approval; otherwise the
             # checkout may go on, and a second one must stay refused until the hold expires.
-            if ok and not (isinstance(err, NetworkError) and err.sent):
+            if ok and not err.sent:
                 self._store.release_checkout(payload, query_id)
 
     def _ask_make(self, query: dict[str, Any], deadline: float) -> tuple[bool, str | None]:

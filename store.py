@@ -395,6 +395,12 @@ class SQLiteStore:
             cur.execute("DELETE FROM checkout_holds WHERE expires_at <= ?", (now,))
             return "ok"
 
+    def holds(self, payload: str, query_id: str, now: float) -> bool:
+        """Tell whether checkout `query_id` holds `payload` at `now`."""
+        with self._tx() as cur:
+            return cur.execute("SELECT 1 FROM checkout_holds WHERE payload=? AND query_id=? AND expires_at > ?",
+                               (payload, query_id, now)).fetchone() is not None
+
     def release_checkout(self, payload: str, query_id: str) -> None:
         """Drop the hold a refused checkout placed on `payload`."""
         with self._tx() as cur:

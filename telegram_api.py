@@ -79,6 +79,9 @@ class TelegramError(Exception):
         self.method = method
         self.description = redact(description)
         self.error_code = error_code
+        # True when this call may have taken effect anyway: some earlier attempt, or this one, was sent
+        # and its answer lost. Set by NetworkError and by `TelegramClient.call()`.
+        self.sent = getattr(self, "sent", False)
         code = f" {error_code}" if error_code is not None else ""
         super().__init__(f"{method} failed{code}: {self.description}")
 
@@ -196,24 +199,28 @@ class TelegramClient:
 
         With `deadline` (a `time.monotonic()` value) no retry is started that could not finish by then."""
         attempts = attempts or self._max_attempts
+        maybe_sent = False
         for attempt in range(1, attempts + 1):
             try:
                 return self._attempt(method, params or {}, read_timeout)
-            except RetryAfter as err:
-                if attempt == attempts or err.retry_after > self._max_retry_after:
+            except TelegramError as err:
+                maybe_sent = maybe_sent or err.sent
+                err.sent = maybe_sent  # a later clear refusal does not undo an earlier attempt that got through
+                if attempt == attempts or not self._worth_retrying(method, err):
                     raise
-                log.warning("%s: flood control, waiting %.0f s as Telegram asks", method, err.retry_after)
-                delay, last = err.retry_after, err
-            except NetworkError as err:
-                if attempt == attempts or (err.sent and method not in _IDEMPOTENT):
-                    raise
-                delay, last = backoff(attempt, self._policy), err
+                delay = err.retry_after if isinstance(err, RetryAfter) else backoff(attempt, self._policy)
                 log.info("%s: %s; retrying in %.1f s", method, err.description, delay)
-            if deadline is not None and time.monotonic() + delay + (read_timeout or 1.0) > deadline:
-                raise last
+                if deadline is not None and time.monotonic() + delay + (read_timeout or 1.0) > deadline:
+                    raise
             if self._stopping.wait(delay):
-                raise NetworkError(method, "client is shutting down")
+                raise NetworkError(method, "client is shutting down", sent=maybe_sent)
         raise AssertionError("unreachable")
+
+    def _worth_retrying(self, method: str, err: TelegramError) -> bool:
+        """Flood waits Telegram names (within reason) and network errors, unless a repeat could act twice."""
+        if isinstance(err, RetryAfter):
+            return err.retry_after <= self._max_retry_after
+        return isinstance(err, NetworkError) and not (err.sent and method not in _IDEMPOTENT)
 
     def _attempt(self, method: str, params: dict[str, Any], read_timeout: float | None) -> Any:
         """One request: its result, or the typed error; either way counted by `observe`."""

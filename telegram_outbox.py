@@ -23,7 +23,9 @@ from typing_keepalive import TypingKeepAlive
 log = logging.getLogger("gateway.telegram_outbox")
 
 TARGET = "telegram"
-_NOT_REPEATABLE = {"sendMessage", "refundStarPayment"}
+# Repeating these after a lost answer would do them twice. (A repeated refundStarPayment is refused by
+# Telegram with CHARGE_ALREADY_REFUNDED, so a refund is retried rather than risked.)
+_NOT_REPEATABLE = {"sendMessage"}
 
 
 def bot_call(event_id: str, order_key: str, method: str, params: dict) -> NewEvent:
@@ -51,34 +53,41 @@ class TelegramOutbox(OutboxWorkers):
             if method == "sendMessage":
                 self._typing.stop(params.get("chat_id"))
             self._client.call(method, params, attempts=1)
-            self._store.mark_delivered(row.id)
+        except RetryAfter as err:
+            outcome = self._retry(row, now, err.retry_after, err.description)
+        except TelegramError as err:
+            outcome = self._after_error(row, method, err, now)
+        except Exception as err:
+            log.exception("%s for %s failed unexpectedly", method, row.event_id)
+            outcome = self._retry(row, now, backoff(row.attempts, self._policy), type(err).__name__)
+        else:
             self.sent += 1
             log.info("%s done (%s)", method, row.event_id)
-        except RetryAfter as err:
-            self._retry(row, now, err.retry_after, err.description)
-        except NetworkError as err:
-            if err.sent and method in _NOT_REPEATABLE:
-                self._store.mark_delivered(row.id)
-                log.warning("%s for %s may or may not have arrived (%s); not repeated, so it is not sent twice",
-                            method, row.event_id, err.description)
-            else:
-                self._retry(row, now, backoff(row.attempts, self._policy), err.description)
-        except ChatMigrated as err:
-            self._store.mark_failed(row.id, now, err.description, dead=True)
+            outcome = lambda: self._store.mark_delivered(row.id)  # noqa: E731
+        self._settle(outcome, row)
+
+    def _after_error(self, row: OutboxRow, method: str, err: TelegramError, now: float) -> Callable[[], None]:
+        """What to record after Telegram did not confirm the call."""
+        if err.sent and method in _NOT_REPEATABLE:
+            log.warning("%s for %s may or may not have arrived (%s); not repeated, so it is not sent twice",
+                        method, row.event_id, err.description)
+            return lambda: self._store.mark_delivered(row.id)
+        if isinstance(err, NetworkError):
+            return self._retry(row, now, backoff(row.attempts, self._policy), err.description)
+        if method == "refundStarPayment" and "CHARGE_ALREADY_REFUNDED" in err.description.upper():
+            log.info("%s: already refunded", row.event_id)
+            return lambda: self._store.mark_delivered(row.id)
+        if isinstance(err, ChatMigrated):
             log.error("%s for %s: the group moved to chat %s; update the chat id (kept as a dead letter)",
                       method, row.event_id, err.new_chat_id)
-        except TelegramError as err:
-            # Refused for its content or its chat (400, 403, 401): repeating will not help.
-            self._store.mark_failed(row.id, now, err.description, dead=True)
+        else:  # refused for its content or its chat (400, 403, 401): repeating will not help
             log.error("%s for %s refused: %s (kept as a dead letter)", method, row.event_id, err)
-        except Exception as err:
-            self._retry(row, now, backoff(row.attempts, self._policy), type(err).__name__)
-            log.exception("%s for %s failed unexpectedly", method, row.event_id)
+        return lambda: self._store.mark_failed(row.id, now, err.description, dead=True)
 
-    def _retry(self, row: OutboxRow, now: float, delay: float, reason: str) -> None:
+    def _retry(self, row: OutboxRow, now: float, delay: float, reason: str) -> Callable[[], None]:
         dead = now - row.created_at >= self._max_age
-        self._store.mark_failed(row.id, now + delay, reason, dead=dead)
         if dead:
             log.error("%s is a dead letter after %d attempts (%s)", row.event_id, row.attempts, reason)
         else:
             log.warning("%s not sent (%s); next try in %.1f s", row.event_id, reason, delay)
+        return lambda: self._store.mark_failed(row.id, now + delay, reason, dead=dead)

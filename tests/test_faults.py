@@ -323,3 +323,22 @@ def test_hanging_bot_api_does_not_hold_up_ingestion_or_delivery(start_service, t
         assert answer.json()["outcome"] == "stored"
         wait_until(lambda: len(make.accepted()) == user, what=f"batch {user} at Make")
     wait_until(lambda: len(telegram.calls_of("sendMessage")) == 5, timeout=30, what="the slow replies, in the end")
+
+
+def test_store_locked_after_make_accepted_does_not_send_the_event_twice(start_service, telegram: TelegramDouble,
+                                                                        make: MakeDouble) -> None:
+    """If the outcome cannot be written right after Make accepted the event, it is written once the store
+    is free again; Make is not sent the event a second time."""
+    make.script((200, "Accepted", {}, 1.0))
+    service = start_service(DEBOUNCE_SECONDS="0.1")
+    telegram.push_update(text_update("exactly once", user_id=85))
+    wait_until(lambda: make.requests, what="Make to be working on the event")
+    blocker = sqlite3.connect(service.env["STATE_DB"], timeout=5)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        wait_until(lambda: "not recorded yet" in service.text, timeout=20, what="the outcome to wait for the store")
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_until(lambda: service.health()["outbox_pending"] == 0, timeout=20, what="the outcome to be recorded")
+    assert len(make.requests) == 1

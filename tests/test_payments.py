@@ -199,3 +199,16 @@ def test_admin_notice_is_retried_after_telegram_fails_and_no_refund_without_opt_
     wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
     assert [e["duplicate"] for e in make.accepted()] == [False, True]
     assert telegram.calls_of("refundStarPayment") == []
+
+
+def test_redelivered_pre_checkout_still_holding_is_answered_again(start_service, telegram: TelegramDouble) -> None:
+    """A pre-checkout update seen again while its approval holds the payload is answered again (it may
+    never have been answered before a crash); the payload stays held against other checkouts."""
+    start_service()
+    update = pre_checkout_update("h1", "order-11")
+    telegram.push_update(update)
+    telegram.push_update(update)
+    wait_until(lambda: len(telegram.calls_of("answerPreCheckoutQuery")) == 2, what="two answers")
+    assert all(a["ok"] is True for a in telegram.calls_of("answerPreCheckoutQuery"))
+    telegram.push_update(pre_checkout_update("h2", "order-11"))
+    assert wait_until(lambda: _answers(telegram).get("h2"), what="the other checkout")["ok"] is False

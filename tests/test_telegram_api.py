@@ -286,3 +286,46 @@ def test_connection_dropped_after_sending_is_not_repeated_for_send_message() -> 
     finally:
         client.close()
         server.close()
+
+
+def test_refusal_after_an_attempt_that_may_have_landed_keeps_the_maybe_sent_mark() -> None:
+    """When one attempt may have reached Telegram and the retry is refused, the error still says `sent`,
+    so a payment hold is not released for an approval Telegram may have taken."""
+    import json as _json
+    import socket
+    import threading as _threading
+
+    from telegram_api import BadRequest as _BadRequest
+    from telegram_api import TelegramClient as _Client
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    connections: list[int] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                connections.append(1)
+                if len(connections) > 1:  # the retry: a clear refusal
+                    body = _json.dumps({"ok": False, "error_code": 400,
+                                        "description": "Bad Request: query is too old"}).encode()
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                                 + body)
+                # the first: hang up after reading, the answer lost
+
+    _threading.Thread(target=serve, daemon=True).start()
+    client = _Client(TOKEN, f"http://127.0.0.1:{server.getsockname()[1]}")
+    try:
+        with pytest.raises(_BadRequest) as caught:
+            client.answer_pre_checkout_query("q", True)
+        assert caught.value.sent is True and len(connections) == 2
+    finally:
+        client.close()
+        server.close()
