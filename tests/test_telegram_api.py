@@ -249,39 +249,55 @@ def test_token_is_not_in_any_log_line(name: str, shared_telegram: TelegramDouble
         assert secret not in caplog.text
 
 
-def test_connection_dropped_after_sending_is_not_repeated_for_send_message() -> None:
-    """A connection that breaks after the request went out may have delivered it: sendMessage is not
-    sent again (the user would get it twice), while an idempotent method is retried."""
-    import socket
-    import threading as _threading
+class HangingUpServer:
+    """A raw TCP server on 127.0.0.1 that reads each request and hangs up without an answer, except for
+    the requests `answer(n, request)` gives a whole HTTP response (bytes) for: the lost-answer case."""
 
-    from telegram_api import NetworkError as _NetworkError
-    from telegram_api import TelegramClient as _Client
+    def __init__(self, answer=lambda n, request: None) -> None:
+        import socket
+        import threading as _threading
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(16)
-    received: list[bytes] = []
+        self.received: list[bytes] = []
+        self._answer = answer
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(16)
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        _threading.Thread(target=self._serve, daemon=True).start()
 
-    def serve() -> None:
+    def _serve(self) -> None:
         while True:
             try:
-                conn, _ = server.accept()
+                conn, _ = self._socket.accept()
             except OSError:
                 return
             with conn:
-                received.append(conn.recv(65536))  # read the request, then hang up without answering
+                request = conn.recv(65536)
+                self.received.append(request)
+                response = self._answer(len(self.received), request)
+                if response is not None:
+                    conn.sendall(response)
 
-    _threading.Thread(target=serve, daemon=True).start()
-    client = _Client(TOKEN, f"http://127.0.0.1:{server.getsockname()[1]}", max_attempts=3)
+    def close(self) -> None:
+        self._socket.close()
+
+
+def test_connection_dropped_after_sending_is_not_repeated_for_send_message() -> None:
+    """A connection that breaks after the request went out may have delivered it: sendMessage is not
+    sent again (the user would get it twice), while an idempotent method is retried."""
+    from telegram_api import NetworkError as _NetworkError
+    from telegram_api import TelegramClient as _Client
+
+    server = HangingUpServer()
+    client = _Client(TOKEN, server.url, max_attempts=3)
     try:
         with pytest.raises(_NetworkError) as caught:
             client.send_message(1, "hello")
         assert caught.value.sent is True
-        assert sum(b"/sendMessage" in r for r in received) == 1
+        assert sum(b"/sendMessage" in r for r in server.received) == 1
         with pytest.raises(_NetworkError):
             client.call("getWebhookInfo")
-        assert sum(b"/getWebhookInfo" in r for r in received) == 3
+        assert sum(b"/getWebhookInfo" in r for r in server.received) == 3
         assert TOKEN not in str(caught.value)
     finally:
         client.close()
@@ -292,40 +308,20 @@ def test_refusal_after_an_attempt_that_may_have_landed_keeps_the_maybe_sent_mark
     """When one attempt may have reached Telegram and the retry is refused, the error still says `sent`,
     so a payment hold is not released for an approval Telegram may have taken."""
     import json as _json
-    import socket
-    import threading as _threading
 
     from telegram_api import BadRequest as _BadRequest
     from telegram_api import TelegramClient as _Client
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    connections: list[int] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(65536)
-                connections.append(1)
-                if len(connections) > 1:  # the retry: a clear refusal
-                    body = _json.dumps({"ok": False, "error_code": 400,
-                                        "description": "Bad Request: query is too old"}).encode()
-                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                                 + body)
-                # the first: hang up after reading, the answer lost
-
-    _threading.Thread(target=serve, daemon=True).start()
-    client = _Client(TOKEN, f"http://127.0.0.1:{server.getsockname()[1]}")
+    body = _json.dumps({"ok": False, "error_code": 400, "description": "Bad Request: query is too old"}).encode()
+    refusal = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    # The first attempt's answer is lost; the retry gets a clear refusal.
+    server = HangingUpServer(lambda n, request: refusal if n > 1 else None)
+    client = _Client(TOKEN, server.url)
     try:
         with pytest.raises(_BadRequest) as caught:
             client.answer_pre_checkout_query("q", True)
-        assert caught.value.sent is True and len(connections) == 2
+        assert caught.value.sent is True and len(server.received) == 2
     finally:
         client.close()
         server.close()
