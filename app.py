@@ -62,17 +62,17 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.store = SQLiteStore(config.state_db, exclusive=True)
         self.telegram = TelegramClient(config.bot_token, config.telegram_api_url, observe=self._count_call)
-        self.make = MakeClient(config.make_webhook_url, timeout=config.make_timeout_seconds)
+        self.make = MakeClient(config.make_webhook_url, timeout=config.make_timeout_seconds,
+                               max_connections=config.make_max_concurrency)
         self.typing = TypingKeepAlive(self.telegram, config.typing_mode, config.typing_interval_seconds,
                                       config.typing_max_seconds)
         self.replies = ReplySender(self.telegram, self.typing)
         self.telegram_outbox = TelegramOutbox(self.store, self.telegram, self.typing,
                                               max_age_seconds=config.make_max_age_hours * 3600)
         self.delivery = DeliveryWorkers(
-            self.store, self.make, self.typing, on_replies=self.telegram_outbox.wakeup,
-            workers=config.make_delivery_workers,
-            retry_max_seconds=config.make_retry_max_seconds, max_age_seconds=config.make_max_age_hours * 3600,
-            on_outcome=self._count_delivery)
+            self.store, self.make, self.typing, max_in_flight=config.make_max_concurrency,
+            max_rate=config.make_max_rate, retry_max_seconds=config.make_retry_max_seconds,
+            max_age_seconds=config.make_max_age_hours * 3600, on_outcome=self._count_delivery)
         self.batches = BatchManager(
             self.store, DebounceSettings(config.debounce_seconds, config.max_wait_seconds, config.max_batch_messages),
             on_closed=self._batch_closed)
@@ -84,10 +84,9 @@ class Gateway:
         self.payments = PaymentProcessor(
             self.store, self.telegram, admin_chat_id=config.admin_chat_id, texts=texts,
             hold_seconds=config.payment_hold_seconds, auto_refund_stars=config.payment_auto_refund_stars,
-            make_check=self.make_check, make_check_timeout=config.payment_check_timeout_seconds,
-            on_enqueued=self._payment_enqueued)
+            make_check=self.make_check, make_check_timeout=config.payment_check_timeout_seconds)
         self.router = UpdateRouter(self.store, self.batches, self.flood, self.metrics, config.forward_update_kinds,
-                                   payments=self.payments, on_enqueued=self.delivery.wakeup)
+                                   payments=self.payments, callback_answer_seconds=config.callback_answer_seconds)
         self.poller: Poller | None = None
         self.webhook_registered = False
         self._stopping = threading.Event()
@@ -168,7 +167,9 @@ class Gateway:
             "flood_active_users": self.flood.get_active_users_count(),
             "make": {"delivered": d.delivered, "failed_attempts": d.failed_attempts, "last_error": d.last_error,
                      "webhook_gone": d.last_error_permanent, "failing_since": d.failing_since,
-                     "last_delivered_at": d.last_delivered_at},
+                     "last_delivered_at": d.last_delivered_at, "in_flight": self.delivery.in_flight,
+                     "max_concurrency": self.delivery.max_in_flight, "threads": self.delivery.threads,
+                     "peak_threads": self.delivery.peak_threads},
             "problems": problems,
             "dead_threads": dead_threads,
             "threads": threading.active_count(),
@@ -216,10 +217,6 @@ class Gateway:
                 log.warning("setWebhook failed: %s; retrying in %.1f s", redact(str(err)), delay)
                 self._stopping.wait(delay)
 
-    def _payment_enqueued(self) -> None:
-        self.delivery.wakeup()
-        self.telegram_outbox.wakeup()
-
     def _count_call(self, method: str, outcome: str) -> None:
         self.metrics.telegram_calls.labels(method, outcome).inc()
 
@@ -227,7 +224,6 @@ class Gateway:
         self.metrics.batches_closed.labels(reason).inc()
         self.metrics.batch_age.observe(max(0.0, time.time() - batch.first_at))
         self.metrics.batch_size.observe(batch.count)
-        self.delivery.wakeup()
 
     def _count_delivery(self, outcome: str, seconds: float) -> None:
         self.metrics.deliveries.labels(outcome).inc()
@@ -240,6 +236,7 @@ class Gateway:
                 lambda: self.store.outbox_stats(time.time())["outbox_pending"])
         m.gauge("gateway_outbox_dead", "Dead letters", lambda: self.store.outbox_stats(time.time())["outbox_dead"])
         m.gauge("gateway_typing_chats", "Chats shown typing", lambda: self.typing.active_chats)
+        m.gauge("gateway_make_in_flight", "Make calls in flight", lambda: self.delivery.in_flight)
 
 
 def create_app(config: Config) -> Flask:
@@ -360,6 +357,8 @@ def serve(config: Config) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    for line in config.deprecations():
+        log.warning("%s", line)
     if config.admin_chat_id is None:
         log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
     if not config.make_webhook_url.startswith("https://"):

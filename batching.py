@@ -93,6 +93,32 @@ class BatchManager:
                 self._schedule((batch.chat_id, batch.user_id), at)
         return len(batches)
 
+    def has_open(self, chat_id: int, user_id: int) -> bool:
+        """True while the user has an open batch in `chat_id` (this process times its deadline)."""
+        with self._lock:
+            return (chat_id, user_id) in self._generation
+
+    def flush(self, chat_id: int, user_id: int) -> bool:
+        """Close the user's open batch in `chat_id` now (reason `flushed`), so that an event of theirs stored
+        next reaches Make after it; return whether one was closed. Raises `StoreError` if the store fails."""
+        key = (chat_id, user_id)
+        if not self.has_open(chat_id, user_id):
+            return False
+        closed: list[BatchRow] = []
+
+        def build(batch: BatchRow, reason: str) -> NewEvent:
+            closed.append(batch)
+            return build_batch_event(batch, reason)
+
+        self._store.close_batch_if_due(chat_id, user_id, self._clock(), lambda batch: (0.0, "flushed"), build)
+        # The scheduler looks at the key now and forgets it (or times a batch opened meanwhile).
+        self._schedule(key, self._clock())
+        if closed:
+            log.info("batch flushed: chat %s user %s, %d message(s), ahead of their next event",
+                     chat_id, user_id, closed[0].count)
+            self._on_closed(closed[0], "flushed")
+        return bool(closed)
+
     @property
     def active_batches(self) -> int:
         """Open batches this process is timing."""

@@ -67,7 +67,10 @@ class Config:
     make_timeout_seconds: float = 45.0
     make_retry_max_seconds: float = 30.0
     make_max_age_hours: float = 72.0
-    make_delivery_workers: int = 2
+    make_max_concurrency: int = 50
+    make_max_rate: float = 30.0
+    make_delivery_workers: int | None = None  # deprecated name of make_max_concurrency; None: not set
+    callback_answer_seconds: float = 5.0
     poll_timeout_seconds: int = 30
     payment_hold_seconds: float = 30.0
     payment_check_with_make: bool = False
@@ -92,6 +95,16 @@ class Config:
             values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         values.update(os.environ if environ is None else environ)
         return _parse(values)
+
+    def deprecations(self) -> list[str]:
+        """One line per deprecated setting in use, for the log at start."""
+        if self.make_delivery_workers is None:
+            return []
+        if self.make_delivery_workers != self.make_max_concurrency:
+            return [f"MAKE_DELIVERY_WORKERS is deprecated and ignored: MAKE_MAX_CONCURRENCY="
+                    f"{self.make_max_concurrency} is set; remove MAKE_DELIVERY_WORKERS"]
+        return [f"MAKE_DELIVERY_WORKERS is deprecated: read as MAKE_MAX_CONCURRENCY={self.make_max_concurrency} "
+                "(Make calls in flight at once); rename it"]
 
     def redacted(self) -> dict[str, object]:
         """Every setting by variable name, with secrets masked: safe to log or show."""
@@ -210,7 +223,14 @@ def _parse(env: Mapping[str, str]) -> Config:
     make_timeout = number("MAKE_TIMEOUT_SECONDS", Config.make_timeout_seconds, float, 1, 600)
     retry_max = number("MAKE_RETRY_MAX_SECONDS", Config.make_retry_max_seconds, float, 0.1, 3600)
     max_age = number("MAKE_MAX_AGE_HOURS", Config.make_max_age_hours, float, 0.001, 24 * 365)
-    workers = int(number("MAKE_DELIVERY_WORKERS", Config.make_delivery_workers, int, 1, 32))
+    concurrency = int(number("MAKE_MAX_CONCURRENCY", Config.make_max_concurrency, int, 1, 1000))
+    workers: int | None = None
+    if get("MAKE_DELIVERY_WORKERS"):  # the old name stays valid: read as MAKE_MAX_CONCURRENCY unless that is set
+        workers = int(number("MAKE_DELIVERY_WORKERS", 0, int, 1, 1000))
+        if not get("MAKE_MAX_CONCURRENCY"):
+            concurrency = workers
+    max_rate = number("MAKE_MAX_RATE", Config.make_max_rate, float, 0, 1000)
+    callback_answer_seconds = number("CALLBACK_ANSWER_SECONDS", Config.callback_answer_seconds, float, 0, 60)
     poll_timeout = int(number("POLL_TIMEOUT_SECONDS", Config.poll_timeout_seconds, int, 1, 50))
     hold = number("PAYMENT_HOLD_SECONDS", Config.payment_hold_seconds, float, 1, 3600)
     check_with_make = flag("PAYMENT_CHECK_WITH_MAKE")
@@ -248,7 +268,8 @@ def _parse(env: Mapping[str, str]) -> Config:
         typing_interval_seconds=typing_interval, typing_max_seconds=typing_max,
         forward_update_kinds=kinds, make_timeout_seconds=make_timeout,
         make_retry_max_seconds=retry_max, make_max_age_hours=max_age,
-        make_delivery_workers=workers, poll_timeout_seconds=poll_timeout,
+        make_max_concurrency=concurrency, make_max_rate=max_rate, make_delivery_workers=workers,
+        callback_answer_seconds=callback_answer_seconds, poll_timeout_seconds=poll_timeout,
         payment_hold_seconds=hold, payment_check_with_make=check_with_make,
         payment_check_timeout_seconds=check_timeout, payment_auto_refund_stars=auto_refund, **texts,
         health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, reply_token=reply_token, log_level=log_level,

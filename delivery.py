@@ -1,9 +1,11 @@
-"""Delivers outbox events to Make on a small pool of `make-delivery-N` threads.
+"""Delivers outbox events to Make: the `make-delivery` claim loop and a `make-delivery-N` thread per call in flight.
 
-Each thread claims the oldest due event that heads its chat's queue (so one chat's events go out in
-order, and a chat stuck on retries does not hold up the others), shows typing for a batch, posts it,
-and then sends Make's replies, or schedules the next attempt with backoff. An event older than
-`max_age_seconds` that still fails becomes a dead letter and its chat moves on.
+Calls for different chats run at once (up to `max_in_flight`, started at most `max_rate` per second);
+one chat's events go one at a time, in order, and a chat stuck on retries does not hold up the others.
+A batch shows typing when it first goes to Make (not again on each retry). Make's replies and its
+`callback_answer` for a button press go to the Telegram outbox in the transaction that marks the event
+delivered; a failure is retried with backoff, and an event older than `max_age_seconds` that still fails
+becomes a dead letter and its chat moves on.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from make_client import Delivered, MakeClient, RetryLater
-from outbox import OutboxWorkers
+from outbox import IDLE_SECONDS, OutboxWorkers
 from replies import split_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
-from telegram_outbox import bot_call
+from telegram_outbox import bot_call, callback_answer, callback_answer_fields
 from typing_keepalive import TypingKeepAlive
+from updates import is_int
 
 log = logging.getLogger("gateway.delivery")
 
@@ -39,17 +42,17 @@ class DeliveryHealth:
 
 
 class DeliveryWorkers(OutboxWorkers):
-    """A fixed pool of `make-delivery-N` threads draining the outbox to Make."""
+    """Drains the outbox to Make, one call per chat at a time, up to `max_in_flight` chats at once."""
 
     def __init__(self, store: SQLiteStore, make: MakeClient, typing: TypingKeepAlive,
-                 *, on_replies: Callable[[], None] = lambda: None, workers: int = 2,
+                 *, max_in_flight: int = 50, max_rate: float = 30.0,
                  retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time,
-                 on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None) -> None:
-        super().__init__(store, "make", "make-delivery", workers, clock)
+                 on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None,
+                 idle_seconds: float = IDLE_SECONDS) -> None:
+        super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds)
         self._make = make
         self._typing = typing
-        self._on_replies = on_replies
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
         self._max_age = max_age_seconds
         self._on_outcome = on_outcome
@@ -72,7 +75,8 @@ class DeliveryWorkers(OutboxWorkers):
 
     def _deliver(self, row: OutboxRow) -> None:
         chat_id = row.payload.get("chat_id")
-        shows_typing = row.event_type == "message_batch" and isinstance(chat_id, int)
+        # Typing once per batch: a chat must not see "typing…" on every retry while Make is down.
+        shows_typing = row.event_type == "message_batch" and isinstance(chat_id, int) and row.attempts == 1
         if shows_typing:
             self._typing.start(chat_id)
         started = time.monotonic()
@@ -80,10 +84,21 @@ class DeliveryWorkers(OutboxWorkers):
         elapsed = time.monotonic() - started
         now = self._clock()
         if isinstance(outcome, Delivered):
-            replies = reply_calls(row.event_id, chat_id, outcome.replies) if isinstance(chat_id, int) else []
-            self._settle(lambda: self._store.mark_delivered(row.id, replies, now), row)
-            if replies:
-                self._on_replies()
+            try:
+                followups = answer_calls(row, outcome)
+            except Exception:  # Make accepted it: trouble with its answer must not post the event again
+                log.exception("Make's answer to %s could not be read; delivered without replies", row.event_id)
+                followups = []
+            replies = sum(1 for f in followups if f.event_type == "sendMessage")
+            written: set[str] = set()
+
+            def settle() -> None:
+                written.update(self._store.mark_delivered(row.id, followups, now))
+
+            self._settle(settle, row)
+            if any(f.replace and f.event_id not in written for f in followups):
+                log.warning("Make's callback_answer for %s came after the button was answered empty "
+                            "(CALLBACK_ANSWER_SECONDS); dropped", row.event_id)
             self._on_outcome("delivered", elapsed)
             with self._lock:
                 self.health.delivered += 1
@@ -92,7 +107,7 @@ class DeliveryWorkers(OutboxWorkers):
                 self.health.last_error = None
                 self.health.last_error_permanent = False
             log.info("event %s delivered to Make (HTTP %s, attempt %d, %d reply part(s))", row.event_id,
-                     outcome.status, row.attempts, len(replies))
+                     outcome.status, row.attempts, replies)
             return
         self._retry_later(row, outcome, now, elapsed)
         if shows_typing:
@@ -124,6 +139,25 @@ class DeliveryWorkers(OutboxWorkers):
             level = logging.ERROR if outcome.permanent else logging.WARNING
             log.log(level, "event %s not delivered (attempt %d): %s; next try in %.1f s",
                     row.event_id, row.attempts, outcome.reason, delay)
+
+
+def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
+    """The Bot API calls Make's answer to `row` asks for: its replies, and its `callback_answer` to a button press."""
+    chat_id = row.payload.get("chat_id")
+    calls = reply_calls(row.event_id, chat_id, outcome.replies) if is_int(chat_id) else []
+    update = row.payload.get("update") if row.payload.get("update_type") == "callback_query" else None
+    query = update.get("callback_query") if isinstance(update, dict) else None
+    if isinstance(outcome.body, dict) and "callback_answer" in outcome.body:
+        if not isinstance(query, dict) or not isinstance(query.get("id"), str):
+            log.warning("Make's answer to %s has a callback_answer, but the event is not a button press; ignored",
+                        row.event_id)
+        else:
+            answer, dropped = callback_answer_fields(outcome.body["callback_answer"])
+            if dropped:
+                log.warning("Make's callback_answer to %s: ignored %s (expected text of at most 200 characters, "
+                            "show_alert, url, cache_time)", row.event_id, ", ".join(dropped))
+            calls.append(callback_answer(query["id"], answer, replace=True))
+    return calls
 
 
 def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEvent]:

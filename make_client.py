@@ -96,10 +96,12 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
 class MakeClient:
     """Sends one event per request to the Make webhook, TLS verified, with explicit timeouts."""
 
-    def __init__(self, url: str, timeout: float = 45.0, verify: bool | str = True) -> None:
+    def __init__(self, url: str, timeout: float = 45.0, verify: bool | str = True, max_connections: int = 100) -> None:
         self._url = url
+        # One connection per call in flight: a call must never wait for the pool behind a slow scenario.
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), verify=verify,
-                                  headers={"User-Agent": "telegram-make-gateway"})
+                                  headers={"User-Agent": "telegram-make-gateway"}, limits=limits)
 
     def deliver(self, event_id: str, payload: dict[str, Any]) -> Outcome:
         """POST one event (header `X-Event-Id`) and classify the answer; never raises for HTTP or network trouble."""

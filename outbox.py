@@ -1,12 +1,16 @@
-"""`OutboxWorkers`: a small pool of named threads draining one target of the durable outbox.
+"""`OutboxWorkers`: one claim loop per target of the durable outbox, and the calls it has in flight.
 
-The store hands out one event at a time per order key (`claim_due_event`), so any number of threads
-keep each chat's events in order. Subclasses say what to do with a claimed row in `_handle()`, which
-must leave the row delivered or failed: a row left in flight blocks its order key until a restart.
+The `<name>` thread claims due rows (the store hands out only the head of each order key's queue, so
+one chat's events go one at a time, in order) and runs each on a `<name>-N` worker thread: at most
+`max_in_flight` at once, started at most `max_rate` per second. Workers are made when every one is busy
+and end after `idle_seconds` without work, so threads follow the calls in flight, never the number of
+chats or queued rows. Subclasses say what to do with a claimed row in `_handle()`, which must leave the
+row delivered or failed: a row left in flight blocks its order key until a restart.
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -16,20 +20,121 @@ from store import OutboxRow, SQLiteStore, StoreError
 
 log = logging.getLogger("gateway.outbox")
 
+IDLE_SECONDS = 30.0  # a worker thread without work this long ends
+_MAX_WAIT = 5.0  # the claim loop looks again at least this often (new work also wakes it)
+
+
+class ElasticThreads:
+    """Runs each task on an idle `<name>-N` thread, or on a new one when all are busy; an idle thread ends
+    after `idle_seconds`. The caller bounds how many tasks run at once."""
+
+    def __init__(self, name: str, idle_seconds: float = IDLE_SECONDS) -> None:
+        self._name = name
+        self._idle_seconds = idle_seconds
+        # _lock guards _idle (workers waiting for a task, most recently used last), _workers (every live
+        # worker), _free_numbers (N of ended workers, reused so names stay small), _next_number, _stopping, peak.
+        self._lock = threading.Lock()
+        self._idle: list[_Worker] = []
+        self._workers: set[_Worker] = set()
+        self._free_numbers: list[int] = []
+        self._next_number = 1
+        self._stopping = False
+        self.peak = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        """Run `task` on a worker thread now."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError(f"{self._name} threads are stopped")
+            if self._idle:
+                worker = self._idle.pop()  # the most recently busy one: the others may time out and end
+                worker.task = task
+                worker.ready.set()
+                return
+            if self._free_numbers:
+                number = heapq.heappop(self._free_numbers)
+            else:
+                number, self._next_number = self._next_number, self._next_number + 1
+            worker = _Worker(task, number)
+            self._workers.add(worker)
+            self.peak = max(self.peak, len(self._workers))
+        worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"{self._name}-{number}",
+                                         daemon=True)
+        worker.thread.start()
+
+    @property
+    def count(self) -> int:
+        """Worker threads alive now (busy or idle)."""
+        with self._lock:
+            return len(self._workers)
+
+    def stop(self, deadline: float) -> None:
+        """End idle workers now and wait for busy ones until `deadline` (time.monotonic()); safe to call twice."""
+        with self._lock:
+            self._stopping = True
+            for worker in self._idle:
+                worker.ready.set()
+            workers = list(self._workers)
+        for worker in workers:
+            if worker.thread is not None:
+                worker.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _work(self, worker: "_Worker") -> None:
+        try:
+            while True:
+                task, worker.task = worker.task, None
+                if task is not None:
+                    try:
+                        task()
+                    except Exception:
+                        log.exception("%s task failed", self._name)
+                with self._lock:
+                    if self._stopping:
+                        return
+                    worker.ready.clear()
+                    self._idle.append(worker)
+                worker.ready.wait(self._idle_seconds)
+                with self._lock:
+                    if worker.task is None:  # timed out, or stopping: no task was handed over
+                        if worker in self._idle:
+                            self._idle.remove(worker)
+                        return
+        finally:
+            with self._lock:
+                self._workers.discard(worker)
+                heapq.heappush(self._free_numbers, worker.number)
+
+
+class _Worker:
+    """One worker thread's hand-over slot: `submit` sets `task`, then `ready`."""
+
+    def __init__(self, task: Callable[[], None], number: int) -> None:
+        self.task: Callable[[], None] | None = task
+        self.number = number
+        self.ready = threading.Event()
+        self.thread: threading.Thread | None = None
+
 
 class OutboxWorkers:
-    """Threads `<name>-1..N` that claim due rows of `target` and hand each to `_handle()`."""
+    """The `<name>` claim loop for rows of `target`, each row handled on a `<name>-N` worker thread."""
 
-    def __init__(self, store: SQLiteStore, target: str, name: str, workers: int,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: SQLiteStore, target: str, name: str, max_in_flight: int, max_rate: float = 0.0,
+                 clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS) -> None:
         self._store = store
         self._target = target
         self._name = name
-        self._workers = workers
+        self.max_in_flight = max_in_flight
+        self._interval = 1.0 / max_rate if max_rate > 0 else 0.0
         self._clock = clock
+        self._threads = ElasticThreads(name, idle_seconds)
+        # _lock guards in_flight (rows handed to workers and not yet finished).
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self._next_start = 0.0  # time.monotonic() before which no row may start (pacing); claim loop only
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._thread: threading.Thread | None = None
+        store.on_new_work(self._on_new_work)
 
     def _handle(self, row: OutboxRow) -> None:
         raise NotImplementedError
@@ -50,42 +155,84 @@ class OutboxWorkers:
                 self._stopping.wait(1.0)
 
     def wakeup(self) -> None:
-        """Tell the threads a row may be due now."""
+        """Tell the claim loop a row may be due now."""
         self._wakeup.set()
 
+    def _on_new_work(self, target: str) -> None:
+        if target == self._target:
+            self._wakeup.set()
+
+    @property
+    def threads(self) -> int:
+        """Worker threads alive now."""
+        return self._threads.count
+
+    @property
+    def peak_threads(self) -> int:
+        """The most worker threads alive at once since the start."""
+        return self._threads.peak
+
     def start(self) -> None:
-        """Start the threads, after making rows a crash left in flight due again."""
+        """Start the claim loop, after making rows a crash left in flight due again."""
         reset = self._store.reset_inflight(self._target)
         if reset:
             log.info("%d %s row(s) were in flight at the last stop; they will be sent again", reset, self._target)
-        for n in range(1, self._workers + 1):
-            thread = threading.Thread(target=self._run, name=f"{self._name}-{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop taking rows; a row still in flight is sent again at the next start. Safe to call twice."""
+        """Stop claiming and wait up to `timeout` for calls in flight; a row still in flight then is sent
+        again at the next start. Safe to call twice."""
+        deadline = time.monotonic() + timeout
         self._stopping.set()
         self._wakeup.set()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread is not None:
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads.stop(deadline)
 
     def alive(self) -> bool:
-        """True while every thread runs."""
-        return len(self._threads) == self._workers and all(t.is_alive() for t in self._threads)
+        """True while the claim loop runs."""
+        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            self._wakeup.clear()  # before looking: work that arrives while we look sets it again
             try:
-                row = self._store.claim_due_event(self._clock(), target=self._target)
-                if row is not None:
-                    self._handle(row)
-                    continue
-                next_at = self._store.next_attempt_at(target=self._target)
-                wait = 5.0 if next_at is None else min(5.0, max(0.05, next_at - self._clock()))
+                wait = self._dispatch()
             except Exception:
                 log.exception("%s pass failed; retrying in 1 s", self._name)
                 wait = 1.0
-            self._wakeup.wait(wait)
-            self._wakeup.clear()
+            if wait > 0:
+                self._wakeup.wait(wait)
+
+    def _dispatch(self) -> float:
+        """Claim what may start now and hand it to workers; return how long to wait before looking again."""
+        with self._lock:
+            free = self.max_in_flight - self.in_flight
+        if free <= 0:
+            return _MAX_WAIT  # a finishing row wakes the loop
+        now = time.monotonic()
+        if self._interval:
+            if self._next_start > now:
+                return self._next_start - now
+            free = 1  # paced: one start per interval, never a burst
+        rows = self._store.claim_due_events(self._clock(), self._target, free)
+        if not rows:
+            next_at = self._store.next_attempt_at(self._target)
+            return _MAX_WAIT if next_at is None else min(_MAX_WAIT, max(0.01, next_at - self._clock()))
+        self._next_start = now + self._interval
+        for row in rows:
+            with self._lock:
+                self.in_flight += 1
+            self._threads.submit(lambda row=row: self._run_one(row))
+        return 0.0
+
+    def _run_one(self, row: OutboxRow) -> None:
+        try:
+            self._handle(row)
+        except Exception:
+            log.exception("%s: handling %s failed; it stays in flight until the next start", self._name, row.event_id)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+            self._wakeup.set()

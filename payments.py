@@ -102,8 +102,7 @@ class PaymentProcessor:
     def __init__(self, store: SQLiteStore, telegram: TelegramClient, *, admin_chat_id: int | None,
                  texts: PaymentTexts, hold_seconds: float = 30.0,
                  auto_refund_stars: bool = False, make_check: MakeClient | None = None,
-                 make_check_timeout: float = 3.0,
-                 on_enqueued: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.time) -> None:
+                 make_check_timeout: float = 3.0, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._telegram = telegram
         self._admin = admin_chat_id
@@ -111,7 +110,6 @@ class PaymentProcessor:
         self._texts = texts
         self._auto_refund = auto_refund_stars
         self._make_check = make_check
-        self._on_enqueued = on_enqueued
         self._clock = clock
         self._answers: queue.Queue[tuple[dict[str, Any], str, float] | None] = queue.Queue()
         self._make_check_timeout = make_check_timeout
@@ -153,10 +151,10 @@ class PaymentProcessor:
                 and isinstance(currency, str) and is_int(amount)):
             log.error("successful_payment in update %s lacks charge id, payload, currency or amount: "
                       "forwarded to Make as an update for a person to check", update_id)
-            return self._store.record_update(update_id, self._clock(), NewEvent(
+            return self._store.record_update(update_id, self._clock(), [NewEvent(
                 f"update-{update_id}", f"update:{update_id}", "update",
                 {"event_type": "update", "event_id": f"update-{update_id}", "update_type": "message",
-                 "update": {"update_id": update_id, "message": message}}))
+                 "update": {"update_id": update_id, "message": message}})])
         sender = message.get("from") if isinstance(message.get("from"), dict) else None
         chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
         chat_id = chat.get("id") if is_int(chat.get("id")) else None
@@ -187,7 +185,6 @@ class PaymentProcessor:
                      " (DUPLICATE: the payload was already paid; refund needed)" if duplicate else "")
             if self._admin is None:
                 log.warning("payment %s: no ADMIN_CHAT_ID, so the admin is not notified", charge_id)
-            self._on_enqueued()
         return new
 
     def _refunded(self, update_id: int, message: dict[str, Any]) -> bool:
@@ -211,7 +208,6 @@ class PaymentProcessor:
         new = self._store.record_refund(update_id, charge_id, payload, refund, self._clock(), events)
         if new:
             log.info("refund recorded: charge %s, payload %r", charge_id, payload)
-            self._on_enqueued()
         return new
 
     # Threads

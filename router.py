@@ -17,6 +17,7 @@ from config import FORWARDABLE_KINDS
 from debounce import DebounceManager
 from metrics import GatewayMetrics
 from store import NewEvent, SQLiteStore, StoreError
+from telegram_outbox import callback_answer
 from updates import is_int, is_ordinary_message, is_payment_message, message_item, update_kind, user_summary
 
 log = logging.getLogger("gateway.router")
@@ -46,7 +47,7 @@ class UpdateRouter:
 
     def __init__(self, store: SQLiteStore, batches: BatchManager, flood: DebounceManager,
                  metrics: GatewayMetrics, forward_kinds: tuple[str, ...],
-                 payments: PaymentHandler | None = None, on_enqueued: Callable[[], None] = lambda: None,
+                 payments: PaymentHandler | None = None, callback_answer_seconds: float = 5.0,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._store = store
         self._batches = batches
@@ -54,7 +55,7 @@ class UpdateRouter:
         self._metrics = metrics
         self._forward = set(forward_kinds)
         self.payments = payments
-        self._on_enqueued = on_enqueued
+        self._callback_answer_seconds = callback_answer_seconds
         self._clock = clock
         self._monotonic = monotonic
         # _lock guards last_update_id and _next_prune.
@@ -78,7 +79,7 @@ class UpdateRouter:
             # A shape nobody foresaw: keep the update (forwarded verbatim) rather than lose or refuse it.
             log.exception("update %s (%s) could not be routed; forwarding it to Make as it is", update_id, kind)
             try:
-                new = self._store.record_update(update_id, self._clock(), forward_event(update_id, kind, update))
+                new = self._store.record_update(update_id, self._clock(), [forward_event(update_id, kind, update)])
             except StoreError:
                 raise
             except Exception:
@@ -99,6 +100,7 @@ class UpdateRouter:
 
     def _route(self, update_id: int, kind: str, update: dict[str, Any]) -> Routed:
         if kind == "pre_checkout_query" or is_payment_message(update):
+            self._flush_batch(update_id, update.get(kind))
             if self.payments is None:
                 return self._forward_or_ignore(update_id, kind, update, force=True)
             new = self.payments.handle(update)
@@ -125,16 +127,30 @@ class UpdateRouter:
         return Routed("stored" if result.new else "duplicate", "message")
 
     def _forward_or_ignore(self, update_id: int, kind: str, update: dict[str, Any], force: bool = False) -> Routed:
-        if force or kind in self._forward:
-            event = forward_event(update_id, kind, update)
-            if not self._store.record_update(update_id, self._clock(), event):
-                return Routed("duplicate", kind)
-            self._on_enqueued()
-            return Routed("stored", kind)
-        if not self._store.record_update(update_id, self._clock()):
+        forwarded = force or kind in self._forward
+        now, body = self._clock(), update.get(kind)
+        events: list[NewEvent] = []
+        if forwarded:
+            self._flush_batch(update_id, body)
+            events.append(forward_event(update_id, kind, update))
+        if kind == "callback_query" and isinstance(body, dict) and isinstance(body.get("id"), str):
+            # Its button spins until answered: Make may answer it (callback_answer) until the due time.
+            wait = self._callback_answer_seconds if forwarded else 0.0
+            events.append(callback_answer(body["id"], due_at=now + wait))
+        if not self._store.record_update(update_id, now, events):
             return Routed("duplicate", kind)
+        if forwarded:
+            return Routed("stored", kind)
         why = "service message or message from a bot/channel" if kind == "message" else "kind not forwarded"
         return Routed("ignored", kind, why + " (see FORWARD_UPDATE_KINDS)")
+
+    def _flush_batch(self, update_id: int, body: Any) -> None:
+        """Close the sender's open batch in this chat first, so Make gets their messages before this event."""
+        chat_id, user_id = _chat_and_user(body)
+        if chat_id is None or user_id is None or not self._batches.has_open(chat_id, user_id):
+            return
+        if not self._store.seen(update_id):  # a repeat must not cut the user's newer batch short
+            self._batches.flush(chat_id, user_id)
 
     def _prune_now_and_then(self) -> None:
         now = self._monotonic()

@@ -35,10 +35,17 @@ _TOKEN_SHAPE = re.compile(r"\d{3,15}:[A-Za-z0-9_-]{30,64}")
 _RETRY_AFTER_TEXT = re.compile(r"retry after (\d+)", re.IGNORECASE)
 
 # Methods that do the same thing when repeated, so a request that may have been sent can be retried.
+# (A repeated refundStarPayment is refused with CHARGE_ALREADY_REFUNDED; a repeated answer to a query
+# is refused as already answered: neither does anything twice.)
 _IDEMPOTENT = {
     "getMe", "getUpdates", "setWebhook", "deleteWebhook", "getWebhookInfo", "sendChatAction",
-    "answerPreCheckoutQuery", "answerCallbackQuery",
+    "answerPreCheckoutQuery", "answerCallbackQuery", "refundStarPayment",
 }
+
+
+def may_repeat(method: str) -> bool:
+    """Whether `method` may be sent again after an attempt whose answer was lost (it would not act twice)."""
+    return method in _IDEMPOTENT
 
 
 def redact(text: str, *secrets: str) -> str:
@@ -220,7 +227,7 @@ class TelegramClient:
         """Flood waits Telegram names (within reason) and network errors, unless a repeat could act twice."""
         if isinstance(err, RetryAfter):
             return err.retry_after <= self._max_retry_after
-        return isinstance(err, NetworkError) and not (err.sent and method not in _IDEMPOTENT)
+        return isinstance(err, NetworkError) and not (err.sent and not may_repeat(method))
 
     def _attempt(self, method: str, params: dict[str, Any], read_timeout: float | None) -> Any:
         """One request: its result, or the typed error; either way counted by `observe`."""

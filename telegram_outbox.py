@@ -1,45 +1,73 @@
-"""Durable Bot API calls: Make's replies, the admin's payment notices, Stars refunds.
+"""Durable Bot API calls: Make's replies, answers to button presses, the admin's payment notices, Stars refunds.
 
 Each is an outbox row with `target="telegram"` and a payload `{"method", "params"}`, written in the
 same transaction as what caused it. The `telegram-outbox-N` threads send them, one order key at a
 time (a chat's reply parts stay in order), without ever sleeping through a flood wait: a 429 or a
 network error puts the row back with its next attempt time. A `sendMessage` that may have reached
 Telegram is not sent again (the user would get it twice); content Telegram refuses becomes a dead
-letter, kept and visible.
+letter, kept and visible. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the
+press; Make's `callback_answer` replaces it while it waits, and a refused answer is done, not retried.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from outbox import OutboxWorkers
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
-from telegram_api import ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError
+from telegram_api import BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError, may_repeat
 from typing_keepalive import TypingKeepAlive
 
 log = logging.getLogger("gateway.telegram_outbox")
 
 TARGET = "telegram"
-# Repeating these after a lost answer would do them twice. (A repeated refundStarPayment is refused by
-# Telegram with CHARGE_ALREADY_REFUNDED, so a refund is retried rather than risked.)
-_NOT_REPEATABLE = {"sendMessage"}
+MAX_IN_FLIGHT = 8  # Bot API calls at once: a slow call holds up no other chat, and Telegram's ~30/s is far off
+_CALLBACK_ANSWER_FIELDS = {"text": str, "show_alert": bool, "url": str, "cache_time": int}
 
 
-def bot_call(event_id: str, order_key: str, method: str, params: dict) -> NewEvent:
-    """An outbox row that makes one Bot API call."""
-    return NewEvent(event_id, order_key, method, {"method": method, "params": params}, target=TARGET)
+def bot_call(event_id: str, order_key: str, method: str, params: dict, *, due_at: float | None = None,
+             replace: bool = False) -> NewEvent:
+    """An outbox row that makes one Bot API call (at `due_at`; `replace`: see `NewEvent`)."""
+    return NewEvent(event_id, order_key, method, {"method": method, "params": params}, target=TARGET,
+                    due_at=due_at, replace=replace)
+
+
+def callback_answer(query_id: str, answer: dict | None = None, *, due_at: float | None = None,
+                    replace: bool = False) -> NewEvent:
+    """The one `answerCallbackQuery` of a button press: empty (the spinner stops) or with `answer`'s fields."""
+    return bot_call(f"callback-answer-{query_id}", f"callback:{query_id}", "answerCallbackQuery",
+                    {"callback_query_id": query_id, **(answer or {})}, due_at=due_at, replace=replace)
+
+
+def callback_answer_fields(answer: Any) -> tuple[dict[str, Any], list[str]]:
+    """The usable fields of Make's `callback_answer` (text, show_alert, url, cache_time) and what was dropped."""
+    if not isinstance(answer, dict):
+        return {}, ["callback_answer is not an object"]
+    kept, dropped = {}, []
+    for name, value in answer.items():
+        kind = _CALLBACK_ANSWER_FIELDS.get(name)
+        ok = kind is not None and isinstance(value, kind) and (kind is not int or not isinstance(value, bool))
+        if ok and name == "text":
+            ok = len(value) <= 200  # Telegram's limit for a notification
+        if ok and name == "cache_time":
+            ok = 0 <= value <= 86400 * 365
+        if ok:
+            kept[name] = value
+        else:
+            dropped.append(name)
+    return kept, dropped
 
 
 class TelegramOutbox(OutboxWorkers):
-    """A few `telegram-outbox-N` threads sending the durable Bot API calls."""
+    """The `telegram-outbox` claim loop sending the durable Bot API calls, a few at once on `telegram-outbox-N` threads."""
 
     def __init__(self, store: SQLiteStore, client: TelegramClient, typing: TypingKeepAlive, *,
-                 workers: int = 2, max_age_seconds: float = 72 * 3600,
+                 max_in_flight: int = MAX_IN_FLIGHT, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time) -> None:
-        super().__init__(store, TARGET, "telegram-outbox", workers, clock)
+        super().__init__(store, TARGET, "telegram-outbox", max_in_flight, clock=clock)
         self._client = client
         self._typing = typing
         self._max_age = max_age_seconds
@@ -68,7 +96,7 @@ class TelegramOutbox(OutboxWorkers):
 
     def _after_error(self, row: OutboxRow, method: str, err: TelegramError, now: float) -> Callable[[], None]:
         """What to record after Telegram did not confirm the call."""
-        if err.sent and method in _NOT_REPEATABLE:
+        if err.sent and not may_repeat(method):
             log.warning("%s for %s may or may not have arrived (%s); not repeated, so it is not sent twice",
                         method, row.event_id, err.description)
             return lambda: self._store.mark_delivered(row.id)
@@ -76,6 +104,10 @@ class TelegramOutbox(OutboxWorkers):
             return self._retry(row, now, backoff(row.attempts, self._policy), err.description)
         if method == "refundStarPayment" and "CHARGE_ALREADY_REFUNDED" in err.description.upper():
             log.info("%s: already refunded", row.event_id)
+            return lambda: self._store.mark_delivered(row.id)
+        if method == "answerCallbackQuery" and isinstance(err, BadRequest):
+            # Telegram's window for an answer is short ("query is too old"): a refused answer is done, not retried.
+            log.warning("%s refused: %s; not retried", row.event_id, err.description)
             return lambda: self._store.mark_delivered(row.id)
         if isinstance(err, ChatMigrated):
             log.error("%s for %s: the group moved to chat %s; update the chat id (kept as a dead letter)",

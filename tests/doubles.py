@@ -187,7 +187,19 @@ class MakeDouble(_Server):
         self._scripts: list[tuple[int, Any, dict[str, str], float]] = []
         # When set, an event for which it returns a (status, body) pair gets that answer instead.
         self.reject_if: Callable[[dict[str, Any]], tuple[int, Any] | None] | None = None
+        # Calls open right now, the most ever open at once, and chats that had two calls open at once.
+        self.open = 0
+        self.max_open = 0
+        self.overlapping_chats: list[Any] = []
+        self._open_chats: dict[Any, int] = {}
+        self._gather: tuple[int, float] | None = None
+        self._gathered = threading.Condition(threading.Lock())
         super().__init__(port)
+
+    def gather(self, calls: int, timeout: float = 15.0) -> None:
+        """Hold every request until `calls` are open at once, then answer them all (once); if that many
+        never come within `timeout`, the waiting requests fail the test."""
+        self._gather = (calls, timeout)
 
     def script(self, *replies: tuple) -> None:
         """Answer the next requests with these (status, body[, headers[, delay seconds]]) tuples, in order."""
@@ -220,8 +232,28 @@ class MakeDouble(_Server):
         record = {"json": event, "headers": headers, "status": status, "at": time.monotonic()}
         with self.lock:
             self.requests.append(record)
-        if delay:
-            time.sleep(delay)  # a slow scenario, on the double's own thread
+        chat = event.get("chat_id")
+        with self._gathered:
+            self.open += 1
+            self.max_open = max(self.max_open, self.open)
+            self._open_chats[chat] = self._open_chats.get(chat, 0) + 1
+            if chat is not None and self._open_chats[chat] > 1:
+                self.overlapping_chats.append(chat)
+            self._gathered.notify_all()
+        try:
+            with self._gathered:
+                if self._gather is not None:
+                    calls, timeout = self._gather
+                    if not self._gathered.wait_for(lambda: self._gather is None or self.open >= calls, timeout):
+                        raise AssertionError(f"only {self.open} Make call(s) open at once, never {calls}")
+                    self._gather = None  # gathered once: the others waiting, and later calls, go straight through
+                    self._gathered.notify_all()
+            if delay:
+                time.sleep(delay)  # a slow scenario, on the double's own thread
+        finally:
+            with self._gathered:
+                self.open -= 1
+                self._open_chats[chat] -= 1
         if isinstance(reply, (dict, list)):
             return status, {"Content-Type": "application/json", **reply_headers}, json.dumps(reply).encode()
         return status, {"Content-Type": "text/plain", **reply_headers}, str(reply).encode()

@@ -47,3 +47,13 @@ def payment_update(charge_id: str, payload: str, user_id: int = 42, currency: st
         "message_id": update_id, "date": int(time.time()), "chat": {"id": user_id, "type": "private"},
         "from": {"id": user_id, "is_bot": False, "first_name": first_name, "username": "buyer"},
         "successful_payment": payment}}
+
+
+def callback_update(query_id: str, data: str = "buy", user_id: int = 42, chat_id: int | None = None) -> dict[str, Any]:
+    """A press on an inline button under a bot message in the user's chat."""
+    update_id = next_update_id()
+    chat = {"id": chat_id if chat_id is not None else user_id, "type": "private" if chat_id is None else "group"}
+    return {"update_id": update_id, "callback_query": {
+        "id": query_id, "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
+        "chat_instance": f"ci-{user_id}", "data": data,
+        "message": {"message_id": 1, "date": int(time.time()), "chat": chat, "text": "menu"}}}

@@ -162,16 +162,20 @@ def test_make_check_can_refuse_and_a_silent_make_falls_back_to_local_rules(
     assert [e["event_type"] for e in make.events] == ["pre_checkout", "pre_checkout"]
 
 
-def test_payment_messages_never_enter_a_batch(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
-    """A payment between two texts of the same user leaves the batch with just the two texts."""
-    start_service(DEBOUNCE_SECONDS="0.5")
+def test_payment_messages_never_enter_a_batch_and_keep_the_users_order(start_service, telegram: TelegramDouble,
+                                                                         make: MakeDouble) -> None:
+    """A payment between two texts of the same user enters no batch: the text before it is flushed to Make
+    first (`reason: flushed`), then the payment, then a batch with the text after it."""
+    start_service(DEBOUNCE_SECONDS="2")
     telegram.push_update(text_update("one", user_id=42))
     telegram.push_update(payment_update("charge-8", "order-8"))
     telegram.push_update(text_update("two", user_id=42))
-    wait_until(lambda: len(make.accepted()) == 2, what="the payment and the batch")
-    by_type = {e["event_type"]: e for e in make.accepted()}
-    assert by_type["message_batch"]["text"] == "one\ntwo"
-    assert by_type["payment"]["payment"]["invoice_payload"] == "order-8"
+    wait_until(lambda: len(make.accepted()) == 3, what="the flushed batch, the payment and the next batch")
+    events = make.accepted()
+    assert [e["event_type"] for e in events] == ["message_batch", "payment", "message_batch"]
+    assert (events[0]["text"], events[0]["reason"]) == ("one", "flushed")
+    assert events[1]["payment"]["invoice_payload"] == "order-8"
+    assert (events[2]["text"], events[2]["reason"]) == ("two", "quiet")
 
 
 def test_admin_group_that_migrated_does_not_block_later_notices(start_service, telegram: TelegramDouble) -> None:

@@ -59,8 +59,8 @@ def test_duplicate_update_id_is_stored_once(store: SQLiteStore) -> None:
 
 def test_event_recorded_with_a_duplicate_update_is_not_enqueued_twice(store: SQLiteStore) -> None:
     """An update carrying an event enqueues it once, however often the update is redelivered."""
-    assert store.record_update(7, T0, event("upd-7", "chat:1"))
-    assert not store.record_update(7, T0, event("upd-7-again", "chat:1"))
+    assert store.record_update(7, T0, [event("upd-7", "chat:1")])
+    assert not store.record_update(7, T0, [event("upd-7-again", "chat:1")])
     assert store.outbox_stats(T0)["outbox_pending"] == 1
 
 
