@@ -54,6 +54,8 @@ def test_defaults_follow_the_contract() -> None:
     assert config.reply_token == ""
     assert config.log_level == "INFO"
     assert config.webhook_secret == derive_webhook_secret(TOKEN)
+    assert (config.make_max_concurrency, config.make_max_rate, config.callback_answer_seconds) == (50, 30, 5)
+    assert config.make_delivery_workers is None and config.deprecations() == []
 
 
 def test_settings_are_read_and_typed() -> None:
@@ -119,6 +121,11 @@ def test_every_problem_is_reported_at_once_naming_its_variable() -> None:
     ("ADMIN_CHAT_ID", "@admin"),
     ("MODE", "carrier-pigeon"),
     ("LOG_LEVEL", "LOUD"),
+    ("MAKE_MAX_CONCURRENCY", "0"),
+    ("MAKE_MAX_CONCURRENCY", "many"),
+    ("MAKE_MAX_RATE", "-1"),
+    ("MAKE_DELIVERY_WORKERS", "0"),
+    ("CALLBACK_ANSWER_SECONDS", "61"),
 ])
 def test_each_bad_setting_is_refused_by_name(name: str, value: str) -> None:
     """A single bad variable gives a ConfigError whose problem names that variable."""
@@ -221,3 +228,16 @@ def test_polling_and_payment_defaults() -> None:
                                "MAKE_WEBHOOK_URL": "https://hook.eu1.make.com/x"}, dotenv_path=None)
     assert config.poll_timeout_seconds == 30 and config.payment_check_with_make is False
     assert config.payment_auto_refund_stars is False and config.payment_hold_seconds == 30
+
+
+def test_make_delivery_workers_is_read_as_the_concurrency_limit_and_flagged() -> None:
+    """The old MAKE_DELIVERY_WORKERS still sets the limit (with one deprecation line); MAKE_MAX_CONCURRENCY
+    wins when both are set, and the line then says the old one is ignored."""
+    old = load(MAKE_DELIVERY_WORKERS="8")
+    assert old.make_max_concurrency == 8
+    assert len(old.deprecations()) == 1 and "MAKE_MAX_CONCURRENCY=8" in old.deprecations()[0]
+    both = load(MAKE_DELIVERY_WORKERS="8", MAKE_MAX_CONCURRENCY="100")
+    assert both.make_max_concurrency == 100
+    assert both.deprecations() == ["MAKE_DELIVERY_WORKERS is deprecated and ignored: MAKE_MAX_CONCURRENCY=100 is "
+                                   "set; remove MAKE_DELIVERY_WORKERS"]
+    assert load(MAKE_MAX_RATE="0").make_max_rate == 0  # unpaced
