@@ -100,9 +100,9 @@ class UpdateRouter:
 
     def _route(self, update_id: int, kind: str, update: dict[str, Any]) -> Routed:
         if kind == "pre_checkout_query" or is_payment_message(update):
-            self._flush_batch(update_id, update.get(kind))
             if self.payments is None:
                 return self._forward_or_ignore(update_id, kind, update, force=True)
+            self._flush_batch(update_id, update.get(kind))
             new = self.payments.handle(update)
             return Routed("stored" if new else "duplicate", kind)
         if is_ordinary_message(update):
