@@ -76,18 +76,18 @@ class TelegramOutbox(OutboxWorkers):
 
     def _handle(self, row: OutboxRow) -> None:
         method, params = row.payload["method"], row.payload["params"]
-        now = self._clock()
         try:
             if method == "sendMessage":
                 self._typing.stop(params.get("chat_id"))
             self._client.call(method, params, attempts=1)
         except RetryAfter as err:
-            outcome = self._retry(row, now, err.retry_after, err.description)
+            # Telegram's wait counts from its answer, not from when the call was made.
+            outcome = self._retry(row, self._clock(), err.retry_after, err.description)
         except TelegramError as err:
-            outcome = self._after_error(row, method, err, now)
+            outcome = self._after_error(row, method, err, self._clock())
         except Exception as err:
             log.exception("%s for %s failed unexpectedly", method, row.event_id)
-            outcome = self._retry(row, now, backoff(row.attempts, self._policy), type(err).__name__)
+            outcome = self._retry(row, self._clock(), backoff(row.attempts, self._policy), type(err).__name__)
         else:
             self.sent += 1
             log.info("%s done (%s)", method, row.event_id)
