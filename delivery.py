@@ -67,8 +67,8 @@ class DeliveryWorkers(OutboxWorkers):
         except Exception as err:
             log.exception("delivering event %s failed unexpectedly", row.event_id)
             retry_at = self._clock() + backoff(row.attempts, self._policy)
-            self._settle(lambda: self._store.mark_failed(row.id, retry_at, f"{type(err).__name__} in the gateway"),
-                         row)
+            reason = f"{type(err).__name__} in the gateway"
+            self._settle(lambda: self._store.mark_failed(row.id, retry_at, reason), row)
             chat_id = row.payload.get("chat_id")
             if isinstance(chat_id, int):
                 self._typing.stop(chat_id)

@@ -13,7 +13,6 @@ Run: python bench/delivery.py [chats] [backlog_events] [backlog_chats]
 
 from __future__ import annotations
 
-import statistics
 import sys
 import tempfile
 import threading
@@ -24,10 +23,11 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from config import derive_webhook_secret  # noqa: E402
 from doubles import TOKEN, MakeDouble, Service, TelegramDouble, wait_until  # noqa: E402
+from loadgen import post_all  # noqa: E402
 from store import NewEvent, SQLiteStore  # noqa: E402
 
 MAKE_SECONDS = 3.0
@@ -60,30 +60,6 @@ def threads_of(service: Service) -> int:
     return -1
 
 
-def post_all(url: str, updates: list[dict[str, Any]], connections: int = 16) -> list[float]:
-    """Post `updates` over `connections` keep-alive connections; return each request's latency."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def worker(part: list[dict[str, Any]]) -> None:
-        mine = []
-        with httpx.Client(headers=HEADERS, timeout=60) as client:
-            for update in part:
-                started = time.perf_counter()
-                response = client.post(url, json=update)
-                mine.append(time.perf_counter() - started)
-                assert response.status_code == 200, response.text
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(updates[n::connections],)) for n in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return latencies
-
-
 def ms(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
@@ -107,7 +83,7 @@ def answered_at_once(chats: int, label: str, goal: str, **env: str) -> None:
         sampler.start()
         updates = [text(1000 + n, 1 + n) for n in range(chats)]
         first = time.monotonic()
-        post_all(service.url + "/webhook", updates)
+        post_all(service.url + "/webhook", updates, HEADERS)
         last_written = time.monotonic()
         wait_until(lambda: len(telegram.calls_of("sendMessage")) >= chats, timeout=600, what="every reply")
         done = max(telegram.times_of("sendMessage"))
@@ -166,8 +142,9 @@ def under_backlog(label: str, backlog: tuple[int, int] | None, requests: int = 2
     service = gateway(tmp, telegram, make, TYPING_MODE="off")
     start_seconds = time.monotonic() - started
     time.sleep(3)  # let the retries of the backlog settle into their rhythm before measuring
-    post_all(service.url + "/webhook", [text(50_000_000 + n, 1 + n % 500) for n in range(200)])
-    latencies = post_all(service.url + "/webhook", [text(60_000_000 + n, 1 + n % 500) for n in range(requests)])
+    post_all(service.url + "/webhook", [text(50_000_000 + n, 1 + n % 500) for n in range(200)], HEADERS)
+    _, latencies = post_all(service.url + "/webhook", [text(60_000_000 + n, 1 + n % 500) for n in range(requests)],
+                            HEADERS)
     health, ready, metrics = (timed_gets(service, p) for p in ("/", "/ready", "/metrics"))
     pending = service.health()["outbox_pending"]
     print(f"  {label:<30} webhook p50 {ms(latencies, 0.5):6.1f} ms  p99 {ms(latencies, 0.99):6.1f} ms   "

@@ -11,17 +11,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 from config import derive_webhook_secret  # noqa: E402
 from doubles import TOKEN, MakeDouble, Service, TelegramDouble, wait_until  # noqa: E402
+from loadgen import post_all  # noqa: E402
 
 CONNECTIONS = 16
 NOOP_APP = """
@@ -38,34 +38,14 @@ serve(app, host="127.0.0.1", port=int(sys.argv[1]), threads=8, _quiet=True)
 
 
 def load(url: str, requests: int, headers: dict[str, str], first_id: int) -> tuple[float, list[float]]:
-    """Post `requests` distinct text updates over CONNECTIONS threads; return (seconds, latencies)."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-    per_thread = requests // CONNECTIONS
-
-    def worker(n: int) -> None:
-        mine: list[float] = []
-        with httpx.Client(headers=headers, timeout=30) as client:
-            for i in range(per_thread):
-                update_id = first_id + n * per_thread + i
-                user = 1 + update_id % 500
-                update = {"update_id": update_id, "message": {
-                    "message_id": update_id, "date": 0, "chat": {"id": user, "type": "private"},
-                    "from": {"id": user, "is_bot": False, "first_name": "B"}, "text": f"m{update_id}"}}
-                started = time.perf_counter()
-                response = client.post(url, json=update)
-                mine.append(time.perf_counter() - started)
-                assert response.status_code == 200, response.text
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(CONNECTIONS)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started, latencies
+    """Post `requests` distinct text updates over CONNECTIONS connections; return (seconds, latencies)."""
+    updates = []
+    for update_id in range(first_id, first_id + requests // CONNECTIONS * CONNECTIONS):
+        user = 1 + update_id % 500
+        updates.append({"update_id": update_id, "message": {
+            "message_id": update_id, "date": 0, "chat": {"id": user, "type": "private"},
+            "from": {"id": user, "is_bot": False, "first_name": "B"}, "text": f"m{update_id}"}})
+    return post_all(url, updates, headers, CONNECTIONS)
 
 
 def report(name: str, seconds: float, latencies: list[float]) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any
+from typing import Any, Callable
+
+from doubles import Service, TelegramDouble
 
 _ids = itertools.count(5000)
 
@@ -57,3 +59,22 @@ def callback_update(query_id: str, data: str = "buy", user_id: int = 42, chat_id
         "id": query_id, "from": {"id": user_id, "is_bot": False, "first_name": f"User{user_id}"},
         "chat_instance": f"ci-{user_id}", "data": data,
         "message": {"message_id": 1, "date": int(time.time()), "chat": chat, "text": "menu"}}}
+
+
+def deliver(service: Service, telegram: TelegramDouble, mode: str, update: dict[str, Any]) -> None:
+    """Hand one update to the service the way `mode` does: queued for getUpdates, or posted to the webhook."""
+    if mode == "polling":
+        telegram.push_update(update)
+    else:
+        from config import derive_webhook_secret
+        from doubles import TOKEN
+        response = service.post("/webhook", json=update,
+                                headers={"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)})
+        assert response.status_code == 200, response.text
+
+
+def start_in_mode(start_service: Callable[..., Service], mode: str, **env: str) -> Service:
+    """Start the service in `mode` (polling, or webhook with a WEBHOOK_URL)."""
+    if mode == "webhook":
+        env.setdefault("WEBHOOK_URL", "https://gateway.example.test/webhook")
+    return start_service(**env)

@@ -3,32 +3,10 @@ that follow the calls in flight, typing once per batch, the user's order, and an
 
 from __future__ import annotations
 
-import threading
-import time
-from typing import Callable
-
 import pytest
 
-from doubles import MakeDouble, Service, TelegramDouble, wait_until
-from helpers import callback_update, payment_update, text_update
-
-
-def _deliver(service: Service, telegram: TelegramDouble, mode: str, update: dict) -> None:
-    """Hand one update to the service the way `mode` does."""
-    if mode == "polling":
-        telegram.push_update(update)
-    else:
-        from config import derive_webhook_secret
-        from doubles import TOKEN
-        response = service.post("/webhook", json=update,
-                                headers={"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)})
-        assert response.status_code == 200, response.text
-
-
-def _start(start_service: Callable[..., Service], mode: str, **env: str) -> Service:
-    if mode == "webhook":
-        env.setdefault("WEBHOOK_URL", "https://gateway.example.test/webhook")
-    return start_service(**env)
+from doubles import MakeDouble, TelegramDouble, wait_until
+from helpers import callback_update, deliver, payment_update, start_in_mode, text_update
 
 
 # Concurrency across chats, one call per chat
@@ -101,10 +79,10 @@ def test_text_then_button_reaches_make_in_the_users_order_and_the_spinner_stops(
         mode: str, start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
     """A text followed by a button press reaches Make as [batch (reason flushed), update], not the other
     way round, and the press is answered empty once Make's answer carries no callback_answer."""
-    service = _start(start_service, mode, DEBOUNCE_SECONDS="5", CALLBACK_ANSWER_SECONDS="0.5")
-    _deliver(service, telegram, mode, text_update("I want the blue one", user_id=42))
+    service = start_in_mode(start_service, mode, DEBOUNCE_SECONDS="5", CALLBACK_ANSWER_SECONDS="0.5")
+    deliver(service, telegram, mode, text_update("I want the blue one", user_id=42))
     wait_until(lambda: service.health()["active_batches"] == 1, what="the open batch")
-    _deliver(service, telegram, mode, callback_update("cb-1", "blue", user_id=42))
+    deliver(service, telegram, mode, callback_update("cb-1", "blue", user_id=42))
     wait_until(lambda: len(make.accepted()) == 2, what="the batch and the button press")
     batch, press = make.accepted()
     assert (batch["event_type"], batch["reason"], batch["text"]) == ("message_batch", "flushed", "I want the blue one")
@@ -121,8 +99,8 @@ def test_makes_callback_answer_is_sent_once(mode: str, start_service, telegram: 
     """Make's `callback_answer` reaches answerCallbackQuery with its fields, once: the empty answer it
     replaced is never sent."""
     make.script((200, {"callback_answer": {"text": "Added to cart", "show_alert": True, "cache_time": 5}}))
-    service = _start(start_service, mode, CALLBACK_ANSWER_SECONDS="30")
-    _deliver(service, telegram, mode, callback_update("cb-2", user_id=9))
+    service = start_in_mode(start_service, mode, CALLBACK_ANSWER_SECONDS="30")
+    deliver(service, telegram, mode, callback_update("cb-2", user_id=9))
     answer = wait_until(lambda: telegram.calls_of("answerCallbackQuery"), what="Make's answer")
     assert answer == [{"callback_query_id": "cb-2", "text": "Added to cart", "show_alert": True, "cache_time": 5}]
     wait_until(lambda: service.health()["outbox_pending"] == 0, what="nothing left to send")

@@ -2,39 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import pytest
 
-from doubles import MakeDouble, Service, TelegramDouble, wait_until
-from helpers import text_update
-
-
-def _deliver(service: Service, telegram: TelegramDouble, mode: str, update: dict) -> None:
-    """Hand one update to the service the way `mode` does."""
-    if mode == "polling":
-        telegram.push_update(update)
-    else:
-        from config import derive_webhook_secret
-        from doubles import TOKEN
-        response = service.post("/webhook", json=update,
-                                headers={"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)})
-        assert response.status_code == 200, response.text
-
-
-def _start(start_service: Callable[..., Service], mode: str, **env: str) -> Service:
-    if mode == "webhook":
-        env.setdefault("WEBHOOK_URL", "https://gateway.example.test/webhook")
-    return start_service(**env)
+from doubles import MakeDouble, TelegramDouble, wait_until
+from helpers import deliver, start_in_mode, text_update
 
 
 @pytest.mark.parametrize("mode", ["polling", "webhook"])
 def test_burst_of_three_messages_is_one_make_event_in_order(
         mode: str, start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
     """Three quick messages from one user reach Make as one message_batch with all three, in order."""
-    service = _start(start_service, mode)
+    service = start_in_mode(start_service, mode)
     for text in ("hi", "I need", "a refund"):
-        _deliver(service, telegram, mode, text_update(text, user_id=42))
+        deliver(service, telegram, mode, text_update(text, user_id=42))
     events = wait_until(lambda: make.accepted(), what="a Make event")
     wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
     events = make.accepted()
@@ -57,9 +37,9 @@ def test_burst_of_three_messages_is_one_make_event_in_order(
 def test_two_users_at_once_give_two_events(mode: str, start_service, telegram: TelegramDouble,
                                            make: MakeDouble) -> None:
     """Interleaved messages from two users become one batch each, each with only its own messages."""
-    service = _start(start_service, mode)
+    service = start_in_mode(start_service, mode)
     for text, user in (("a1", 1), ("b1", 2), ("a2", 1), ("b2", 2)):
-        _deliver(service, telegram, mode, text_update(text, user_id=user))
+        deliver(service, telegram, mode, text_update(text, user_id=user))
     wait_until(lambda: len(make.accepted()) >= 2, what="two Make events")
     by_user = {e["user_id"]: e["text"] for e in make.accepted()}
     assert by_user == {1: "a1\na2", 2: "b1\nb2"}
@@ -70,11 +50,11 @@ def test_two_users_at_once_give_two_events(mode: str, start_service, telegram: T
 def test_repeated_update_is_processed_once(mode: str, start_service, telegram: TelegramDouble,
                                            make: MakeDouble) -> None:
     """An update delivered three times appears once in the batch sent to Make."""
-    service = _start(start_service, mode)
+    service = start_in_mode(start_service, mode)
     update = text_update("only once", user_id=7)
     for _ in range(3):
-        _deliver(service, telegram, mode, update)
-    _deliver(service, telegram, mode, text_update("second", user_id=7))
+        deliver(service, telegram, mode, update)
+    deliver(service, telegram, mode, text_update("second", user_id=7))
     event = wait_until(lambda: make.accepted(), what="a Make event")[0]
     assert [m["text"] for m in event["messages"]] == ["only once", "second"]
     assert service.health()["last_update_id"] is not None
@@ -86,8 +66,8 @@ def test_chat_sees_typing_and_make_reply_reaches_chat(mode: str, start_service, 
                                                       make: MakeDouble) -> None:
     """While Make prepares the answer the chat sees typing; Make's `reply` is sent to the chat."""
     make.script((200, {"reply": "Refund approved"}, {}, 0.3))
-    service = _start(start_service, mode)
-    _deliver(service, telegram, mode, text_update("refund please", user_id=77))
+    service = start_in_mode(start_service, mode)
+    deliver(service, telegram, mode, text_update("refund please", user_id=77))
     sent = wait_until(lambda: telegram.calls_of("sendMessage"), what="the reply to be sent")
     assert sent[0]["chat_id"] == 77 and sent[0]["text"] == "Refund approved"
     typing = telegram.calls_of("sendChatAction")
@@ -112,8 +92,8 @@ def test_make_failing_twice_then_ok_delivers_once(mode: str, start_service, tele
                                                   make: MakeDouble) -> None:
     """Make answering 500 twice and then 200 gets the same event three times and accepts it once."""
     make.script((500, "Scenario failed to complete."), (500, "Scenario failed to complete."))
-    service = _start(start_service, mode)
-    _deliver(service, telegram, mode, text_update("retry me", user_id=9))
+    service = start_in_mode(start_service, mode)
+    deliver(service, telegram, mode, text_update("retry me", user_id=9))
     wait_until(lambda: make.accepted(), timeout=15, what="the event to be accepted")
     wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
     assert [r["status"] for r in make.requests] == [500, 500, 200]
