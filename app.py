@@ -36,7 +36,7 @@ from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
 from telegram_api import BadRequest, RedactingFilter, TelegramClient, TelegramError, redact
-from telegram_outbox import TelegramOutbox
+from telegram_outbox import ANSWERS_TARGET, TelegramOutbox
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
 
@@ -69,6 +69,9 @@ class Gateway:
         self.replies = ReplySender(self.telegram, self.typing)
         self.telegram_outbox = TelegramOutbox(self.store, self.telegram, self.typing,
                                               max_age_seconds=config.make_max_age_hours * 3600)
+        # Button answers on slots of their own: a Bot API slow to answer them holds up no reply.
+        self.callback_answers = TelegramOutbox(self.store, self.telegram, self.typing, target=ANSWERS_TARGET,
+                                               name="callback-answers")
         self.delivery = DeliveryWorkers(
             self.store, self.make, self.typing, max_in_flight=config.make_max_concurrency,
             max_rate=config.make_max_rate, retry_max_seconds=config.make_retry_max_seconds,
@@ -95,11 +98,15 @@ class Gateway:
 
     def start(self) -> None:
         """Reload open batches, then start the threads of the configured mode."""
+        repaired = self.store.repair_heads()
+        if repaired:
+            log.warning("%d outbox queue(s) had no head; their oldest events head them again", repaired)
         restored = self.batches.restore()
         if restored:
             log.info("reloaded %d open batch(es) from %s", restored, self.config.state_db)
         self.payments.start()
         self.telegram_outbox.start()
+        self.callback_answers.start()
         self.delivery.start()
         self.batches.start()
         self.typing.start_thread()
@@ -120,6 +127,7 @@ class Gateway:
         self.payments.stop()
         self.delivery.stop()
         self.telegram_outbox.stop()
+        self.callback_answers.stop()
         self.typing.stop_thread()
         self.telegram.close()
         self.make.close()
@@ -141,6 +149,9 @@ class Gateway:
         d = self.delivery.health
         if d.last_error:
             problems.append(f"Make: {d.last_error}")
+        for loop in (self.delivery, self.telegram_outbox, self.callback_answers):
+            if loop.dispatch_error:
+                problems.append(f"{loop.name}: {loop.dispatch_error}")
         if self.poller is not None and self.poller.last_error:
             problems.append(f"Telegram: {self.poller.last_error}")
         elif self.telegram.network_error:
@@ -191,7 +202,8 @@ class Gateway:
     def _threads_alive(self) -> dict[str, bool]:
         alive = {"batch-scheduler": self.batches.is_alive(), "payment-answers": self.payments.is_alive(),
                  "make-delivery": self.delivery.alive(),
-                 "telegram-outbox": self.telegram_outbox.alive(), "typing-keepalive": self.typing.is_alive()}
+                 "telegram-outbox": self.telegram_outbox.alive(), "callback-answers": self.callback_answers.alive(),
+                 "typing-keepalive": self.typing.is_alive()}
         if self._registrar is not None and not self.webhook_registered:
             alive["webhook-register"] = self._registrar.is_alive()
         if self.poller is not None:
@@ -227,7 +239,8 @@ class Gateway:
 
     def _count_delivery(self, outcome: str, seconds: float) -> None:
         self.metrics.deliveries.labels(outcome).inc()
-        self.metrics.delivery_seconds.observe(seconds)
+        if outcome != "error":  # the gateway's own failure: no call to time
+            self.metrics.delivery_seconds.observe(seconds)
 
     def _register_metrics(self) -> None:
         m = self.metrics

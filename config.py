@@ -230,7 +230,10 @@ def _parse(env: Mapping[str, str]) -> Config:
         if not get("MAKE_MAX_CONCURRENCY"):
             concurrency = workers
     max_rate = number("MAKE_MAX_RATE", Config.make_max_rate, float, 0, 1000)
-    callback_answer_seconds = number("CALLBACK_ANSWER_SECONDS", Config.callback_answer_seconds, float, 0, 60)
+    if 0 < max_rate < 0.1:
+        problems.append(f"MAKE_MAX_RATE={max_rate:g} is below 0.1 calls a second; 0 turns pacing off")
+    # Telegram refuses an answer to a button press 10-15 s after the press: a later fallback would be refused.
+    callback_answer_seconds = number("CALLBACK_ANSWER_SECONDS", Config.callback_answer_seconds, float, 0, 10)
     poll_timeout = int(number("POLL_TIMEOUT_SECONDS", Config.poll_timeout_seconds, int, 1, 50))
     hold = number("PAYMENT_HOLD_SECONDS", Config.payment_hold_seconds, float, 1, 3600)
     check_with_make = flag("PAYMENT_CHECK_WITH_MAKE")

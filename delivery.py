@@ -69,14 +69,19 @@ class DeliveryWorkers(OutboxWorkers):
             retry_at = self._clock() + backoff(row.attempts, self._policy)
             reason = f"{type(err).__name__} in the gateway"
             self._settle(lambda: self._store.mark_failed(row.id, retry_at, reason), row)
+            self._on_outcome("error", 0.0)
+            with self._lock:
+                self.health.failed_attempts += 1
+                self.health.last_error = reason
             chat_id = row.payload.get("chat_id")
             if isinstance(chat_id, int):
                 self._typing.stop(chat_id)
 
     def _deliver(self, row: OutboxRow) -> None:
         chat_id = row.payload.get("chat_id")
-        # Typing once per batch: a chat must not see "typing…" on every retry while Make is down.
-        shows_typing = row.event_type == "message_batch" and isinstance(chat_id, int) and row.attempts == 1
+        # Typing once per batch: a chat must not see "typing…" on every retry while Make is down (a batch
+        # sent again after a restart has no failure recorded, and shows it again).
+        shows_typing = row.event_type == "message_batch" and isinstance(chat_id, int) and row.last_error is None
         if shows_typing:
             self._typing.start(chat_id)
         started = time.monotonic()
@@ -115,6 +120,9 @@ class DeliveryWorkers(OutboxWorkers):
 
     def _retry_later(self, row: OutboxRow, outcome: RetryLater, now: float, elapsed: float) -> None:
         dead = now - row.created_at >= self._max_age
+        if outcome.throttled:
+            # Make's limit is per webhook: every other chat's call would be refused too, so all wait.
+            self.pause(min(outcome.retry_after or 1.0, self._policy.maximum))
         if outcome.retry_after is not None:
             # Make's wait is honoured, but attempts are never further apart than the configured maximum.
             delay = min(outcome.retry_after, self._policy.maximum)

@@ -38,6 +38,7 @@ class RetryLater:
     reason: str
     retry_after: float | None = None
     permanent: bool = False
+    throttled: bool = False  # Make refuses the whole webhook for now (429, queue full), not just this event
 
 
 Outcome = Delivered | RetryLater
@@ -78,15 +79,17 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     if 200 <= status < 300:
         try:
             body = json.loads(text) if text else None
-        except ValueError:
-            body = None  # Make's plain "Accepted"
+        except (ValueError, RecursionError):  # Make's plain "Accepted", or JSON nested too deep to read
+            body = None
         return Delivered(status, parse_replies(body), body)
     snippet = " ".join(text.split())[:200]
     retry_after = parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
-    if status == 429 or status >= 500:
+    if status == 429:
+        return RetryLater(f"HTTP 429: {snippet}", retry_after, throttled=True)
+    if status >= 500:
         return RetryLater(f"HTTP {status}: {snippet}", retry_after)
     if status == 400 and "queue is full" in text.lower():
-        return RetryLater(f"HTTP 400: {snippet}", retry_after)
+        return RetryLater(f"HTTP 400: {snippet}", retry_after, throttled=True)
     if status == 410:
         return RetryLater("HTTP 410: the Make webhook is gone (deleted or deactivated); check MAKE_WEBHOOK_URL",
                           retry_after, permanent=True)

@@ -56,17 +56,27 @@ class ElasticThreads:
             else:
                 number, self._next_number = self._next_number, self._next_number + 1
             worker = _Worker(task, number)
+            worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"{self._name}-{number}",
+                                             daemon=True)
+            try:
+                worker.thread.start()  # under the lock, so the worker's first look at _workers finds itself
+            except RuntimeError:  # "can't start new thread": out of memory or over the process limit
+                heapq.heappush(self._free_numbers, number)
+                raise
             self._workers.add(worker)
             self.peak = max(self.peak, len(self._workers))
-        worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"{self._name}-{number}",
-                                         daemon=True)
-        worker.thread.start()
 
     @property
     def count(self) -> int:
         """Worker threads alive now (busy or idle)."""
         with self._lock:
             return len(self._workers)
+
+    @property
+    def idle(self) -> int:
+        """Worker threads waiting for a task now."""
+        with self._lock:
+            return len(self._idle)
 
     def stop(self, deadline: float) -> None:
         """End idle workers now and wait for busy ones until `deadline` (time.monotonic()); safe to call twice."""
@@ -122,7 +132,7 @@ class OutboxWorkers:
                  clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS) -> None:
         self._store = store
         self._target = target
-        self._name = name
+        self.name = name
         self.max_in_flight = max_in_flight
         self._interval = 1.0 / max_rate if max_rate > 0 else 0.0
         self._clock = clock
@@ -131,6 +141,8 @@ class OutboxWorkers:
         self._lock = threading.Lock()
         self.in_flight = 0
         self._next_start = 0.0  # time.monotonic() before which no row may start (pacing); claim loop only
+        self._paused_until = 0.0  # time.monotonic() before which no row may start (the target said so)
+        self.dispatch_error: str | None = None  # why rows could not be handed to a thread, until one can
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -158,6 +170,10 @@ class OutboxWorkers:
         """Tell the claim loop a row may be due now."""
         self._wakeup.set()
 
+    def pause(self, seconds: float) -> None:
+        """Start nothing for `seconds` (the target is over its rate limit: every call would be refused)."""
+        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+
     def _on_new_work(self, target: str) -> None:
         if target == self._target:
             self._wakeup.set()
@@ -177,7 +193,7 @@ class OutboxWorkers:
         reset = self._store.reset_inflight(self._target)
         if reset:
             log.info("%d %s row(s) were in flight at the last stop; they will be sent again", reset, self._target)
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -200,7 +216,7 @@ class OutboxWorkers:
             try:
                 wait = self._dispatch()
             except Exception:
-                log.exception("%s pass failed; retrying in 1 s", self._name)
+                log.exception("%s pass failed; retrying in 1 s", self.name)
                 wait = 1.0
             if wait > 0:
                 self._wakeup.wait(wait)
@@ -212,26 +228,42 @@ class OutboxWorkers:
         if free <= 0:
             return _MAX_WAIT  # a finishing row wakes the loop
         now = time.monotonic()
+        not_before = max(self._next_start, self._paused_until)
+        if not_before > now:
+            return min(_MAX_WAIT, not_before - now)
         if self._interval:
-            if self._next_start > now:
-                return self._next_start - now
             free = 1  # paced: one start per interval, never a burst
         rows = self._store.claim_due_events(self._clock(), self._target, free)
         if not rows:
             next_at = self._store.next_attempt_at(self._target)
             return _MAX_WAIT if next_at is None else min(_MAX_WAIT, max(0.01, next_at - self._clock()))
         self._next_start = now + self._interval
-        for row in rows:
+        for n, row in enumerate(rows):
             with self._lock:
                 self.in_flight += 1
-            self._threads.submit(lambda row=row: self._run_one(row))
+            try:
+                self._threads.submit(lambda row=row: self._run_one(row))
+            except RuntimeError as err:
+                with self._lock:
+                    self.in_flight -= 1
+                self._unclaim(rows[n:], f"no thread to send it on ({err})")
+                return 1.0
+        self.dispatch_error = None
         return 0.0
+
+    def _unclaim(self, rows: list[OutboxRow], reason: str) -> None:
+        """Put claimed rows that never started back in their queues, due again in a second."""
+        self.dispatch_error = reason
+        log.error("%s: %d claimed row(s) could not start: %s; trying again in 1 s", self.name, len(rows), reason)
+        retry_at = self._clock() + 1.0
+        for row in rows:
+            self._settle(lambda row=row: self._store.mark_failed(row.id, retry_at, reason), row)
 
     def _run_one(self, row: OutboxRow) -> None:
         try:
             self._handle(row)
         except Exception:
-            log.exception("%s: handling %s failed; it stays in flight until the next start", self._name, row.event_id)
+            log.exception("%s: handling %s failed; it stays in flight until the next start", self.name, row.event_id)
         finally:
             with self._lock:
                 self.in_flight -= 1

@@ -103,6 +103,9 @@ CREATE TABLE meta (
 _OUTBOX_HEADS = """
 ALTER TABLE outbox ADD COLUMN is_head INTEGER NOT NULL DEFAULT 0;
 DROP INDEX outbox_due;
+-- Only a stopped gateway's file is migrated, so whatever it left in flight is due again (version 1 could
+-- even leave two rows of one chat in flight, which the index below forbids).
+UPDATE outbox SET status = 'pending' WHERE status = 'inflight';
 UPDATE outbox SET is_head = 1 WHERE status IN ('pending', 'inflight') AND id = (
     SELECT MIN(p.id) FROM outbox p WHERE p.order_key = outbox.order_key AND p.status IN ('pending', 'inflight'));
 CREATE UNIQUE INDEX outbox_one_head ON outbox (order_key) WHERE is_head = 1;
@@ -251,9 +254,25 @@ class SQLiteStore:
             raise StoreError(f"state database {path!r} has schema version {version}, this gateway needs "
                              f"{SCHEMA_VERSION}; point STATE_DB at a new file (or keep the gateway that wrote it "
                              "until its outbox is empty)")
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            # executescript commits first, so the migration and its version number are one explicit transaction.
-            self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
+        if version == SCHEMA_VERSION:
+            return
+        # Upgrading a file that a running (older) gateway uses would change the rows under its feet:
+        # only the holder of the instance lock migrates.
+        lock = self._instance_lock
+        if version and lock is None and path != ":memory:":
+            try:
+                lock = _lock_instance(path)
+            except StoreError:
+                raise StoreError(f"state database {path!r} has schema version {version} and a gateway is running "
+                                 f"on it; stop it and start this one, which upgrades it to {SCHEMA_VERSION}") from None
+        try:
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                # executescript commits first, so a migration and its version number are one explicit transaction.
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
+        finally:
+            if lock is not None and lock is not self._instance_lock:
+                lock.close()
 
     def on_new_work(self, callback: Callable[[str], None]) -> None:
         """Call `callback(target)` after every commit that gave `target` a row to send (wakes its claim loop)."""
@@ -394,6 +413,18 @@ class SQLiteStore:
             if count:
                 self._new_work.add(target)
             return count
+
+    def repair_heads(self) -> int:
+        """Give every queue that has live events but no head one (its oldest); return how many were repaired.
+        Nothing the gateway does leaves a queue headless; this guards the start against a file changed by hand."""
+        with self._tx() as cur:
+            headless = [r[0] for r in cur.execute(
+                "SELECT order_key FROM outbox WHERE status IN ('pending', 'inflight') GROUP BY order_key "
+                "HAVING MAX(is_head) = 0")]
+            for order_key, target in ((k, cur.execute("SELECT target FROM outbox WHERE order_key=? LIMIT 1",
+                                                      (k,)).fetchone()[0]) for k in headless):
+                self._promote(cur, order_key, target)
+            return len(headless)
 
     def claim_due_events(self, now: float, target: str = "make", limit: int = 1) -> list[OutboxRow]:
         """Mark in flight and return up to `limit` due events of `target`, each the head of its order key's

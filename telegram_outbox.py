@@ -24,22 +24,28 @@ from typing_keepalive import TypingKeepAlive
 log = logging.getLogger("gateway.telegram_outbox")
 
 TARGET = "telegram"
+ANSWERS_TARGET = "telegram-answers"  # answers to button presses, on slots of their own
 MAX_IN_FLIGHT = 8  # Bot API calls at once: a slow call holds up no other chat, and Telegram's ~30/s is far off
+# Telegram takes an answer to a button press for a short, undocumented time after the press (10-15 s
+# in reports); after it, an answer is refused as too old, so there is no point in sending it.
+ANSWER_WINDOW_SECONDS = 15.0
+_ANSWER_READ_TIMEOUT = 5.0
 _CALLBACK_ANSWER_FIELDS = {"text": str, "show_alert": bool, "url": str, "cache_time": int}
 
 
 def bot_call(event_id: str, order_key: str, method: str, params: dict, *, due_at: float | None = None,
-             replace: bool = False) -> NewEvent:
+             replace: bool = False, target: str = TARGET) -> NewEvent:
     """An outbox row that makes one Bot API call (at `due_at`; `replace`: see `NewEvent`)."""
-    return NewEvent(event_id, order_key, method, {"method": method, "params": params}, target=TARGET,
+    return NewEvent(event_id, order_key, method, {"method": method, "params": params}, target=target,
                     due_at=due_at, replace=replace)
 
 
 def callback_answer(query_id: str, answer: dict | None = None, *, due_at: float | None = None,
-                    replace: bool = False) -> NewEvent:
+                    replace: bool = False, suffix: str = "") -> NewEvent:
     """The one `answerCallbackQuery` of a button press: empty (the spinner stops) or with `answer`'s fields."""
-    return bot_call(f"callback-answer-{query_id}", f"callback:{query_id}", "answerCallbackQuery",
-                    {"callback_query_id": query_id, **(answer or {})}, due_at=due_at, replace=replace)
+    return bot_call(f"callback-answer-{query_id}{suffix}", f"callback:{query_id}", "answerCallbackQuery",
+                    {"callback_query_id": query_id, **(answer or {})}, due_at=due_at, replace=replace,
+                    target=ANSWERS_TARGET)
 
 
 def callback_answer_fields(answer: Any) -> tuple[dict[str, Any], list[str]]:
@@ -65,9 +71,9 @@ class TelegramOutbox(OutboxWorkers):
     """The `telegram-outbox` claim loop sending the durable Bot API calls, a few at once on `telegram-outbox-N` threads."""
 
     def __init__(self, store: SQLiteStore, client: TelegramClient, typing: TypingKeepAlive, *,
-                 max_in_flight: int = MAX_IN_FLIGHT, max_age_seconds: float = 72 * 3600,
-                 clock: Callable[[], float] = time.time) -> None:
-        super().__init__(store, TARGET, "telegram-outbox", max_in_flight, clock=clock)
+                 target: str = TARGET, name: str = "telegram-outbox", max_in_flight: int = MAX_IN_FLIGHT,
+                 max_age_seconds: float = 72 * 3600, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(store, target, name, max_in_flight, clock=clock)
         self._client = client
         self._typing = typing
         self._max_age = max_age_seconds
@@ -79,7 +85,9 @@ class TelegramOutbox(OutboxWorkers):
         try:
             if method == "sendMessage":
                 self._typing.stop(params.get("chat_id"))
-            self._client.call(method, params, attempts=1)
+            # An answer to a button press is worth little after a few seconds: never wait long for one.
+            self._client.call(method, params, attempts=1,
+                              read_timeout=_ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None)
         except RetryAfter as err:
             # Telegram's wait counts from its answer, not from when the call was made.
             outcome = self._retry(row, self._clock(), err.retry_after, err.description)
@@ -100,14 +108,12 @@ class TelegramOutbox(OutboxWorkers):
             log.warning("%s for %s may or may not have arrived (%s); not repeated, so it is not sent twice",
                         method, row.event_id, err.description)
             return lambda: self._store.mark_delivered(row.id)
+        if method == "answerCallbackQuery":
+            return self._after_answer_error(row, err, now)
         if isinstance(err, NetworkError):
             return self._retry(row, now, backoff(row.attempts, self._policy), err.description)
         if method == "refundStarPayment" and "CHARGE_ALREADY_REFUNDED" in err.description.upper():
             log.info("%s: already refunded", row.event_id)
-            return lambda: self._store.mark_delivered(row.id)
-        if method == "answerCallbackQuery" and isinstance(err, BadRequest):
-            # Telegram's window for an answer is short ("query is too old"): a refused answer is done, not retried.
-            log.warning("%s refused: %s; not retried", row.event_id, err.description)
             return lambda: self._store.mark_delivered(row.id)
         if isinstance(err, ChatMigrated):
             log.error("%s for %s: the group moved to chat %s; update the chat id (kept as a dead letter)",
@@ -115,6 +121,23 @@ class TelegramOutbox(OutboxWorkers):
         else:  # refused for its content or its chat (400, 403, 401): repeating will not help
             log.error("%s for %s refused: %s (kept as a dead letter)", method, row.event_id, err)
         return lambda: self._store.mark_failed(row.id, now, err.description, dead=True)
+
+    def _after_answer_error(self, row: OutboxRow, err: TelegramError, now: float) -> Callable[[], None]:
+        """An answer to a button press failed: retried only inside Telegram's window; one refused for its
+        content (Make's text or url) is sent once more empty, so the spinner still stops."""
+        params = row.payload["params"]
+        too_old = "too old" in err.description.lower() or "query id is invalid" in err.description.lower()
+        if now - row.created_at > ANSWER_WINDOW_SECONDS or too_old:
+            log.warning("%s not answered: %s; too late to try again", row.event_id, err.description)
+            return lambda: self._store.mark_delivered(row.id)
+        if isinstance(err, BadRequest) and set(params) != {"callback_query_id"}:
+            log.warning("%s refused: %s; answering it empty instead", row.event_id, err.description)
+            plain = callback_answer(params["callback_query_id"], suffix="-empty")
+            return lambda: self._store.mark_delivered(row.id, [plain], now)
+        if isinstance(err, NetworkError):
+            return self._retry(row, now, min(1.0, backoff(row.attempts, self._policy)), err.description)
+        log.warning("%s refused: %s; not retried", row.event_id, err.description)
+        return lambda: self._store.mark_delivered(row.id)
 
     def _retry(self, row: OutboxRow, now: float, delay: float, reason: str) -> Callable[[], None]:
         dead = now - row.created_at >= self._max_age

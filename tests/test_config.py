@@ -125,7 +125,8 @@ def test_every_problem_is_reported_at_once_naming_its_variable() -> None:
     ("MAKE_MAX_CONCURRENCY", "many"),
     ("MAKE_MAX_RATE", "-1"),
     ("MAKE_DELIVERY_WORKERS", "0"),
-    ("CALLBACK_ANSWER_SECONDS", "61"),
+    ("CALLBACK_ANSWER_SECONDS", "11"),
+    ("MAKE_MAX_RATE", "1e-12"),
 ])
 def test_each_bad_setting_is_refused_by_name(name: str, value: str) -> None:
     """A single bad variable gives a ConfigError whose problem names that variable."""

@@ -196,3 +196,18 @@ def test_close_is_safe_twice() -> None:
     client = MakeClient("http://127.0.0.1:9/hook")
     client.close()
     client.close()
+
+
+def test_an_answer_nested_too_deep_to_read_is_still_delivered() -> None:
+    """A 2xx whose JSON is nested past Python's recursion limit is delivered (without replies), never an error
+    that would post the event again."""
+    deep = "[" * 200_000 + "]" * 200_000
+    outcome = classify(200, {}, '{"callback_answer": ' + deep + "}")
+    assert isinstance(outcome, Delivered) and outcome.replies == [] and outcome.body is None
+
+
+def test_make_over_its_rate_limit_throttles_the_whole_webhook() -> None:
+    """429 and "Queue is full" say the webhook as a whole is refusing: `throttled`; a 500 is not."""
+    assert classify(429, {"Retry-After": "2"}, "Too many requests").throttled
+    assert classify(400, {}, "Queue is full.").throttled
+    assert not classify(500, {}, "Scenario failed to complete.").throttled

@@ -69,14 +69,14 @@ def test_idle_threads_end_and_their_names_are_reused() -> None:
     wait_until(lambda: threads.count == 0, what="the last thread to end at stop")
 
 
-def test_busy_threads_are_reused_before_new_ones_are_made() -> None:
-    """Tasks submitted one after another, each finished before the next, run on one thread."""
+def test_an_idle_thread_is_reused_before_a_new_one_is_made() -> None:
+    """Tasks submitted one after another, each once the last has finished, all run on one thread."""
     threads = ElasticThreads("w", idle_seconds=5)
-    done = threading.Semaphore(0)
+    ran_on: list[str] = []
     for _ in range(20):
-        threads.submit(done.release)
-        assert done.acquire(timeout=5)
-    assert threads.peak <= 2  # the one worker, or a second made while the first was putting itself back
+        threads.submit(lambda: ran_on.append(threading.current_thread().name))
+        wait_until(lambda: threads.idle == 1, what="the worker to be idle again")
+    assert ran_on == ["w-1"] * 20 and threads.peak == 1
     threads.stop(deadline=0)
 
 
@@ -127,4 +127,34 @@ def test_new_work_wakes_the_claim_loop_and_stop_is_safe_twice() -> None:
     workers.stop()
     workers.stop()
     assert not workers.alive()
+    store.close()
+
+
+def test_rows_that_find_no_thread_go_back_to_their_queues() -> None:
+    """When no worker thread can be started (out of memory, a process limit), the claimed rows become due
+    again instead of staying in flight, the loop says why, and they are all handled once threads start."""
+    store = MemoryStore()
+    store.enqueue_events([NewEvent(f"e{n}", f"chat:{n}", "update", {}) for n in range(6)], T0)
+    workers = Recorder(store, max_in_flight=4)
+    real_submit, refusing = workers._threads.submit, [True]
+
+    def submit(task) -> None:
+        if refusing[0]:
+            raise RuntimeError("can't start new thread")
+        real_submit(task)
+
+    workers._threads.submit = submit  # type: ignore[method-assign]
+    clock = [T0]
+    workers._clock = lambda: clock[0]
+    workers.start()
+    # Every row was claimed, refused a thread and put back, due a second later (the clock stands still).
+    wait_until(lambda: store.next_attempt_at() == T0 + 1 and store.outbox_stats(T0)["outbox_inflight"] == 0,
+               what="every row put back")
+    assert "can't start new thread" in (workers.dispatch_error or "") and workers.in_flight == 0
+    refusing[0] = False
+    clock[0] = T0 + 2  # their next attempt has come
+    wait_until(lambda: len(workers.handled) == 6, what="every row handled")
+    workers.stop()
+    assert sorted(workers.handled) == sorted(f"e{n}" for n in range(6)) and workers.in_flight == 0
+    assert workers.dispatch_error is None and store.outbox_stats(T0)["outbox_pending"] == 0
     store.close()

@@ -431,7 +431,8 @@ def test_counts_follow_every_change_of_the_outbox() -> None:
 
 def test_a_version_1_state_is_upgraded_in_place_keeping_its_queues(tmp_path: Path) -> None:
     """A state file written by the previous gateway (schema 1) with a backlog, an event in flight and a dead
-    letter opens: every queue keeps its order and its head, the counts are right, nothing is lost."""
+    letter opens: every queue keeps its order and its head, what was in flight is due again, the counts
+    are right, nothing is lost."""
     import sqlite3
 
     import store as store_module
@@ -447,9 +448,8 @@ def test_a_version_1_state_is_upgraded_in_place_keeping_its_queues(tmp_path: Pat
         db.execute("INSERT INTO payments VALUES ('ch', 'p', 1, 'RUB', 100, 0, ?, '{}')", (T0,))
     upgraded = SQLiteStore(str(path))
     stats = upgraded.outbox_stats(T0)
-    assert (stats["outbox_pending"], stats["outbox_inflight"], stats["outbox_dead"]) == (5, 1, 1)
+    assert (stats["outbox_pending"], stats["outbox_inflight"], stats["outbox_dead"]) == (5, 0, 1)  # b1 due again
     assert upgraded.payments_count() == 1
-    assert upgraded.reset_inflight() == 1
     order: list[str] = []
     while (row := upgraded.claim_due_event(T0)) is not None:
         order.append(row.event_id)
@@ -460,6 +460,62 @@ def test_a_version_1_state_is_upgraded_in_place_keeping_its_queues(tmp_path: Pat
     upgraded.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+
+
+def _v1_file(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    """A state file as the previous gateway (schema 1) left it, with these outbox rows (id order)."""
+    import sqlite3
+
+    import store as store_module
+    with sqlite3.connect(path) as db:
+        db.executescript(store_module._MIGRATIONS[0])
+        db.execute("PRAGMA user_version=1")
+        for event_id, key, status in rows:
+            db.execute("INSERT INTO outbox (event_id, order_key, event_type, payload, created_at, status, "
+                       "next_attempt_at) VALUES (?, ?, 'update', '{}', ?, ?, ?)", (event_id, key, T0, status, T0))
+
+
+def test_a_version_1_state_in_use_by_a_gateway_is_not_upgraded_under_it(tmp_path: Path) -> None:
+    """Opening (say, for `python app.py dead-letters`) a version 1 file that a running gateway holds is
+    refused with a line saying to stop it; once it is stopped, the file is upgraded."""
+    import sqlite3
+
+    from store import StoreError, _lock_instance
+    path = tmp_path / "v1.sqlite3"
+    _v1_file(path, [("a1", "chat:1", "pending")])
+    running = _lock_instance(str(path))  # what the old gateway holds while it runs
+    with pytest.raises(StoreError, match="a gateway is running on it; stop it"):
+        SQLiteStore(str(path))
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    running.close()
+    upgraded = SQLiteStore(str(path))
+    assert [upgraded.claim_due_event(T0).event_id] == ["a1"]
+    upgraded.close()
+
+
+def test_a_version_1_chat_left_with_two_rows_in_flight_is_upgraded_in_order(tmp_path: Path) -> None:
+    """Version 1 could leave two rows of one chat in flight (a replayed letter claimed beside a later
+    event); the upgrade makes both due again, and the chat's events go out in their order."""
+    path = tmp_path / "v1.sqlite3"
+    _v1_file(path, [("a1", "chat:1", "inflight"), ("a2", "chat:1", "inflight"), ("a3", "chat:1", "pending")])
+    upgraded = SQLiteStore(str(path), exclusive=True)
+    order = []
+    while (row := upgraded.claim_due_event(T0)) is not None:
+        order.append(row.event_id)
+        upgraded.mark_delivered(row.id)
+    assert order == ["a1", "a2", "a3"]
+    upgraded.close()
+
+
+def test_a_queue_left_without_a_head_is_repaired(store: SQLiteStore) -> None:
+    """A queue whose head mark was lost (a file changed by hand) gets its oldest event as head again."""
+    store.enqueue_events([event("a1", "chat:1"), event("a2", "chat:1"), event("b1", "chat:2")], T0)
+    with store._tx() as cur:
+        cur.execute("UPDATE outbox SET is_head = 0 WHERE order_key = 'chat:1'")
+    assert [r.event_id for r in store.claim_due_events(T0, limit=5)] == ["b1"]
+    assert store.repair_heads() == 1 and store.repair_heads() == 0
+    assert [r.event_id for r in store.claim_due_events(T0, limit=5)] == ["a1"]
 
 
 def test_outbox_stats_count_each_state(store: SQLiteStore) -> None:
