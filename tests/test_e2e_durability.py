@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from doubles import MakeDouble, TelegramDouble, wait_until
-from helpers import text_update
-from test_e2e_flow import _deliver, _start
+from helpers import deliver, start_in_mode, text_update
 
 
 @pytest.mark.parametrize("mode", ["polling", "webhook"])
@@ -14,18 +13,18 @@ def test_kill_9_with_open_batch_then_restart_delivers_it_once(
         mode: str, start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
     """Messages acknowledged before a `kill -9` reach Make once, in one batch, after the restart."""
     env = {"DEBOUNCE_SECONDS": "1.5", "MAX_WAIT_SECONDS": "10"}
-    first = _start(start_service, mode, **env)
+    first = start_in_mode(start_service, mode, **env)
     for text in ("before", "the crash"):
-        _deliver(first, telegram, mode, text_update(text, user_id=31))
+        deliver(first, telegram, mode, text_update(text, user_id=31))
     wait_until(lambda: first.health()["active_batches"] == 1, what="the batch to be open")
     first.kill()
     assert make.events == []
 
-    second = _start(start_service, mode, **env)
+    second = start_in_mode(start_service, mode, **env)
     event = wait_until(lambda: make.accepted(), timeout=15, what="the reloaded batch")[0]
     assert [m["text"] for m in event["messages"]] == ["before", "the crash"]
     assert event["reason"] in ("quiet", "restart")
-    _deliver(second, telegram, mode, text_update("after", user_id=31))
+    deliver(second, telegram, mode, text_update("after", user_id=31))
     wait_until(lambda: len(make.accepted()) == 2, what="the next batch")
     assert [e["text"] for e in make.accepted()] == ["before\nthe crash", "after"]
     assert second.stop() == 0
