@@ -41,21 +41,21 @@ class ElasticThreads:
         self._stopping = False
         self.peak = 0
 
-    def submit(self, task: Callable[[], None]) -> None:
-        """Run `task` on a worker thread now."""
+    def submit(self, task: Callable[[], None], done: Callable[[], None] = lambda: None) -> None:
+        """Run `task` on a worker thread now; call `done` once that thread is free for the next task."""
         with self._lock:
             if self._stopping:
                 raise RuntimeError(f"{self._name} threads are stopped")
             if self._idle:
                 worker = self._idle.pop()  # the most recently busy one: the others may time out and end
-                worker.task = task
+                worker.task, worker.done = task, done
                 worker.ready.set()
                 return
             if self._free_numbers:
                 number = heapq.heappop(self._free_numbers)
             else:
                 number, self._next_number = self._next_number, self._next_number + 1
-            worker = _Worker(task, number)
+            worker = _Worker(task, done, number)
             worker.thread = threading.Thread(target=self._work, args=(worker,), name=f"{self._name}-{number}",
                                              daemon=True)
             try:
@@ -92,17 +92,22 @@ class ElasticThreads:
     def _work(self, worker: "_Worker") -> None:
         try:
             while True:
-                task, worker.task = worker.task, None
+                task, done, worker.task, worker.done = worker.task, worker.done, None, None
                 if task is not None:
                     try:
                         task()
                     except Exception:
                         log.exception("%s task failed", self._name)
                 with self._lock:
-                    if self._stopping:
-                        return
-                    worker.ready.clear()
-                    self._idle.append(worker)
+                    stopping = self._stopping
+                    if not stopping:
+                        worker.ready.clear()
+                        self._idle.append(worker)
+                # Only now: whoever waits for a free thread finds this one idle, instead of making another.
+                if done is not None:
+                    done()
+                if stopping:
+                    return
                 worker.ready.wait(self._idle_seconds)
                 with self._lock:
                     if worker.task is None:  # timed out, or stopping: no task was handed over
@@ -116,10 +121,11 @@ class ElasticThreads:
 
 
 class _Worker:
-    """One worker thread's hand-over slot: `submit` sets `task`, then `ready`."""
+    """One worker thread's hand-over slot: `submit` sets `task` and `done`, then `ready`."""
 
-    def __init__(self, task: Callable[[], None], number: int) -> None:
+    def __init__(self, task: Callable[[], None], done: Callable[[], None], number: int) -> None:
         self.task: Callable[[], None] | None = task
+        self.done: Callable[[], None] | None = done
         self.number = number
         self.ready = threading.Event()
         self.thread: threading.Thread | None = None
@@ -242,8 +248,8 @@ class OutboxWorkers:
             with self._lock:
                 self.in_flight += 1
             try:
-                self._threads.submit(lambda row=row: self._run_one(row))
-            except RuntimeError as err:
+                self._threads.submit(lambda row=row: self._run_one(row), self._slot_free)
+            except Exception as err:  # RuntimeError("can't start new thread") above all
                 with self._lock:
                     self.in_flight -= 1
                 self._unclaim(rows[n:], f"no thread to send it on ({err})")
@@ -264,7 +270,9 @@ class OutboxWorkers:
             self._handle(row)
         except Exception:
             log.exception("%s: handling %s failed; it stays in flight until the next start", self.name, row.event_id)
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-            self._wakeup.set()
+
+    def _slot_free(self) -> None:
+        """A row's thread is back among the idle ones: another row may start."""
+        with self._lock:
+            self.in_flight -= 1
+        self._wakeup.set()

@@ -138,10 +138,10 @@ def test_rows_that_find_no_thread_go_back_to_their_queues() -> None:
     workers = Recorder(store, max_in_flight=4)
     real_submit, refusing = workers._threads.submit, [True]
 
-    def submit(task) -> None:
+    def submit(task, done) -> None:
         if refusing[0]:
             raise RuntimeError("can't start new thread")
-        real_submit(task)
+        real_submit(task, done)
 
     workers._threads.submit = submit  # type: ignore[method-assign]
     clock = [T0]
