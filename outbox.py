@@ -143,11 +143,12 @@ class OutboxWorkers:
         self._interval = 1.0 / max_rate if max_rate > 0 else 0.0
         self._clock = clock
         self._threads = ElasticThreads(name, idle_seconds)
-        # _lock guards in_flight (rows handed to workers and not yet finished).
+        # _lock guards in_flight (rows handed to workers whose threads are not free yet) and _paused_until
+        # (time.monotonic() before which no row may start: the target said so).
         self._lock = threading.Lock()
         self.in_flight = 0
+        self._paused_until = 0.0
         self._next_start = 0.0  # time.monotonic() before which no row may start (pacing); claim loop only
-        self._paused_until = 0.0  # time.monotonic() before which no row may start (the target said so)
         self.dispatch_error: str | None = None  # why rows could not be handed to a thread, until one can
         self._wakeup = threading.Event()
         self._stopping = threading.Event()
@@ -178,7 +179,8 @@ class OutboxWorkers:
 
     def pause(self, seconds: float) -> None:
         """Start nothing for `seconds` (the target is over its rate limit: every call would be refused)."""
-        self._paused_until = max(self._paused_until, time.monotonic() + seconds)
+        with self._lock:
+            self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def _on_new_work(self, target: str) -> None:
         if target == self._target:
@@ -231,10 +233,11 @@ class OutboxWorkers:
         """Claim what may start now and hand it to workers; return how long to wait before looking again."""
         with self._lock:
             free = self.max_in_flight - self.in_flight
+            paused_until = self._paused_until
         if free <= 0:
             return _MAX_WAIT  # a finishing row wakes the loop
         now = time.monotonic()
-        not_before = max(self._next_start, self._paused_until)
+        not_before = max(self._next_start, paused_until)
         if not_before > now:
             return min(_MAX_WAIT, not_before - now)
         if self._interval:
