@@ -56,9 +56,11 @@ class DeliveryWorkers(OutboxWorkers):
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
         self._max_age = max_age_seconds
         self._on_outcome = on_outcome
-        # _lock guards health, written by every worker.
+        # _lock guards health, written by every worker, and _typed: the batches that have shown typing and
+        # are not delivered yet (one run of "typing…" per batch, not one per retry).
         self._lock = threading.Lock()
         self.health = DeliveryHealth()
+        self._typed: set[str] = set()
 
     def _handle(self, row: OutboxRow) -> None:
         """Deliver a claimed event; whatever goes wrong, it leaves the in-flight state (or its chat would stall)."""
@@ -79,9 +81,12 @@ class DeliveryWorkers(OutboxWorkers):
 
     def _deliver(self, row: OutboxRow) -> None:
         chat_id = row.payload.get("chat_id")
-        # Typing once per batch: a chat must not see "typing…" on every retry while Make is down (a batch
-        # sent again after a restart has no failure recorded, and shows it again).
-        shows_typing = row.event_type == "message_batch" and isinstance(chat_id, int) and row.last_error is None
+        # Typing once per batch: a chat must not see "typing…" on every retry while Make is down.
+        with self._lock:
+            shows_typing = (row.event_type == "message_batch" and isinstance(chat_id, int)
+                            and row.event_id not in self._typed)
+            if shows_typing:
+                self._typed.add(row.event_id)
         if shows_typing:
             self._typing.start(chat_id)
         started = time.monotonic()
@@ -106,6 +111,7 @@ class DeliveryWorkers(OutboxWorkers):
                             "(CALLBACK_ANSWER_SECONDS); dropped", row.event_id)
             self._on_outcome("delivered", elapsed)
             with self._lock:
+                self._typed.discard(row.event_id)
                 self.health.delivered += 1
                 self.health.last_delivered_at = now
                 self.health.failing_since = None
@@ -133,6 +139,8 @@ class DeliveryWorkers(OutboxWorkers):
         self._settle(lambda: self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead), row)
         self._on_outcome("dead" if dead else ("rejected" if outcome.permanent else "retry"), elapsed)
         with self._lock:
+            if dead or outcome.throttled:  # throttled: Make never ran it, so its real run shows typing again
+                self._typed.discard(row.event_id)
             self.health.failed_attempts += 1
             self.health.last_error = outcome.reason
             self.health.last_error_permanent = outcome.permanent
@@ -164,7 +172,8 @@ def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
             if dropped:
                 log.warning("Make's callback_answer to %s: ignored %s (expected text of at most 200 characters, "
                             "show_alert, url, cache_time)", row.event_id, ", ".join(dropped))
-            calls.append(callback_answer(query["id"], answer, replace=True))
+            # The forwarded press was stored when it arrived: its creation is the press's time.
+            calls.append(callback_answer(query["id"], row.created_at, answer, replace=True))
     return calls
 
 

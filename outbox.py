@@ -261,12 +261,12 @@ class OutboxWorkers:
         return 0.0
 
     def _unclaim(self, rows: list[OutboxRow], reason: str) -> None:
-        """Put claimed rows that never started back in their queues, due again in a second."""
+        """Put claimed rows that never started back in their queues (no attempt counted), and claim nothing
+        for a second: threads are short now, and every pass would only claim and put back again."""
         self.dispatch_error = reason
         log.error("%s: %d claimed row(s) could not start: %s; trying again in 1 s", self.name, len(rows), reason)
-        retry_at = self._clock() + 1.0
-        for row in rows:
-            self._settle(lambda row=row: self._store.mark_failed(row.id, retry_at, reason), row)
+        self.pause(1.0)
+        self._settle(lambda: self._store.release_claims([row.id for row in rows], self._clock()), rows[0])
 
     def _run_one(self, row: OutboxRow) -> None:
         try:

@@ -136,7 +136,7 @@ class UpdateRouter:
         if kind == "callback_query" and isinstance(body, dict) and isinstance(body.get("id"), str):
             # Its button spins until answered: Make may answer it (callback_answer) until the due time.
             wait = self._callback_answer_seconds if forwarded else 0.0
-            events.append(callback_answer(body["id"], due_at=now + wait))
+            events.append(callback_answer(body["id"], now, due_at=now + wait))
         if not self._store.record_update(update_id, now, events):
             return Routed("duplicate", kind)
         if forwarded:

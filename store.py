@@ -256,23 +256,14 @@ class SQLiteStore:
                              "until its outbox is empty)")
         if version == SCHEMA_VERSION:
             return
-        # Upgrading a file that a running (older) gateway uses would change the rows under its feet:
-        # only the holder of the instance lock migrates.
-        lock = self._instance_lock
-        if version and lock is None and path != ":memory:":
-            try:
-                lock = _lock_instance(path)
-            except StoreError:
-                raise StoreError(f"state database {path!r} has schema version {version} and a gateway is running "
-                                 f"on it; stop it and start this one, which upgrades it to {SCHEMA_VERSION}") from None
-        try:
-            for target in range(version + 1, SCHEMA_VERSION + 1):
-                # executescript commits first, so a migration and its version number are one explicit transaction.
-                self._db.executescript(
-                    f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
-        finally:
-            if lock is not None and lock is not self._instance_lock:
-                lock.close()
+        # An older gateway may be running on the file, or be rolled back to: only a gateway starting on it
+        # (holding the instance lock) upgrades it, never a command run beside it.
+        if version and self._instance_lock is None and path != ":memory:":
+            raise StoreError(f"state database {path!r} has schema version {version}; start the gateway (python "
+                             f"app.py) once to upgrade it to {SCHEMA_VERSION}, then run this command again")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            # executescript commits first, so a migration and its version number are one explicit transaction.
+            self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
 
     def on_new_work(self, callback: Callable[[str], None]) -> None:
         """Call `callback(target)` after every commit that gave `target` a row to send (wakes its claim loop)."""
@@ -441,6 +432,13 @@ class SQLiteStore:
         """Claim the earliest due event of `target` that heads its queue (see `claim_due_events`), or None."""
         rows = self.claim_due_events(now, target, 1)
         return rows[0] if rows else None
+
+    def release_claims(self, row_ids: Iterable[int], due_at: float) -> None:
+        """Put claimed rows that were never sent back in their queues, due at `due_at`, the attempt not counted."""
+        with self._tx() as cur:
+            for row_id in row_ids:
+                cur.execute("UPDATE outbox SET status='pending', attempts=attempts-1, next_attempt_at=? "
+                            "WHERE id=? AND status='inflight'", (due_at, row_id))
 
     def mark_delivered(self, row_id: int, followups: Iterable[NewEvent] = (), now: float = 0.0) -> set[str]:
         """Delivered: the event leaves the outbox (its queue's next event heads it) and `followups`

@@ -34,18 +34,22 @@ _CALLBACK_ANSWER_FIELDS = {"text": str, "show_alert": bool, "url": str, "cache_t
 
 
 def bot_call(event_id: str, order_key: str, method: str, params: dict, *, due_at: float | None = None,
-             replace: bool = False, target: str = TARGET) -> NewEvent:
-    """An outbox row that makes one Bot API call (at `due_at`; `replace`: see `NewEvent`)."""
-    return NewEvent(event_id, order_key, method, {"method": method, "params": params}, target=target,
-                    due_at=due_at, replace=replace)
+             replace: bool = False, target: str = TARGET, expires_at: float | None = None) -> NewEvent:
+    """An outbox row that makes one Bot API call (at `due_at`; never after `expires_at`, a wall-clock
+    time; `replace`: see `NewEvent`)."""
+    payload: dict[str, Any] = {"method": method, "params": params}
+    if expires_at is not None:
+        payload["expires_at"] = expires_at
+    return NewEvent(event_id, order_key, method, payload, target=target, due_at=due_at, replace=replace)
 
 
-def callback_answer(query_id: str, answer: dict | None = None, *, due_at: float | None = None,
+def callback_answer(query_id: str, pressed_at: float, answer: dict | None = None, *, due_at: float | None = None,
                     replace: bool = False, suffix: str = "") -> NewEvent:
-    """The one `answerCallbackQuery` of a button press: empty (the spinner stops) or with `answer`'s fields."""
+    """The one `answerCallbackQuery` of a button pressed at `pressed_at`: empty (the spinner stops) or with
+    `answer`'s fields; never sent once Telegram's window for it has passed."""
     return bot_call(f"callback-answer-{query_id}{suffix}", f"callback:{query_id}", "answerCallbackQuery",
                     {"callback_query_id": query_id, **(answer or {})}, due_at=due_at, replace=replace,
-                    target=ANSWERS_TARGET)
+                    target=ANSWERS_TARGET, expires_at=pressed_at + ANSWER_WINDOW_SECONDS)
 
 
 def callback_answer_fields(answer: Any) -> tuple[dict[str, Any], list[str]]:
@@ -82,6 +86,12 @@ class TelegramOutbox(OutboxWorkers):
 
     def _handle(self, row: OutboxRow) -> None:
         method, params = row.payload["method"], row.payload["params"]
+        expires_at, now = row.payload.get("expires_at"), self._clock()
+        if expires_at is not None and now > expires_at:
+            # Flood control, a slow Bot API or a restart held it too long: Telegram would refuse it now.
+            log.warning("%s not sent: its time has passed (%.0f s late)", row.event_id, now - expires_at)
+            self._settle(lambda: self._store.mark_delivered(row.id), row)
+            return
         try:
             if method == "sendMessage":
                 self._typing.stop(params.get("chat_id"))
@@ -125,14 +135,14 @@ class TelegramOutbox(OutboxWorkers):
     def _after_answer_error(self, row: OutboxRow, err: TelegramError, now: float) -> Callable[[], None]:
         """An answer to a button press failed: retried only inside Telegram's window; one refused for its
         content (Make's text or url) is sent once more empty, so the spinner still stops."""
-        params = row.payload["params"]
+        params, expires_at = row.payload["params"], row.payload.get("expires_at", 0.0)
         too_old = "too old" in err.description.lower() or "query id is invalid" in err.description.lower()
-        if now - row.created_at > ANSWER_WINDOW_SECONDS or too_old:
+        if now > expires_at or too_old:
             log.warning("%s not answered: %s; too late to try again", row.event_id, err.description)
             return lambda: self._store.mark_delivered(row.id)
         if isinstance(err, BadRequest) and set(params) != {"callback_query_id"}:
             log.warning("%s refused: %s; answering it empty instead", row.event_id, err.description)
-            plain = callback_answer(params["callback_query_id"], suffix="-empty")
+            plain = callback_answer(params["callback_query_id"], expires_at - ANSWER_WINDOW_SECONDS, suffix="-empty")
             return lambda: self._store.mark_delivered(row.id, [plain], now)
         if isinstance(err, NetworkError):
             return self._retry(row, now, min(1.0, backoff(row.attempts, self._policy)), err.description)

@@ -219,3 +219,18 @@ def test_makes_rate_limit_pauses_every_chat(start_service, telegram: TelegramDou
     assert [r["status"] for r in make.requests][:2] == [429, 200]
     assert starts[1] - starts[0] >= 1.5  # Retry-After: 2, waited by the next chat too (receipt jitter allowed)
     assert service.health()["make"]["failed_attempts"] == 1
+
+
+def test_typing_shows_again_when_make_refused_a_batch_without_running_it(start_service, telegram: TelegramDouble,
+                                                                           make: MakeDouble) -> None:
+    """A batch Make first refuses with 429 (its scenario never ran) shows "typing…" again while the
+    scenario really runs."""
+    make.script((429, "Too many requests", {"Retry-After": "0"}), (200, {"reply": "thought about it"}, {}, 1.5))
+    start_service(TYPING_MODE="until_reply", TYPING_INTERVAL_SECONDS="4")
+    telegram.push_update(text_update("hard question", user_id=22))
+    wait_until(lambda: len(make.requests) == 2, what="the second call")
+    # The 429 pauses calls for a second; typing for the first try was sent (if at all) right after it.
+    first_call = make.requests[0]["at"]
+    wait_until(lambda: [t for t in telegram.times_of("sendChatAction") if t >= first_call + 0.5],
+               what="typing for the real run")
+    wait_until(lambda: telegram.calls_of("sendMessage"), what="the reply")

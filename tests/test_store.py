@@ -446,7 +446,7 @@ def test_a_version_1_state_is_upgraded_in_place_keeping_its_queues(tmp_path: Pat
             db.execute("INSERT INTO outbox (event_id, order_key, event_type, payload, created_at, status, "
                        "next_attempt_at) VALUES (?, ?, 'update', '{}', ?, ?, ?)", (event_id, key, T0, status, T0))
         db.execute("INSERT INTO payments VALUES ('ch', 'p', 1, 'RUB', 100, 0, ?, '{}')", (T0,))
-    upgraded = SQLiteStore(str(path))
+    upgraded = SQLiteStore(str(path), exclusive=True)
     stats = upgraded.outbox_stats(T0)
     assert (stats["outbox_pending"], stats["outbox_inflight"], stats["outbox_dead"]) == (5, 0, 1)  # b1 due again
     assert upgraded.payments_count() == 1
@@ -475,23 +475,29 @@ def _v1_file(path: Path, rows: list[tuple[str, str, str]]) -> None:
                        "next_attempt_at) VALUES (?, ?, 'update', '{}', ?, ?, ?)", (event_id, key, T0, status, T0))
 
 
-def test_a_version_1_state_in_use_by_a_gateway_is_not_upgraded_under_it(tmp_path: Path) -> None:
-    """Opening (say, for `python app.py dead-letters`) a version 1 file that a running gateway holds is
-    refused with a line saying to stop it; once it is stopped, the file is upgraded."""
+def test_only_the_gateway_upgrades_a_version_1_state_never_a_command(tmp_path: Path) -> None:
+    """`python app.py dead-letters` on a version 1 file (its gateway may be running, or be rolled back to)
+    stops with one line saying to start the gateway and leaves the file as it was; the gateway's start
+    (the instance lock held) upgrades it."""
+    import os
     import sqlite3
+    import subprocess
+    import sys
 
-    from store import StoreError, _lock_instance
+    from doubles import ROOT, TOKEN
     path = tmp_path / "v1.sqlite3"
     _v1_file(path, [("a1", "chat:1", "pending")])
-    running = _lock_instance(str(path))  # what the old gateway holds while it runs
-    with pytest.raises(StoreError, match="a gateway is running on it; stop it"):
-        SQLiteStore(str(path))
+    env = {**os.environ, "BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": "https://hook.eu1.make.com/x", "STATE_DB": str(path)}
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "dead-letters"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "start the gateway (python app.py) once to upgrade it" in done.stderr
+    assert done.stderr.count("\n") == 1 and TOKEN not in done.stderr + done.stdout
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
-    running.close()
-    upgraded = SQLiteStore(str(path))
+    upgraded = SQLiteStore(str(path), exclusive=True)
     assert [upgraded.claim_due_event(T0).event_id] == ["a1"]
     upgraded.close()
+    SQLiteStore(str(path)).close()  # upgraded: commands open it again
 
 
 def test_a_version_1_chat_left_with_two_rows_in_flight_is_upgraded_in_order(tmp_path: Path) -> None:
