@@ -6,7 +6,8 @@ time (a chat's reply parts stay in order), without ever sleeping through a flood
 network error puts the row back with its next attempt time. A `sendMessage` that may have reached
 Telegram is not sent again (the user would get it twice); content Telegram refuses becomes a dead
 letter, kept and visible. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the
-press; Make's `callback_answer` replaces it while it waits, and a refused answer is done, not retried.
+press, sent by a loop of its own; Make's `callback_answer` replaces it while it waits. It is never sent
+after Telegram's window for it; one refused for its content is followed by an empty answer.
 """
 
 from __future__ import annotations
