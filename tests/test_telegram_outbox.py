@@ -61,6 +61,9 @@ def test_an_answer_within_the_window_is_retried_after_a_network_error(parts, tel
     telegram.script("answerCallbackQuery", (502, {"ok": False, "error_code": 502, "description": "Bad Gateway"}))
     store.enqueue_event(callback_answer("flaky", pressed_at=T0), T0)
     wait_until(lambda: telegram.calls_of("answerCallbackQuery"), what="the first try")
+    # Move the clock only once the retry is set, or the retry would be timed from the new clock.
+    wait_until(lambda: (at := store.next_attempt_at(ANSWERS_TARGET)) is not None and at <= T0 + 1,
+               what="the retry set")
     clock[0] = T0 + 2
     answers.wakeup()
     wait_until(lambda: len(telegram.calls_of("answerCallbackQuery")) == 2, what="the retry")
