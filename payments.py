@@ -1,13 +1,16 @@
 """Telegram Payments: pre-checkout decisions in time, each payment recorded once, the admin told.
 
 - `pre_checkout_query`: decided durably in the request (or poller) thread (`paid` / `busy` / `ok`,
-  with a short hold on the payload), answered by the `payment-answers` thread, which nothing else
-  uses, so no batch, Make call or typing can delay it. An optional check with Make falls back to the
-  local decision if Make does not answer in time.
+  with a short hold on the payload for its buyer, so the same buyer may try again at once after a
+  declined card), answered by the `payment-answers` thread, which nothing else uses, so no batch, Make
+  call or typing can delay it. An optional check with Make falls back to the local decision if Make
+  does not answer in time; a refusal text of Make's that Telegram rejects is replaced by our own.
 - `successful_payment`: recorded once per `telegram_payment_charge_id`, its payload marked paid, and,
   in the same transaction, a `payment` event for Make and the admin's notice (and, opted in, a Stars
   refund of a duplicate) put in the durable outbox. The `telegram-outbox` thread sends the Bot API
-  calls with retries; the payment path never waits for them.
+  calls with retries; the payment path never waits for them. A Stars subscription pays the same
+  payload every period (and its link's payload is shared by every subscriber): its payments are
+  `subscription: "first"` or `"renewal"`, never duplicates, and never mark the payload paid.
 - `refunded_payment`: recorded once and forwarded as a `payment_refunded` event.
 """
 
@@ -18,13 +21,14 @@ import logging
 import queue
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
 
 from make_client import Delivered, MakeClient
 from store import NewEvent, SQLiteStore
-from telegram_api import TelegramClient, TelegramError
+from telegram_api import BadRequest, TelegramClient, TelegramError
 from telegram_outbox import bot_call
 from updates import is_int, user_summary
 
@@ -39,6 +43,9 @@ _EXPONENTS = {
 _SYMBOLS = {"RUB": "₽", "USD": "$", "EUR": "€", "GBP": "£", "JPY": "¥", "CNY": "¥", "UAH": "₴", "KZT": "₸",
             "INR": "₹", "TRY": "₺", "XTR": "⭐"}
 _ANSWER_BUDGET_SECONDS = 10.0  # Telegram's limit for answerPreCheckoutQuery
+# The longest refusal we send: the limit config.py holds the TEXT_* refusals to, counted here in UTF-16
+# units (the safe way to measure text for Telegram: an emoji counts two), since Make's text is unchecked.
+_ERROR_MESSAGE_MAX_UNITS = 255
 
 
 def currency_exponent(currency: str) -> int:
@@ -58,6 +65,28 @@ def amount_with_currency(total_amount: int, currency: str) -> str:
     return f"{format_amount(total_amount, currency)} {_SYMBOLS.get(currency.upper(), currency.upper())}"
 
 
+def refusal_text(value: Any) -> str | None:
+    """Make's `error_message` fit to show the buyer (stripped; 1-255 UTF-16 units; no control characters
+    but newlines, no lone surrogates), or None when it cannot be made so."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text or any(c != "\n" and unicodedata.category(c) in ("Cc", "Cs") for c in text):
+        return None
+    if len(text.encode("utf-16-le")) // 2 > _ERROR_MESSAGE_MAX_UNITS:
+        return None
+    return text
+
+
+def subscription_kind(payment: dict[str, Any]) -> str | None:
+    """`first` or `renewal` for a Stars subscription's payment (`is_first_recurring` / `is_recurring`), else None."""
+    if payment.get("is_first_recurring") is True:
+        return "first"
+    if payment.get("is_recurring") is True:
+        return "renewal"
+    return None
+
+
 @dataclass(frozen=True)
 class PaymentTexts:
     """Texts shown in Telegram (each a setting, see `config.py`; Russian by default, like the original bot)."""
@@ -68,6 +97,7 @@ class PaymentTexts:
     admin_payment: str
     admin_duplicate: str
     admin_refunded: str
+    admin_renewal: str
 
 
 def admin_notice(title: str, payment: dict[str, Any], sender: dict[str, Any] | None, extra: str = "") -> str:
@@ -134,7 +164,17 @@ class PaymentProcessor:
         if not isinstance(query_id, str) or not isinstance(payload, str):
             log.warning("pre_checkout_query %s without id or payload; cannot answer it", update_id)
             return self._store.record_update(update_id, self._clock())
-        decision = self._store.decide_checkout(update_id, query_id, payload, self._clock(), self._hold)
+        sender = query.get("from") if isinstance(query.get("from"), dict) else {}
+        user_id = sender.get("id")
+        if not is_int(user_id):
+            # Telegram always names the buyer; without one no hold could keep another buyer off the
+            # payload, so the checkout is refused rather than risked.
+            log.warning("pre_checkout_query %s has no buyer (from.id); refused", update_id)
+            new = self._store.record_update(update_id, self._clock())
+            if new:
+                self._answers.put((query, "refused", time.monotonic()))
+            return new
+        decision = self._store.decide_checkout(update_id, query_id, payload, user_id, self._clock(), self._hold)
         if decision == "duplicate":
             if self._store.holds(payload, query_id, self._clock()):
                 # Approved before a crash, perhaps never answered: answering again is harmless.
@@ -159,18 +199,21 @@ class PaymentProcessor:
         chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
         chat_id = chat.get("id") if is_int(chat.get("id")) else None
         user_id = sender.get("id") if sender and is_int(sender.get("id")) else None
+        subscription = subscription_kind(payment)
 
         def build(duplicate: bool) -> list[NewEvent]:
             event = {"event_type": "payment", "event_id": f"payment-{charge_id}", "chat_id": chat_id,
                      "user_id": user_id, "user": user_summary(sender),
-                     "payment": {**payment, "amount": format_amount(amount, currency)}, "duplicate": duplicate}
+                     "payment": {**payment, "amount": format_amount(amount, currency)}, "duplicate": duplicate,
+                     "subscription": subscription}
             events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment", event)]
             refund = duplicate and self._auto_refund and currency == "XTR" and user_id is not None
             if refund:
                 events.append(bot_call(f"refund-request-{charge_id}", f"refund:{charge_id}", "refundStarPayment",
                                        {"user_id": user_id, "telegram_payment_charge_id": charge_id}))
             if self._admin is not None:
-                title = self._texts.admin_duplicate if duplicate else self._texts.admin_payment
+                title = (self._texts.admin_duplicate if duplicate else
+                         self._texts.admin_renewal if subscription == "renewal" else self._texts.admin_payment)
                 extra = "Возврат Stars запрошен автоматически." if refund else ""
                 events.append(bot_call(f"admin-payment-{charge_id}", "admin", "sendMessage", {
                     "chat_id": self._admin, "parse_mode": "HTML",
@@ -178,10 +221,11 @@ class PaymentProcessor:
             return events
 
         new, duplicate = self._store.record_payment(update_id, charge_id, payload, user_id, currency, amount,
-                                                    payment, self._clock(), build)
+                                                    payment, self._clock(), build, recurring=subscription is not None)
         if new:
-            log.info("payment recorded: charge %s, %s, payload %r%s", charge_id,
+            log.info("payment recorded: charge %s, %s, payload %r%s%s", charge_id,
                      amount_with_currency(amount, currency), payload,
+                     f" (subscription: {subscription})" if subscription else "",
                      " (DUPLICATE: the payload was already paid; refund needed)" if duplicate else "")
             if self._admin is None:
                 log.warning("payment %s: no ADMIN_CHAT_ID, so the admin is not notified", charge_id)
@@ -240,26 +284,40 @@ class PaymentProcessor:
     def _answer(self, query: dict[str, Any], decision: str, arrived: float) -> None:
         query_id, payload = query["id"], query["invoice_payload"]
         deadline = arrived + _ANSWER_BUDGET_SECONDS - 0.5
-        ok, message = decision == "ok", None
+        ok, message, from_make = decision == "ok", None, False
         if decision == "paid":
             message = self._texts.already_paid
         elif decision == "busy":
             message = self._texts.in_progress
+        elif decision == "refused":
+            message = self._texts.refused
         elif self._make_check is not None:
             if deadline - time.monotonic() > self._make_check_timeout + 2.0:
                 ok, message = self._ask_make(query, deadline)
+                from_make = message is not None
             else:
                 log.warning("pre-checkout %s: no time left to ask Make; the local rules decide", query_id)
             if not ok:
                 self._store.release_checkout(payload, query_id)
+                message = message or self._texts.refused
         late = time.monotonic() - arrived
         if late > _ANSWER_BUDGET_SECONDS:
             log.error("pre-checkout %s is %.1f s old: Telegram has already cancelled it", query_id, late)
         try:
-            self._telegram.answer_pre_checkout_query(query_id, ok, message, deadline=deadline)
+            try:
+                self._telegram.answer_pre_checkout_query(query_id, ok, message, deadline=deadline)
+            except BadRequest as err:
+                if not from_make:
+                    raise
+                # Telegram found fault with Make's text, so the checkout is still open: refuse it again
+                # with our own text at once rather than leave the buyer waiting for it to time out.
+                log.warning("pre-checkout %s: Telegram refused Make's error_message (%s); refused with "
+                            "TEXT_PAYMENT_REFUSED instead", query_id, err.description)
+                self._telegram.answer_pre_checkout_query(query_id, False, self._texts.refused, deadline=deadline)
             self.answered += 1
             log.info("pre-checkout %s for payload %r %s in %.3f s", query_id, payload,
-                     "approved" if ok else f"refused ({decision})", time.monotonic() - arrived)
+                     "approved" if ok else f"refused ({'Make' if decision == 'ok' else decision})",
+                     time.monotonic() - arrived)
         except TelegramError as err:
             log.error("pre-checkout %s not answered: %s", query_id, err)
             # A hold is released only when Telegram surely did not take the approval; otherwise the
@@ -268,7 +326,8 @@ class PaymentProcessor:
                 self._store.release_checkout(payload, query_id)
 
     def _ask_make(self, query: dict[str, Any], deadline: float) -> tuple[bool, str | None]:
-        """Ask Make to approve; any answer but an explicit refusal in time approves (the local rules passed)."""
+        """Ask Make to approve; any answer but an explicit refusal in time approves (the local rules passed).
+        A refusal comes with Make's `error_message` when it is fit to show (see `refusal_text`), else None."""
         assert self._make_check is not None
         sender = query.get("from") if isinstance(query.get("from"), dict) else None
         event = {"event_type": "pre_checkout", "event_id": f"pre-checkout-{query['id']}",
@@ -279,6 +338,9 @@ class PaymentProcessor:
             log.warning("Make's pre-checkout answer came too late; using the local decision")
             return True, None
         if isinstance(outcome, Delivered) and isinstance(outcome.body, dict) and outcome.body.get("ok") is False:
-            message = outcome.body.get("error_message")
-            return False, message if isinstance(message, str) and message.strip() else self._texts.refused
+            message = refusal_text(outcome.body.get("error_message"))
+            if message is None and outcome.body.get("error_message") is not None:
+                log.warning("pre-checkout %s: Make's error_message is not fit to show (empty, too long or "
+                            "unprintable); refused with TEXT_PAYMENT_REFUSED", query["id"])
+            return False, message
         return True, None

@@ -144,7 +144,36 @@ CREATE TRIGGER batches_out AFTER DELETE ON batches BEGIN
 END;
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS)  # entry N-1 takes a database to version N
+# Version 3: checkouts are held per buyer, and subscription payloads are known.
+# - A hold is keyed by (payload, user): a buyer whose card was declined may try again at once (their new
+#   checkout replaces their hold), while another buyer stays refused until it expires. A version 2 hold
+#   has no buyer: it gets user 0 (no Telegram user has it), so it keeps refusing everyone until it expires.
+# - A Stars subscription renews with the same payload, and a subscription link's payload is shared by
+#   every subscriber: a payload a recurring payment paid is a subscription payload, never "paid" for the
+#   one-off rule. Version 2 marked the first such payment's payload paid; that mark goes.
+_CHECKOUT_PER_BUYER = """
+CREATE TABLE checkout_holds_v3 (
+    payload    TEXT NOT NULL,
+    user_id    INTEGER NOT NULL,
+    query_id   TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (payload, user_id)
+);
+INSERT INTO checkout_holds_v3 SELECT payload, 0, query_id, expires_at FROM checkout_holds;
+DROP TABLE checkout_holds;
+ALTER TABLE checkout_holds_v3 RENAME TO checkout_holds;
+
+CREATE TABLE subscription_payloads (
+    payload  TEXT PRIMARY KEY,
+    first_at REAL NOT NULL
+);
+INSERT INTO subscription_payloads SELECT payload, MIN(received_at) FROM payments
+    WHERE json_extract(body, '$.is_recurring') = 1 GROUP BY payload;
+DELETE FROM paid_payloads WHERE charge_id IN (
+    SELECT charge_id FROM payments WHERE json_extract(body, '$.is_recurring') = 1);
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER)  # entry N-1 takes a database to version N
 SCHEMA_VERSION = len(_MIGRATIONS)
 _BUSY_TIMEOUT_SECONDS = 2.0  # SQLite's wait for a lock held by another process
 _LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others waiting on SQLite
@@ -333,7 +362,7 @@ class SQLiteStore:
                 return AddResult(new=False)
             row = cur.execute("SELECT batch_id, count FROM batches WHERE chat_id=? AND user_id=?",
                               (chat_id, user_id)).fetchone()
-            user_json = json.dumps(user, ensure_ascii=True)
+            user_json = json.dumps(user, ensure_ascii=True, allow_nan=False)
             if row is None:
                 batch_id, seq = uuid.uuid4().hex, 1
                 cur.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1)",
@@ -343,7 +372,7 @@ class SQLiteStore:
                 cur.execute("UPDATE batches SET last_at=?, count=?, user_json=? WHERE batch_id=?",
                             (now, seq, user_json, batch_id))
             cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)",
-                        (batch_id, seq, json.dumps(item, ensure_ascii=True)))
+                        (batch_id, seq, json.dumps(item, ensure_ascii=True, allow_nan=False)))
             batch = self._load_batch(cur, chat_id, user_id)
             assert batch is not None
             if batch.count >= max_messages:
@@ -509,22 +538,26 @@ class SQLiteStore:
 
     # Payments
 
-    def decide_checkout(self, update_id: int, query_id: str, payload: str, now: float,
+    def decide_checkout(self, update_id: int, query_id: str, payload: str, user_id: int, now: float,
                         hold_seconds: float) -> str:
-        """Decide a pre-checkout durably: `paid` (payload already paid), `busy` (another checkout of it
-        holds it), `ok` (now held for `hold_seconds`), or `duplicate` (this update was seen)."""
+        """Decide buyer `user_id`'s pre-checkout durably: `paid` (a one-off payment paid the payload), `busy`
+        (another buyer's checkout holds it), `ok` (now held for this buyer for `hold_seconds`, replacing
+        their earlier hold), or `duplicate` (this update was seen)."""
         with self._tx() as cur:
             if not self._mark_seen(cur, update_id, now):
                 return "duplicate"
             if cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone():
                 return "paid"
-            hold = cur.execute("SELECT query_id, expires_at FROM checkout_holds WHERE payload=?",
-                               (payload,)).fetchone()
-            if hold is not None and hold[1] > now and hold[0] != query_id:
+            # A subscription's payload is sold to every subscriber alike: one buyer's checkout holds it
+            # against nobody else.
+            shared = cur.execute("SELECT 1 FROM subscription_payloads WHERE payload=?", (payload,)).fetchone()
+            if not shared and cur.execute(
+                    "SELECT 1 FROM checkout_holds WHERE payload=? AND user_id<>? AND expires_at>? LIMIT 1",
+                    (payload, user_id, now)).fetchone():
                 return "busy"
-            cur.execute("INSERT INTO checkout_holds VALUES (?, ?, ?) ON CONFLICT (payload) DO UPDATE "
+            cur.execute("INSERT INTO checkout_holds VALUES (?, ?, ?, ?) ON CONFLICT (payload, user_id) DO UPDATE "
                         "SET query_id=excluded.query_id, expires_at=excluded.expires_at",
-                        (payload, query_id, now + hold_seconds))
+                        (payload, user_id, query_id, now + hold_seconds))
             cur.execute("DELETE FROM checkout_holds WHERE expires_at <= ?", (now,))
             return "ok"
 
@@ -535,28 +568,35 @@ class SQLiteStore:
                                (payload, query_id, now)).fetchone() is not None
 
     def release_checkout(self, payload: str, query_id: str) -> None:
-        """Drop the hold a refused checkout placed on `payload`."""
+        """Drop the hold a refused checkout placed on `payload` (unless a newer checkout of its buyer replaced it)."""
         with self._tx() as cur:
             cur.execute("DELETE FROM checkout_holds WHERE payload=? AND query_id=?", (payload, query_id))
 
     def record_payment(self, update_id: int, charge_id: str, payload: str, user_id: int | None, currency: str,
                        total_amount: int, body: dict[str, Any], now: float,
-                       build: Callable[[bool], list[NewEvent]]) -> tuple[bool, bool]:
-        """Record a successful payment once per charge id, mark its payload paid, and enqueue the events
-        `build(duplicate)` returns, all in one transaction. Returns (new, duplicate): `duplicate` when
-        the payload had already been paid by another charge."""
+                       build: Callable[[bool], list[NewEvent]], recurring: bool = False) -> tuple[bool, bool]:
+        """Record a successful payment once per charge id, mark its payload paid (or, `recurring`, a
+        subscription's payload, which is never paid), and enqueue the events `build(duplicate)` returns, all
+        in one transaction. Returns (new, duplicate): `duplicate` when a one-off payment's payload had already
+        been paid by another charge; a subscription payment is never one."""
         with self._tx() as cur:
             if not self._mark_seen(cur, update_id, now):
                 return False, False
             if cur.execute("SELECT 1 FROM payments WHERE charge_id=?", (charge_id,)).fetchone():
                 return False, False
-            duplicate = cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone() is not None
+            duplicate = not recurring and cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?",
+                                                      (payload,)).fetchone() is not None
             cur.execute("INSERT INTO payments VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (charge_id, payload, user_id, currency, total_amount, int(duplicate), now,
                          json.dumps(body, ensure_ascii=True)))
-            if not duplicate:
-                cur.execute("INSERT INTO paid_payloads VALUES (?, ?, ?)", (payload, charge_id, now))
-            cur.execute("DELETE FROM checkout_holds WHERE payload=?", (payload,))
+            if recurring:
+                # Renewals repeat the payload, and other subscribers share it: the buyer's own checkout is done.
+                cur.execute("INSERT OR IGNORE INTO subscription_payloads VALUES (?, ?)", (payload, now))
+                cur.execute("DELETE FROM checkout_holds WHERE payload=? AND user_id=?", (payload, user_id))
+            else:
+                if not duplicate:
+                    cur.execute("INSERT INTO paid_payloads VALUES (?, ?, ?)", (payload, charge_id, now))
+                cur.execute("DELETE FROM checkout_holds WHERE payload=?", (payload,))
             for event in build(duplicate):
                 self._enqueue(cur, event, now)
             return True, duplicate
@@ -568,7 +608,7 @@ class SQLiteStore:
             if not self._mark_seen(cur, update_id, now):
                 return False
             if cur.execute("INSERT OR IGNORE INTO refunds VALUES (?, ?, ?, ?)",
-                           (charge_id, payload, now, json.dumps(body, ensure_ascii=True))).rowcount == 0:
+                           (charge_id, payload, now, json.dumps(body, ensure_ascii=True, allow_nan=False))).rowcount == 0:
                 return False
             cur.execute("DELETE FROM paid_payloads WHERE payload=? AND charge_id=?", (payload, charge_id))
             for event in events:
@@ -614,7 +654,8 @@ class SQLiteStore:
         return cur.execute("INSERT OR IGNORE INTO seen_updates VALUES (?, ?)", (update_id, now)).rowcount == 1
 
     def _enqueue(self, cur: sqlite3.Cursor, event: NewEvent, now: float) -> bool:
-        payload = json.dumps(event.payload, ensure_ascii=True)
+        # Strict here (ValueError, nothing written) so that no stored event can fail to serialize when sent.
+        payload = json.dumps(event.payload, ensure_ascii=True, allow_nan=False)
         due = now if event.due_at is None else event.due_at
         if event.replace:
             done = cur.execute("UPDATE outbox SET payload=?, next_attempt_at=? WHERE event_id=? AND status='pending'",

@@ -242,3 +242,10 @@ def test_make_delivery_workers_is_read_as_the_concurrency_limit_and_flagged() ->
     assert both.deprecations() == ["MAKE_DELIVERY_WORKERS is deprecated and ignored: MAKE_MAX_CONCURRENCY=100 is "
                                    "set; remove MAKE_DELIVERY_WORKERS"]
     assert load(MAKE_MAX_RATE="0").make_max_rate == 0  # unpaced
+
+
+def test_renewal_notice_title_is_a_setting_in_russian_by_default() -> None:
+    """TEXT_ADMIN_RENEWAL titles the admin's notice of a subscription renewal, like the other notice titles."""
+    assert load().text_admin_renewal == "🔁 Продление подписки"
+    assert load(TEXT_ADMIN_RENEWAL=" Renewal ").text_admin_renewal == "Renewal"
+    assert load(TEXT_ADMIN_RENEWAL="").text_admin_renewal == "🔁 Продление подписки"

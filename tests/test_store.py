@@ -627,20 +627,31 @@ def _payment_events(duplicate: bool) -> list[NewEvent]:
     return [NewEvent("payment-x" + ("-dup" if duplicate else ""), "chat:1", "payment", {"duplicate": duplicate})]
 
 
-def test_checkout_hold_refuses_a_second_checkout_until_it_expires(store: SQLiteStore) -> None:
-    """An approved checkout holds its payload: another query is `busy` until the hold expires, then `ok`."""
-    assert store.decide_checkout(1, "q1", "order", now=100.0, hold_seconds=30) == "ok"
-    assert store.decide_checkout(2, "q2", "order", now=110.0, hold_seconds=30) == "busy"
-    assert store.decide_checkout(3, "q3", "other", now=110.0, hold_seconds=30) == "ok"
-    assert store.decide_checkout(4, "q4", "order", now=131.0, hold_seconds=30) == "ok"  # expired
-    assert store.decide_checkout(4, "q4", "order", now=131.0, hold_seconds=30) == "duplicate"
+def test_checkout_hold_refuses_another_buyer_until_it_expires(store: SQLiteStore) -> None:
+    """An approved checkout holds its payload for its buyer: another buyer is `busy` until the hold expires."""
+    assert store.decide_checkout(1, "q1", "order", user_id=7, now=100.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(2, "q2", "order", user_id=8, now=110.0, hold_seconds=30) == "busy"
+    assert store.decide_checkout(3, "q3", "other", user_id=8, now=110.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(4, "q4", "order", user_id=8, now=131.0, hold_seconds=30) == "ok"  # expired
+    assert store.decide_checkout(4, "q4", "order", user_id=8, now=131.0, hold_seconds=30) == "duplicate"
+
+
+def test_the_same_buyer_may_check_out_again_while_holding(store: SQLiteStore) -> None:
+    """A buyer whose card was declined checks out again at once: their new query replaces their hold (so
+    releasing the old one later leaves it), and another buyer stays refused for the new hold's life."""
+    assert store.decide_checkout(1, "q1", "order", user_id=7, now=100.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(2, "q2", "order", user_id=7, now=105.0, hold_seconds=30) == "ok"
+    assert store.holds("order", "q2", 106.0) and not store.holds("order", "q1", 106.0)
+    store.release_checkout("order", "q1")  # the first one's late refusal must not free the second
+    assert store.decide_checkout(3, "q3", "order", user_id=8, now=132.0, hold_seconds=30) == "busy"
+    assert store.decide_checkout(4, "q4", "order", user_id=8, now=135.0, hold_seconds=30) == "ok"
 
 
 def test_released_hold_lets_the_next_checkout_through(store: SQLiteStore) -> None:
-    """A refused checkout's hold is released, so the buyer can try again at once."""
-    assert store.decide_checkout(1, "q1", "order", now=100.0, hold_seconds=30) == "ok"
+    """A refused checkout's hold is released, so another buyer can check out at once."""
+    assert store.decide_checkout(1, "q1", "order", user_id=7, now=100.0, hold_seconds=30) == "ok"
     store.release_checkout("order", "q1")
-    assert store.decide_checkout(2, "q2", "order", now=101.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(2, "q2", "order", user_id=8, now=101.0, hold_seconds=30) == "ok"
 
 
 def test_payment_is_recorded_once_per_charge_id_even_under_a_new_update_id(store: SQLiteStore) -> None:
@@ -649,7 +660,7 @@ def test_payment_is_recorded_once_per_charge_id_even_under_a_new_update_id(store
     assert store.record_payment(2, "charge-1", "order", 7, "RUB", 100, {}, 101.0, _payment_events) == (False, False)
     assert store.record_payment(3, "charge-2", "order", 7, "RUB", 100, {}, 102.0, _payment_events) == (True, True)
     assert store.payments_count() == 2
-    assert store.decide_checkout(4, "q", "order", now=103.0, hold_seconds=30) == "paid"
+    assert store.decide_checkout(4, "q", "order", user_id=7, now=103.0, hold_seconds=30) == "paid"
     events = [store.claim_due_event(10**10) for _ in range(1)]
     assert events[0] is not None and events[0].event_id == "payment-x"
 
@@ -659,11 +670,11 @@ def test_paid_payload_and_holds_survive_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "state.sqlite3")
     first = SQLiteStore(path)
     first.record_payment(1, "charge-1", "paid-order", 7, "XTR", 50, {}, 100.0, _payment_events)
-    assert first.decide_checkout(2, "q1", "held-order", now=100.0, hold_seconds=30) == "ok"
+    assert first.decide_checkout(2, "q1", "held-order", user_id=7, now=100.0, hold_seconds=30) == "ok"
     first.close()
     second = SQLiteStore(path)
-    assert second.decide_checkout(3, "q2", "paid-order", now=101.0, hold_seconds=30) == "paid"
-    assert second.decide_checkout(4, "q3", "held-order", now=101.0, hold_seconds=30) == "busy"
+    assert second.decide_checkout(3, "q2", "paid-order", user_id=8, now=101.0, hold_seconds=30) == "paid"
+    assert second.decide_checkout(4, "q3", "held-order", user_id=8, now=101.0, hold_seconds=30) == "busy"
     second.close()
 
 
@@ -673,4 +684,117 @@ def test_refund_unmarks_the_payload_once(store: SQLiteStore) -> None:
     refund = [NewEvent("refund-charge-1", "chat:7", "payment_refunded", {})]
     assert store.record_refund(2, "charge-1", "order", {}, 101.0, refund) is True
     assert store.record_refund(3, "charge-1", "order", {}, 102.0, refund) is False
-    assert store.decide_checkout(4, "q", "order", now=103.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(4, "q", "order", user_id=7, now=103.0, hold_seconds=30) == "ok"
+
+
+def test_subscription_payments_are_never_duplicates_and_never_mark_the_payload_paid(store: SQLiteStore) -> None:
+    """A subscription's renewals and other subscribers' first payments share its payload: none is a duplicate,
+    the payload stays payable, and nobody's checkout of it holds it against another; a one-off payload paid
+    twice is still a duplicate."""
+    def pay(update_id: int, charge: str, payload: str, user: int, recurring: bool) -> tuple[bool, bool]:
+        return store.record_payment(update_id, charge, payload, user, "XTR", 50, {}, 100.0 + update_id,
+                                    _payment_events, recurring=recurring)
+
+    assert pay(1, "a-first", "club", 7, True) == (True, False)
+    assert pay(2, "a-renewal", "club", 7, True) == (True, False)
+    assert pay(3, "b-first", "club", 8, True) == (True, False)
+    assert pay(3, "b-first", "club", 8, True) == (False, False)  # redelivered
+    assert store.decide_checkout(4, "q1", "club", user_id=9, now=110.0, hold_seconds=30) == "ok"
+    assert store.decide_checkout(5, "q2", "club", user_id=10, now=111.0, hold_seconds=30) == "ok"
+    assert pay(6, "once-1", "order", 7, False) == (True, False)
+    assert pay(7, "once-2", "order", 8, False) == (True, True)
+    assert store.decide_checkout(8, "q3", "order", user_id=9, now=120.0, hold_seconds=30) == "paid"
+
+
+def test_checkout_decisions_follow_the_rules_whatever_the_sequence() -> None:
+    """Whatever buyers check out, pay (once or by subscription), and have refused, each decision is the rule's:
+    `paid` once a one-off payment paid the payload, else `busy` while another buyer holds a payload no
+    subscription paid, else `ok`; and only a one-off payment of a paid payload is a duplicate."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    hold = 30.0
+    ops = st.lists(st.tuples(st.sampled_from(["checkout", "checkout", "pay", "subscribe", "release", "wait"]),
+                             st.integers(1, 3), st.sampled_from(["p", "q"])), max_size=30)
+
+    @settings(max_examples=200, deadline=None)
+    @given(ops)
+    def run(steps: list[tuple[str, int, str]]) -> None:
+        db = MemoryStore()
+        now = T0
+        paid: set[str] = set()
+        subscribed: set[str] = set()
+        holds: dict[tuple[str, int], tuple[str, float]] = {}  # (payload, buyer) -> (query, expires_at)
+        for n, (op, buyer, payload) in enumerate(steps):
+            if op == "wait":
+                now += 11.0
+            elif op == "checkout":
+                others = any(p == payload and b != buyer and exp > now for (p, b), (_, exp) in holds.items())
+                expected = ("paid" if payload in paid else "busy" if others and payload not in subscribed else "ok")
+                assert db.decide_checkout(n, f"query-{n}", payload, buyer, now, hold) == expected
+                assert db.decide_checkout(n, f"query-{n}", payload, buyer, now, hold) == "duplicate"
+                if expected == "ok":
+                    holds[(payload, buyer)] = (f"query-{n}", now + hold)
+            elif op == "release":  # the buyer's latest checkout was refused by Make, or never answered
+                query = holds.get((payload, buyer), ("none", 0.0))[0]
+                db.release_checkout(payload, query)
+                holds.pop((payload, buyer), None)
+            else:
+                recurring = op == "subscribe"
+                duplicate = not recurring and payload in paid
+                assert db.record_payment(n, f"charge-{n}", payload, buyer, "XTR", 50, {}, now, _payment_events,
+                                         recurring=recurring) == (True, duplicate)
+                if recurring:
+                    subscribed.add(payload)
+                    holds.pop((payload, buyer), None)
+                else:
+                    paid.add(payload)
+                    holds = {k: v for k, v in holds.items() if k[0] != payload}
+        db.close()
+
+    run()
+
+
+def _v2_file(path: Path) -> None:
+    """A state file as the previous gateway (schema 2) left it: a live hold on `held`, and the Stars club
+    subscription's first payment (which marked `club` paid) and its renewal (flagged a duplicate)."""
+    import json
+    import sqlite3
+
+    import store as store_module
+    with sqlite3.connect(path) as db:
+        db.executescript(store_module._MIGRATIONS[0])
+        db.executescript(store_module._MIGRATIONS[1])
+        db.execute("PRAGMA user_version=2")
+        db.execute("INSERT INTO checkout_holds VALUES ('held', 'q-old', ?)", (T0 + 30,))
+        first = {"invoice_payload": "club", "is_recurring": True, "is_first_recurring": True}
+        renewal = {"invoice_payload": "club", "is_recurring": True}
+        db.execute("INSERT INTO payments VALUES ('c1', 'club', 7, 'XTR', 50, 0, ?, ?)", (T0 - 60, json.dumps(first)))
+        db.execute("INSERT INTO payments VALUES ('c2', 'club', 7, 'XTR', 50, 1, ?, ?)", (T0 - 30, json.dumps(renewal)))
+        db.execute("INSERT INTO paid_payloads VALUES ('club', 'c1', ?)", (T0 - 60,))
+        db.execute("INSERT INTO payments VALUES ('c3', 'once', 7, 'XTR', 50, 0, ?, '{}')", (T0 - 10,))
+        db.execute("INSERT INTO paid_payloads VALUES ('once', 'c3', ?)", (T0 - 10,))
+
+
+def test_a_version_2_state_with_a_live_hold_is_upgraded(tmp_path: Path) -> None:
+    """A version 2 file opens at the current version: its live hold (which names no buyer) still refuses every
+    other checkout of its payload until it expires and is still its query's; the payload a subscription paid is
+    no longer "paid", and the next renewal is no duplicate; a one-off paid payload stays paid."""
+    import sqlite3
+
+    import store as store_module
+    path = tmp_path / "v2.sqlite3"
+    _v2_file(path)
+    upgraded = SQLiteStore(str(path), exclusive=True)
+    assert upgraded.holds("held", "q-old", T0 + 1)  # a redelivered update of its query is answered again
+    assert upgraded.decide_checkout(1, "q-new", "held", user_id=7, now=T0 + 1, hold_seconds=30) == "busy"
+    assert upgraded.decide_checkout(2, "q-late", "held", user_id=7, now=T0 + 31, hold_seconds=30) == "ok"
+    assert upgraded.decide_checkout(3, "q-club", "club", user_id=8, now=T0 + 1, hold_seconds=30) == "ok"
+    assert upgraded.decide_checkout(4, "q-club2", "club", user_id=9, now=T0 + 2, hold_seconds=30) == "ok"
+    assert upgraded.decide_checkout(5, "q-once", "once", user_id=8, now=T0 + 1, hold_seconds=30) == "paid"
+    assert upgraded.record_payment(6, "c4", "club", 7, "XTR", 50, {}, T0 + 5, _payment_events,
+                                   recurring=True) == (True, False)
+    assert upgraded.payments_count() == 4
+    upgraded.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
