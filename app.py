@@ -14,10 +14,12 @@ import argparse
 import hmac
 import json
 import logging
+import math
 import signal
 import sys
 import threading
 import time
+import uuid
 from http import HTTPStatus
 from typing import Any
 
@@ -31,19 +33,21 @@ from make_client import MakeClient
 from metrics import GatewayMetrics
 from payments import PaymentProcessor, PaymentTexts
 from polling import Poller
-from replies import ReplySender
+from replies import PartOutcome, ReplyResults, clean_text, split_text
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
 from telegram_api import BadRequest, RedactingFilter, TelegramClient, TelegramError, redact
-from telegram_outbox import ANSWERS_TARGET, TelegramOutbox
+from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
 
 log = logging.getLogger("gateway")
 
 MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
+REPLY_WAIT_SECONDS = 4.0  # how long `POST /reply` waits for Telegram before answering 202 (queued)
 MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
+IDLE_CONNECTION_SECONDS = 30  # a kept-alive connection with no request in progress closes after this
 # Kinds the gateway always asks Telegram for; the forwarded ones are added from the settings.
 HANDLED_KINDS = ("message", "callback_query", "pre_checkout_query")
 
@@ -66,9 +70,12 @@ class Gateway:
                                max_connections=config.make_max_concurrency)
         self.typing = TypingKeepAlive(self.telegram, config.typing_mode, config.typing_interval_seconds,
                                       config.typing_max_seconds)
-        self.replies = ReplySender(self.telegram, self.typing)
+        self.reply_results = ReplyResults()
+        # At most half the request threads wait for a `/reply` to go out; the rest are always free for webhooks.
+        self.reply_waiters = threading.BoundedSemaphore(max(1, config.http_threads // 2))
         self.telegram_outbox = TelegramOutbox(self.store, self.telegram, self.typing,
-                                              max_age_seconds=config.make_max_age_hours * 3600)
+                                              max_age_seconds=config.make_max_age_hours * 3600,
+                                              results=self.reply_results, on_unreachable=self._count_unreachable)
         # Button answers on slots of their own: a Bot API slow to answer them holds up no reply.
         self.callback_answers = TelegramOutbox(self.store, self.telegram, self.typing, target=ANSWERS_TARGET,
                                                name="callback-answers")
@@ -81,7 +88,8 @@ class Gateway:
             on_closed=self._batch_closed)
         self.flood = DebounceManager(config.flood_max_messages, config.flood_window_seconds)
         texts = PaymentTexts(config.text_already_paid, config.text_payment_in_progress, config.text_payment_refused,
-                             config.text_admin_payment, config.text_admin_duplicate_payment, config.text_admin_refund)
+                             config.text_admin_payment, config.text_admin_duplicate_payment, config.text_admin_refund,
+                             config.text_admin_renewal)
         self.make_check = (MakeClient(config.make_webhook_url, timeout=config.payment_check_timeout_seconds)
                            if config.payment_check_with_make else None)
         self.payments = PaymentProcessor(
@@ -229,6 +237,35 @@ class Gateway:
                 log.warning("setWebhook failed: %s; retrying in %.1f s", redact(str(err)), delay)
                 self._stopping.wait(delay)
 
+    def send_reply(self, chat_id: int, text: str, extra: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """`POST /reply`: queue the text's parts durably in the chat's order, wait a few seconds for them
+        to go out, and say what happened (see `reply_answer`)."""
+        self.typing.stop(chat_id)
+        reply_id = uuid.uuid4().hex
+        parts = split_text(clean_text(text))
+        plain = {key: value for key, value in extra.items() if key != "reply_markup"}  # buttons on the last part
+        calls = [bot_call(f"reply-api-{reply_id}-{i}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
+                          {"chat_id": chat_id, "text": part, **(extra if i == len(parts) - 1 else plain)})
+                 for i, part in enumerate(parts)]
+        event_ids = [call.event_id for call in calls]
+        waits = self.reply_waiters.acquire(blocking=False)  # when all may wait already: 202 at once
+        try:
+            outcomes = self.reply_results.expect(event_ids) if waits else {}
+            try:
+                self.store.enqueue_events(calls, time.time())
+            except Exception:
+                self.reply_results.wait(event_ids, outcomes, 0)  # nothing was queued: stop expecting it
+                raise
+            if waits:
+                outcomes = self.reply_results.wait(event_ids, outcomes, REPLY_WAIT_SECONDS)
+        finally:
+            if waits:
+                self.reply_waiters.release()
+        return reply_answer(reply_id, event_ids, outcomes)
+
+    def _count_unreachable(self, method: str) -> None:
+        self.metrics.chat_unreachable.labels(method).inc()
+
     def _count_call(self, method: str, outcome: str) -> None:
         self.metrics.telegram_calls.labels(method, outcome).inc()
 
@@ -308,12 +345,13 @@ def create_app(config: Config) -> Flask:
         problem = reply_body_problem(body)
         if problem:
             return jsonify(ok=False, error=problem), HTTPStatus.BAD_REQUEST
+        extra = {key: body[key] for key in ("parse_mode", "reply_markup") if body.get(key) is not None}
         try:
-            message_ids = gateway.replies.send(body["chat_id"], body["text"], body.get("parse_mode"),
-                                               body.get("reply_markup"))
-        except TelegramError as err:
-            return jsonify(ok=False, error=err.description), HTTPStatus.BAD_GATEWAY
-        return jsonify(ok=True, message_ids=message_ids), HTTPStatus.OK
+            answer, status = gateway.send_reply(body["chat_id"], body["text"], extra)
+        except (StoreError, ValueError) as err:
+            log.error("POST /reply not queued: %s", err)
+            return jsonify(ok=False, error="cannot queue the reply now; try again"), HTTPStatus.SERVICE_UNAVAILABLE
+        return jsonify(answer), status
 
     return app
 
@@ -322,9 +360,37 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity, which no JSON encoder writes back
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
 def parse_json(raw: bytes) -> Any:
-    """Parse a request body as strict JSON (no NaN or Infinity, which nothing downstream can send on)."""
-    return json.loads(raw, parse_constant=_no_constants)
+    """Parse a request body as strict JSON: no NaN, Infinity or number overflowing to infinity, which
+    nothing downstream could send on."""
+    return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
+
+
+def reply_answer(reply_id: str, event_ids: list[str], outcomes: dict[str, PartOutcome]) -> tuple[dict[str, Any], int]:
+    """The `POST /reply` answer from what became of its parts: 502 if Telegram refused one for its content,
+    410 if the chat cannot be reached, 200 once every part went out, else 202 (queued, sent later, in order)."""
+    message_ids = [o.message_id for o in outcomes.values() if o.kind == "sent" and o.message_id is not None]
+    for kind, status in (("refused", HTTPStatus.BAD_GATEWAY), ("unreachable", HTTPStatus.GONE)):
+        found = next((o for o in outcomes.values() if o.kind == kind), None)
+        if found is not None:
+            answer: dict[str, Any] = {"ok": False, "error": found.description, "message_ids": message_ids}
+            if kind == "unreachable":
+                answer["chat_unreachable"] = True
+            return answer, status
+    if len(outcomes) == len(event_ids) and all(o.kind in ("sent", "unconfirmed") for o in outcomes.values()):
+        answer = {"ok": True, "message_ids": message_ids}
+        unconfirmed = sum(1 for o in outcomes.values() if o.kind == "unconfirmed")
+        if unconfirmed:
+            answer["unconfirmed_parts"] = unconfirmed  # sent, but Telegram's answer was lost: not sent again
+        return answer, HTTPStatus.OK
+    return {"ok": True, "queued": True, "reply_id": reply_id, "message_ids": message_ids}, HTTPStatus.ACCEPTED
 
 
 def reply_body_problem(body: Any) -> str | None:
@@ -357,14 +423,53 @@ def configure_logging(config: Config) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def create_http_server(app: Flask, config: Config) -> Any:
+    """The waitress server for `app`: bodies over `MAX_BODY_BYTES` refused with 413 from their headers
+    (before a byte of them is read), slow requests and idle connections closed, connections bounded."""
+    from waitress import create_server
+    from waitress.channel import HTTPChannel
+
+    request_timeout = config.http_request_timeout_seconds
+
+    class DeadlineChannel(HTTPChannel):  # type: ignore[misc]
+        """A connection whose each request must arrive whole within `request_timeout` of its first byte."""
+
+        request_started: float | None = None
+
+        def received(self, data: bytes) -> bool:
+            if self.request is None and data:
+                self.request_started = time.monotonic()
+            result = super().received(data)
+            if self.request is None:  # complete (or refused): the next request's clock starts at its first byte
+                self.request_started = None
+            return result
+
+        def readable(self) -> bool:
+            # The server's loop asks every connection this at least once a second.
+            started = self.request_started
+            if started is not None and time.monotonic() - started > request_timeout and not self.will_close:
+                log.warning("closing a connection from %s: its request did not arrive whole in %g s",
+                            self.addr[0] if self.addr else "?", request_timeout)
+                self.will_close = True
+            return bool(super().readable())
+
+    server = create_server(
+        app, host=config.host, port=config.port, threads=config.http_threads, ident="telegram-make-gateway",
+        # waitress refuses a Content-Length >= this limit; Flask's MAX_CONTENT_LENGTH refuses > its own.
+        max_request_body_size=MAX_BODY_BYTES + 1, connection_limit=config.http_max_connections,
+        channel_timeout=IDLE_CONNECTION_SECONDS, cleanup_interval=max(1, IDLE_CONNECTION_SECONDS // 6))
+    # Several listening addresses (a HOST that resolves to IPv4 and IPv6) make several servers in one map.
+    listeners = [server] if hasattr(server, "channel_class") else list(server.map.values())
+    for listener in listeners:
+        listener.channel_class = DeadlineChannel
+    return server
+
+
 def serve(config: Config) -> int:
     """Run the service until SIGTERM or Ctrl-C; return the exit status."""
-    from waitress import create_server
-
     app = create_app(config)
     gateway: Gateway = app.extensions["gateway"]
-    server = create_server(app, host=config.host, port=config.port, threads=config.http_threads,
-                           ident="telegram-make-gateway")
+    server = create_http_server(app, config)
 
     def on_sigterm(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -55,6 +55,8 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 5000
     http_threads: int = 8
+    http_max_connections: int = 100
+    http_request_timeout_seconds: float = 10.0
     debounce_seconds: float = 4.0
     max_wait_seconds: float = 15.0
     max_batch_messages: int = 50
@@ -82,6 +84,7 @@ class Config:
     text_admin_payment: str = "💰 Новая оплата"
     text_admin_duplicate_payment: str = "⚠️ Повторная оплата уже оплаченного счёта: нужен возврат"
     text_admin_refund: str = "↩️ Возврат платежа"
+    text_admin_renewal: str = "🔁 Продление подписки"
     health_max_outbox_age_seconds: float = 300.0
     state_db: str = "data/state.sqlite3"
     reply_token: str = ""
@@ -199,6 +202,8 @@ def _parse(env: Mapping[str, str]) -> Config:
     host = get("HOST") or Config.host
     port = int(number("PORT", Config.port, int, 0, 65535))
     http_threads = int(number("HTTP_THREADS", Config.http_threads, int, 1, 256))
+    http_connections = int(number("HTTP_MAX_CONNECTIONS", Config.http_max_connections, int, 1, 100000))
+    http_request_timeout = number("HTTP_REQUEST_TIMEOUT_SECONDS", Config.http_request_timeout_seconds, float, 0.1, 300)
     before = len(problems)
     debounce = number("DEBOUNCE_SECONDS", Config.debounce_seconds, float, 0.01, 3600)
     max_wait = number("MAX_WAIT_SECONDS", Config.max_wait_seconds, float, 0.01, 86400)
@@ -246,6 +251,7 @@ def _parse(env: Mapping[str, str]) -> Config:
         "text_admin_payment": get("TEXT_ADMIN_PAYMENT"),
         "text_admin_duplicate_payment": get("TEXT_ADMIN_DUPLICATE_PAYMENT"),
         "text_admin_refund": get("TEXT_ADMIN_REFUND"),
+        "text_admin_renewal": get("TEXT_ADMIN_RENEWAL"),
     }
     texts = {name: value or getattr(Config, name) for name, value in texts.items()}
     for name in ("text_already_paid", "text_payment_in_progress", "text_payment_refused"):
@@ -265,7 +271,8 @@ def _parse(env: Mapping[str, str]) -> Config:
     return Config(
         bot_token=token, make_webhook_url=make_url, admin_chat_id=admin_chat_id,
         telegram_api_url=api_url, mode=mode, webhook_url=webhook_url, webhook_secret=secret,
-        host=host, port=port, http_threads=http_threads, debounce_seconds=debounce,
+        host=host, port=port, http_threads=http_threads, http_max_connections=http_connections,
+        http_request_timeout_seconds=http_request_timeout, debounce_seconds=debounce,
         max_wait_seconds=max_wait, max_batch_messages=max_batch, flood_max_messages=flood_max,
         flood_window_seconds=flood_window, typing_mode=typing_mode,
         typing_interval_seconds=typing_interval, typing_max_seconds=typing_max,

@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from make_client import Delivered, MakeClient, RetryLater
+from make_client import Delivered, MakeClient, Outcome, RetryLater
 from outbox import IDLE_SECONDS, OutboxWorkers
 from replies import split_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
-from telegram_outbox import bot_call, callback_answer, callback_answer_fields
+from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
 
@@ -65,25 +65,58 @@ class DeliveryWorkers(OutboxWorkers):
     def _handle(self, row: OutboxRow) -> None:
         """Deliver a claimed event; whatever goes wrong, it leaves the in-flight state (or its chat would stall)."""
         try:
-            self._deliver(row)
+            outcome, elapsed, shows_typing = self._call(row)
         except Exception as err:
-            log.exception("delivering event %s failed unexpectedly", row.event_id)
-            retry_at = self._clock() + backoff(row.attempts, self._policy)
-            reason = f"{type(err).__name__} in the gateway"
-            self._settle(lambda: self._store.mark_failed(row.id, retry_at, reason), row)
-            self._on_outcome("error", 0.0)
-            with self._lock:
-                self.health.failed_attempts += 1
-                self.health.last_error = reason
-            chat_id = row.payload.get("chat_id")
-            if isinstance(chat_id, int):
-                self._typing.stop(chat_id)
+            self._own_failure(row, err)
+            return
+        if isinstance(outcome, Delivered):
+            try:
+                self._accepted(row, outcome, elapsed)
+            except Exception:
+                # Make has run the scenario: posting the event again would run it twice. Whatever the
+                # gateway could not do with the answer is lost, loudly, and the chat moves on.
+                log.exception("Make accepted %s, but its answer could not be handled; recorded as delivered "
+                              "without its replies", row.event_id)
+                self._settle(lambda: self._store.mark_delivered(row.id), row)
+                self._forget_typing(row, stop=True)
+            return
+        try:
+            self._retry_later(row, outcome, self._clock(), elapsed)
+        except Exception as err:
+            self._own_failure(row, err)
+            return
+        if shows_typing:
+            self._typing.stop(row.payload["chat_id"])
 
-    def _deliver(self, row: OutboxRow) -> None:
+    def _own_failure(self, row: OutboxRow, err: Exception) -> None:
+        """The gateway failed before Make took the event: retried like a failed call, a dead letter once too old."""
+        log.error("delivering event %s failed in the gateway", row.event_id, exc_info=err)
+        now = self._clock()
+        dead = now - row.created_at >= self._max_age
+        retry_at = now + backoff(row.attempts, self._policy)
+        reason = f"{type(err).__name__} in the gateway"
+        self._settle(lambda: self._store.mark_failed(row.id, retry_at, reason, dead=dead), row)
+        self._on_outcome("error", 0.0)
+        with self._lock:
+            self.health.failed_attempts += 1
+            self.health.last_error = reason
+            if dead:
+                self.health.dead_letters += 1
+        self._forget_typing(row, stop=True)
+
+    def _forget_typing(self, row: OutboxRow, stop: bool) -> None:
+        with self._lock:
+            self._typed.discard(row.event_id)
+        chat_id = row.payload.get("chat_id")
+        if stop and is_int(chat_id):
+            self._typing.stop(chat_id)
+
+    def _call(self, row: OutboxRow) -> tuple[Outcome, float, bool]:
+        """Show typing (once per batch) and post the event: Make's outcome, the call's seconds, whether it typed."""
         chat_id = row.payload.get("chat_id")
         # Typing once per batch: a chat must not see "typing…" on every retry while Make is down.
         with self._lock:
-            shows_typing = (row.event_type == "message_batch" and isinstance(chat_id, int)
+            shows_typing = (row.event_type == "message_batch" and is_int(chat_id)
                             and row.event_id not in self._typed)
             if shows_typing:
                 self._typed.add(row.event_id)
@@ -91,38 +124,36 @@ class DeliveryWorkers(OutboxWorkers):
             self._typing.start(chat_id)
         started = time.monotonic()
         outcome = self._make.deliver(row.event_id, row.payload)
-        elapsed = time.monotonic() - started
+        return outcome, time.monotonic() - started, shows_typing
+
+    def _accepted(self, row: OutboxRow, outcome: Delivered, elapsed: float) -> None:
+        """Make took the event: it leaves the outbox, and the calls its answer asks for enter it, in one step."""
         now = self._clock()
-        if isinstance(outcome, Delivered):
-            try:
-                followups = answer_calls(row, outcome)
-            except Exception:  # Make accepted it: trouble with its answer must not post the event again
-                log.exception("Make's answer to %s could not be read; delivered without replies", row.event_id)
-                followups = []
-            replies = sum(1 for f in followups if f.event_type == "sendMessage")
-            written: set[str] = set()
+        try:
+            followups = answer_calls(row, outcome)
+        except Exception:  # Make accepted it: trouble with its answer must not post the event again
+            log.exception("Make's answer to %s could not be read; delivered without replies", row.event_id)
+            followups = []
+        replies = sum(1 for f in followups if f.event_type == "sendMessage")
+        written: set[str] = set()
 
-            def settle() -> None:
-                written.update(self._store.mark_delivered(row.id, followups, now))
+        def settle() -> None:
+            written.update(self._store.mark_delivered(row.id, followups, now))
 
-            self._settle(settle, row)
-            if any(f.replace and f.event_id not in written for f in followups):
-                log.warning("Make's callback_answer for %s came after the button was answered empty "
-                            "(CALLBACK_ANSWER_SECONDS); dropped", row.event_id)
-            self._on_outcome("delivered", elapsed)
-            with self._lock:
-                self._typed.discard(row.event_id)
-                self.health.delivered += 1
-                self.health.last_delivered_at = now
-                self.health.failing_since = None
-                self.health.last_error = None
-                self.health.last_error_permanent = False
-            log.info("event %s delivered to Make (HTTP %s, attempt %d, %d reply part(s))", row.event_id,
-                     outcome.status, row.attempts, replies)
-            return
-        self._retry_later(row, outcome, now, elapsed)
-        if shows_typing:
-            self._typing.stop(chat_id)
+        self._settle(settle, row)
+        if any(f.replace and f.event_id not in written for f in followups):
+            log.warning("Make's callback_answer for %s came after the button was answered empty "
+                        "(CALLBACK_ANSWER_SECONDS); dropped", row.event_id)
+        self._on_outcome("delivered", elapsed)
+        with self._lock:
+            self._typed.discard(row.event_id)
+            self.health.delivered += 1
+            self.health.last_delivered_at = now
+            self.health.failing_since = None
+            self.health.last_error = None
+            self.health.last_error_permanent = False
+        log.info("event %s delivered to Make (HTTP %s, attempt %d, %d reply part(s))", row.event_id,
+                 outcome.status, row.attempts, replies)
 
     def _retry_later(self, row: OutboxRow, outcome: RetryLater, now: float, elapsed: float) -> None:
         dead = now - row.created_at >= self._max_age
@@ -179,6 +210,6 @@ def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
 
 def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEvent]:
     """Make's replies as durable sendMessage calls, split at Telegram's limit, in order for the chat."""
-    return [bot_call(f"reply-{event_id}-{i}-{j}", f"reply:{chat_id}", "sendMessage",
+    return [bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
                      {"chat_id": chat_id, "text": part})
             for i, text in enumerate(replies) for j, part in enumerate(split_text(text))]

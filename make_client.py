@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import httpx
 
+from replies import clean_text
 from telegram_api import redact
 
 log = logging.getLogger("gateway.make")
@@ -45,7 +46,8 @@ Outcome = Delivered | RetryLater
 
 
 def parse_replies(body: Any) -> list[str]:
-    """The texts in Make's JSON answer: `reply` (a string) and/or `replies` (a list of strings)."""
+    """The texts in Make's JSON answer: `reply` (a string) and/or `replies` (a list of strings), each with
+    any lone surrogate (a scenario cut an emoji in half) replaced by U+FFFD."""
     if not isinstance(body, dict):
         return []
     found: list[str] = []
@@ -53,7 +55,7 @@ def parse_replies(body: Any) -> list[str]:
         found.append(body["reply"])
     if isinstance(body.get("replies"), list):
         found.extend(r for r in body["replies"] if isinstance(r, str) and r.strip())
-    return found
+    return [clean_text(text) for text in found]
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -29,6 +29,10 @@ class GatewayMetrics:
                                       "Bot API requests by method and outcome (ok, RetryAfter for 429s, ...)",
                                       ["method", "outcome"], registry=r)
 
+        self.chat_unreachable = Counter("gateway_chat_unreachable_total",
+                                        "Messages not sent because the user blocked the bot or the chat is gone",
+                                        ["method"], registry=r)
+
     def gauge(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """Register a gauge whose value is read at scrape time (NaN when it cannot be read, e.g. a locked store)."""
         def safe() -> float:

@@ -1,21 +1,27 @@
-"""Sends answers to a chat: split at Telegram's limit, typing stopped once the answer is out."""
+"""Reply texts: cleaned of broken Unicode, split at Telegram's limit; and the outcomes of `POST /reply` parts."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
-
-from telegram_api import TelegramClient
-from typing_keepalive import TypingKeepAlive
+import re
+import threading
+from dataclasses import dataclass
 
 log = logging.getLogger("gateway.replies")
 
 TEXT_LIMIT = 4096  # Telegram's limit, counted here in UTF-16 code units (an emoji can be two)
+# json.loads joins an escaped surrogate pair into one character, so any surrogate left in a str is lone.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with each lone surrogate (half an emoji, not encodable as UTF-8) replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def utf16_len(text: str) -> int:
-    """Length of `text` in UTF-16 code units, as Telegram counts it."""
-    return len(text.encode("utf-16-le")) // 2
+    """Length of `text` in UTF-16 code units, as Telegram counts it (a lone surrogate counts as one)."""
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
 def split_text(text: str, limit: int = TEXT_LIMIT) -> list[str]:
@@ -46,29 +52,51 @@ def _prefix_fitting(text: str, limit: int) -> int:
     return len(text)
 
 
-class ReplySender:
-    """Sends texts to chats and stops the typing status there."""
+@dataclass(frozen=True)
+class PartOutcome:
+    """What became of one part of a `POST /reply`: `sent` (with its `message_id`), `refused` (for its content),
+    `unreachable` (the user blocked the bot, the chat is gone), `postponed` (flood control or a network error:
+    it waits in the outbox) or `unconfirmed` (its answer was lost; not sent again, so never twice)."""
 
-    def __init__(self, client: TelegramClient, typing: TypingKeepAlive) -> None:
-        self._client = client
-        self._typing = typing
+    kind: str
+    message_id: int | None = None
+    description: str = ""
 
-    def send(self, chat_id: int, text: str, parse_mode: str | None = None,
-             reply_markup: dict[str, Any] | None = None) -> list[int]:
-        """Send `text` (split if long; `reply_markup` on the last part); return the sent message ids.
 
-        Typing stops first, since the first part clears it in the client anyway; a `TelegramError`
-        from any part propagates after the parts before it were sent."""
-        self._typing.stop(chat_id)
-        message_ids: list[int] = []
-        parts = split_text(text)
-        for index, part in enumerate(parts):
-            extra: dict[str, Any] = {}
-            if parse_mode:
-                extra["parse_mode"] = parse_mode
-            if reply_markup is not None and index == len(parts) - 1:
-                extra["reply_markup"] = reply_markup
-            sent = self._client.send_message(chat_id, part, **extra)
-            if isinstance(sent, dict) and isinstance(sent.get("message_id"), int):
-                message_ids.append(sent["message_id"])
-        return message_ids
+class ReplyResults:
+    """Passes what the Telegram outbox did with each `/reply` part to the request waiting for it."""
+
+    def __init__(self) -> None:
+        # _cond guards _waiting: event id -> the outcomes of the request that waits for it.
+        self._cond = threading.Condition()
+        self._waiting: dict[str, dict[str, PartOutcome]] = {}
+
+    def expect(self, event_ids: list[str]) -> dict[str, PartOutcome]:
+        """Register a request's parts before they are queued; pass the returned dict to `wait`."""
+        outcomes: dict[str, PartOutcome] = {}
+        with self._cond:
+            for event_id in event_ids:
+                self._waiting[event_id] = outcomes
+        return outcomes
+
+    def report(self, event_id: str, outcome: PartOutcome) -> bool:
+        """Hand `outcome` to the request waiting for `event_id`; False when none waits (it answered already)."""
+        with self._cond:
+            outcomes = self._waiting.get(event_id)
+            if outcomes is None:
+                return False
+            outcomes[event_id] = outcome
+            self._cond.notify_all()
+            return True
+
+    def wait(self, event_ids: list[str], outcomes: dict[str, PartOutcome], timeout: float) -> dict[str, PartOutcome]:
+        """Wait until every part is settled, or one is postponed (the rest wait behind it), or `timeout`;
+        then stop waiting for them and return what is known. A report after this goes to nobody."""
+        def settled() -> bool:
+            return len(outcomes) == len(event_ids) or any(o.kind == "postponed" for o in outcomes.values())
+
+        with self._cond:
+            self._cond.wait_for(settled, timeout)
+            for event_id in event_ids:
+                self._waiting.pop(event_id, None)
+            return dict(outcomes)

@@ -48,6 +48,19 @@ def may_repeat(method: str) -> bool:
     return method in _IDEMPOTENT
 
 
+# 400 answers that are about the chat, not the request: the user or group is gone for this bot.
+_GONE_CHAT = ("chat not found", "user not found", "peer_id_invalid", "group chat was deactivated",
+              "group chat was deleted")
+
+
+def chat_unreachable(err: "TelegramError") -> bool:
+    """Whether `err` says the chat cannot be reached at all (blocked bot, deactivated user, chat gone, bot
+    kicked): a fact about the user, not a fault of the gateway, and repeating will not change it."""
+    if isinstance(err, Forbidden):
+        return True
+    return isinstance(err, BadRequest) and any(text in err.description.lower() for text in _GONE_CHAT)
+
+
 def redact(text: str, *secrets: str) -> str:
     """Return `text` with anything shaped like a bot token, and each given secret, masked."""
     text = _TOKEN_SHAPE.sub("<redacted-token>", text)

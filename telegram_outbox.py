@@ -17,15 +17,19 @@ import time
 from typing import Any, Callable
 
 from outbox import OutboxWorkers
+from replies import PartOutcome, ReplyResults, clean_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
-from telegram_api import BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError, may_repeat
+from telegram_api import (BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError,
+                          chat_unreachable, may_repeat)
 from typing_keepalive import TypingKeepAlive
+from updates import is_int
 
 log = logging.getLogger("gateway.telegram_outbox")
 
 TARGET = "telegram"
 ANSWERS_TARGET = "telegram-answers"  # answers to button presses, on slots of their own
+USER_CHAT_PREFIX = "reply:"  # order keys of messages to users' chats: `reply:<chat id>`
 MAX_IN_FLIGHT = 8  # Bot API calls at once: a slow call holds up no other chat, and Telegram's ~30/s is far off
 # Telegram takes an answer to a button press for a short, undocumented time after the press (10-15 s
 # in reports); after it, an answer is refused as too old, so there is no point in sending it.
@@ -62,6 +66,7 @@ def callback_answer_fields(answer: Any) -> tuple[dict[str, Any], list[str]]:
         kind = _CALLBACK_ANSWER_FIELDS.get(name)
         ok = kind is not None and isinstance(value, kind) and (kind is not int or not isinstance(value, bool))
         if ok and name == "text":
+            value = clean_text(value)
             ok = len(value) <= 200  # Telegram's limit for a notification
         if ok and name == "cache_time":
             ok = 0 <= value <= 86400 * 365
@@ -77,12 +82,16 @@ class TelegramOutbox(OutboxWorkers):
 
     def __init__(self, store: SQLiteStore, client: TelegramClient, typing: TypingKeepAlive, *,
                  target: str = TARGET, name: str = "telegram-outbox", max_in_flight: int = MAX_IN_FLIGHT,
-                 max_age_seconds: float = 72 * 3600, clock: Callable[[], float] = time.time) -> None:
+                 max_age_seconds: float = 72 * 3600, clock: Callable[[], float] = time.time,
+                 results: ReplyResults | None = None,
+                 on_unreachable: Callable[[str], None] = lambda method: None) -> None:
         super().__init__(store, target, name, max_in_flight, clock=clock)
         self._client = client
         self._typing = typing
         self._max_age = max_age_seconds
         self._policy = BackoffPolicy(initial=1.0, maximum=60.0)
+        self._results = results or ReplyResults()  # a `POST /reply` waiting to hear what became of its parts
+        self._on_unreachable = on_unreachable
         self.sent = 0
 
     def _handle(self, row: OutboxRow) -> None:
@@ -97,8 +106,8 @@ class TelegramOutbox(OutboxWorkers):
             if method == "sendMessage":
                 self._typing.stop(params.get("chat_id"))
             # An answer to a button press is worth little after a few seconds: never wait long for one.
-            self._client.call(method, params, attempts=1,
-                              read_timeout=_ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None)
+            result = self._client.call(method, params, attempts=1,
+                                       read_timeout=_ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None)
         except RetryAfter as err:
             # Telegram's wait counts from its answer, not from when the call was made.
             outcome = self._retry(row, self._clock(), err.retry_after, err.description)
@@ -110,6 +119,8 @@ class TelegramOutbox(OutboxWorkers):
         else:
             self.sent += 1
             log.info("%s done (%s)", method, row.event_id)
+            message_id = result.get("message_id") if isinstance(result, dict) else None
+            self._results.report(row.event_id, PartOutcome("sent", message_id if is_int(message_id) else None))
             outcome = lambda: self._store.mark_delivered(row.id)  # noqa: E731
         self._settle(outcome, row)
 
@@ -118,18 +129,33 @@ class TelegramOutbox(OutboxWorkers):
         if err.sent and not may_repeat(method):
             log.warning("%s for %s may or may not have arrived (%s); not repeated, so it is not sent twice",
                         method, row.event_id, err.description)
+            self._results.report(row.event_id, PartOutcome("unconfirmed", description=err.description))
             return lambda: self._store.mark_delivered(row.id)
         if method == "answerCallbackQuery":
             return self._after_answer_error(row, err, now)
+        if chat_unreachable(err) and row.order_key.startswith(USER_CHAT_PREFIX):
+            # The user blocked the bot or the chat is gone: nothing to fix or retry, and no dead letter.
+            # (The admin's chat is not a user's: a wrong ADMIN_CHAT_ID stays a visible dead letter.)
+            chat_id = row.payload["params"].get("chat_id")
+            log.info("%s for %s: chat %s is unreachable (%s); dropped", method, row.event_id, chat_id,
+                     err.description)
+            self._typing.stop(chat_id)
+            self._on_unreachable(method)
+            self._results.report(row.event_id, PartOutcome("unreachable", description=err.description))
+            return lambda: self._store.mark_delivered(row.id)
         if isinstance(err, NetworkError):
             return self._retry(row, now, backoff(row.attempts, self._policy), err.description)
         if method == "refundStarPayment" and "CHARGE_ALREADY_REFUNDED" in err.description.upper():
             log.info("%s: already refunded", row.event_id)
             return lambda: self._store.mark_delivered(row.id)
+        if self._results.report(row.event_id, PartOutcome("refused", description=err.description)):
+            # A `POST /reply` waiting for it tells its caller (502): no dead letter is needed to see it.
+            log.warning("%s for %s refused: %s (told to the caller of POST /reply)", method, row.event_id, err)
+            return lambda: self._store.mark_delivered(row.id)
         if isinstance(err, ChatMigrated):
             log.error("%s for %s: the group moved to chat %s; update the chat id (kept as a dead letter)",
                       method, row.event_id, err.new_chat_id)
-        else:  # refused for its content or its chat (400, 403, 401): repeating will not help
+        else:  # refused for its content (400, 401): repeating will not help
             log.error("%s for %s refused: %s (kept as a dead letter)", method, row.event_id, err)
         return lambda: self._store.mark_failed(row.id, now, err.description, dead=True)
 
@@ -151,6 +177,7 @@ class TelegramOutbox(OutboxWorkers):
         return lambda: self._store.mark_delivered(row.id)
 
     def _retry(self, row: OutboxRow, now: float, delay: float, reason: str) -> Callable[[], None]:
+        self._results.report(row.event_id, PartOutcome("postponed", description=reason))
         dead = now - row.created_at >= self._max_age
         if dead:
             log.error("%s is a dead letter after %d attempts (%s)", row.event_id, row.attempts, reason)

@@ -111,6 +111,9 @@ class TelegramDouble(_Server):
         self._cond = threading.Condition()
         self._message_id = 1000
         self.webhook: dict[str, Any] | None = None
+        # When set, a call no scripted reply answers gets the (status, JSON body) pair it returns for the
+        # method name and parameters, if any: e.g. to refuse some content as Telegram would.
+        self.reject_if: Callable[[str, dict[str, Any]], tuple[int, Any] | None] | None = None
         super().__init__()
 
     def push_update(self, update: dict[str, Any]) -> None:
@@ -120,7 +123,8 @@ class TelegramDouble(_Server):
             self._cond.notify_all()
 
     def script(self, method: str, *replies: tuple) -> None:
-        """Answer the next calls of `method` with these (status, JSON body[, delay seconds]), in order."""
+        """Answer the next calls of `method` with these (status, JSON body[, delay]), in order; the delay is
+        seconds, or a `threading.Event` the answer waits for (a Bot API held until the test lets it go)."""
         with self.lock:
             self._scripts.setdefault(method, []).extend(replies)
 
@@ -147,8 +151,12 @@ class TelegramDouble(_Server):
             self.call_times.append(time.monotonic())
             scripted = self._scripts.get(name)
             reply = scripted.pop(0) if scripted else None
+        if reply is None and self.reject_if is not None:
+            reply = self.reject_if(name, params)
         if reply is not None:
-            if len(reply) > 2:
+            if len(reply) > 2 and isinstance(reply[2], threading.Event):
+                reply[2].wait(60)
+            elif len(reply) > 2:
                 time.sleep(reply[2])  # a slow Bot API, on the double's own thread
             return _json(reply[0], reply[1])
         return _json(200, {"ok": True, "result": self._default(name, params)})
@@ -259,6 +267,8 @@ class MakeDouble(_Server):
                 self._open_chats[chat] -= 1
         if isinstance(reply, (dict, list)):
             return status, {"Content-Type": "application/json", **reply_headers}, json.dumps(reply).encode()
+        if isinstance(reply, bytes):  # exactly these bytes, with only the headers given
+            return status, reply_headers, reply
         return status, {"Content-Type": "text/plain", **reply_headers}, str(reply).encode()
 
 

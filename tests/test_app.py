@@ -103,7 +103,8 @@ def test_flood_control_holds_back_and_reports_flood_held(start_service, telegram
 
 
 def test_reply_route(start_service, telegram: TelegramDouble) -> None:
-    """POST /reply: 401 without the bearer token, 400 for a bad body, 200 with message ids, 502 when refused."""
+    """POST /reply: 401 without the bearer token, 400 for a bad body, 200 with message ids, 502 when refused
+    for its content, 410 when the chat cannot be reached."""
     service = start_service(REPLY_TOKEN="s3cret-reply")
     auth = {"Authorization": "Bearer s3cret-reply"}
     assert service.post("/reply", json={"chat_id": 1, "text": "x"}).status_code == 401
@@ -114,9 +115,15 @@ def test_reply_route(start_service, telegram: TelegramDouble) -> None:
     ok = service.post("/reply", json={"chat_id": 5, "text": "hello", "parse_mode": "HTML"}, headers=auth)
     assert ok.status_code == 200 and len(ok.json()["message_ids"]) == 1
     assert telegram.calls_of("sendMessage")[-1] == {"chat_id": 5, "text": "hello", "parse_mode": "HTML"}
+    telegram.script("sendMessage", (400, {"ok": False, "error_code": 400,
+                                          "description": "Bad Request: can't parse entities: unclosed tag"}))
+    refused = service.post("/reply", json={"chat_id": 6, "text": "<b>hi", "parse_mode": "HTML"}, headers=auth)
+    assert refused.status_code == 502 and "can't parse entities" in refused.json()["error"]
     telegram.script("sendMessage", (400, {"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}))
-    refused = service.post("/reply", json={"chat_id": 6, "text": "hi"}, headers=auth)
-    assert refused.status_code == 502 and "chat not found" in refused.json()["error"]
+    gone = service.post("/reply", json={"chat_id": 7, "text": "hi"}, headers=auth)
+    assert gone.status_code == 410 and gone.json()["chat_unreachable"] is True
+    # Told to the caller, so neither is kept as a dead letter.
+    assert service.get("/").json()["outbox_dead"] == 0
     assert "s3cret-reply" not in service.text
 
 

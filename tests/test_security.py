@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ssl
-import threading
 from http.server import ThreadingHTTPServer
 from typing import Any
 

@@ -1,0 +1,317 @@
+"""Hostile bodies and broken Unicode: oversized and slow requests, numbers that overflow, lone surrogates
+from Make and from `POST /reply`, and the rule that an event Make accepted is never posted again."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from app import MAX_BODY_BYTES
+from config import derive_webhook_secret
+from delivery import DeliveryWorkers
+from doubles import TOKEN, MakeDouble, TelegramDouble, wait_until
+from helpers import text_update
+from make_client import MakeClient
+from store import NewEvent, SQLiteStore
+from telegram_api import TelegramClient
+from typing_keepalive import TypingKeepAlive
+
+SECRET_HEADER = f"X-Telegram-Bot-Api-Secret-Token: {derive_webhook_secret(TOKEN)}\r\n"
+REPLY_AUTH = {"Authorization": "Bearer reply-token"}
+
+
+def _connect(service) -> socket.socket:
+    port = int(service.url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def _read_status(sock: socket.socket) -> str:
+    """The status line of the first answer on `sock` (waits up to the socket's timeout)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\r\n", 1)[0].decode()
+
+
+# Bodies and connections
+
+
+@pytest.mark.parametrize("path, header", [("/webhook", ""), ("/webhook", SECRET_HEADER),
+                                          ("/reply", "Authorization: Bearer reply-token\r\n")])
+def test_body_over_the_limit_is_refused_from_its_headers_before_it_is_sent(start_service, path: str,
+                                                                           header: str) -> None:
+    """A request announcing a 1 GB body gets 413 while not one byte of the body has been sent, with or
+    without the secret; the service goes on answering."""
+    service = start_service(REPLY_TOKEN="reply-token")
+    with _connect(service) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n{header}"
+                     f"Content-Length: 1000000000\r\n\r\n".encode())
+        assert _read_status(sock).split()[1] == "413"
+    assert service.get("/").status_code == 200
+
+
+def test_body_at_the_limit_reaches_the_app_and_one_byte_more_does_not(start_service) -> None:
+    """The limit is one constant: a body of exactly MAX_BODY_BYTES is read (and refused as not JSON),
+    one byte more is 413 from the headers."""
+    service = start_service()
+    secret = {"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)}
+    at_limit = service.post("/webhook", content=b" " * MAX_BODY_BYTES, headers=secret)
+    assert at_limit.status_code == 400 and at_limit.json()["error"] == "body is not JSON"
+    with _connect(service) as sock:
+        sock.sendall(f"POST /webhook HTTP/1.1\r\nHost: gw\r\n{SECRET_HEADER}"
+                     f"Content-Length: {MAX_BODY_BYTES + 1}\r\n\r\n".encode())
+        assert _read_status(sock).split()[1] == "413"
+
+
+def test_chunked_body_over_the_limit_is_cut_off(start_service) -> None:
+    """A chunked body (no length announced) is refused with 413 once it passes the limit, not read to its end."""
+    service = start_service()
+    with _connect(service) as sock:
+        sock.sendall(f"POST /webhook HTTP/1.1\r\nHost: gw\r\n{SECRET_HEADER}"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        chunk = b"x" * 65536
+        status = ""
+        try:
+            for _ in range(4 * MAX_BODY_BYTES // len(chunk)):  # four times the limit, if nobody stops us
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status = _read_status(sock)
+    assert status.split()[1] == "413"
+
+
+def test_a_request_trickling_in_is_dropped_and_others_are_served(start_service) -> None:
+    """A client sending its headers a byte at a time (slowloris) has its connection closed once
+    HTTP_REQUEST_TIMEOUT_SECONDS pass after its first byte; the service answers others meanwhile."""
+    service = start_service(HTTP_REQUEST_TIMEOUT_SECONDS="1")
+    with _connect(service) as sock:
+        sock.settimeout(0.2)
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: gw\r\n")
+        closed = False
+        sent = 0
+        deadline = time.monotonic() + 15
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"X"[:1])
+                sent += 1
+                closed = sock.recv(1) == b""
+            except socket.timeout:
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+        assert closed, f"still open after {sent} trickled bytes"
+        assert service.get("/").status_code == 200
+    assert "did not arrive whole in 1 s" in service.text
+
+
+# Numbers that are not numbers
+
+
+def _secret() -> dict[str, str]:
+    return {"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN), "Content-Type": "application/json"}
+
+
+def test_number_overflowing_to_infinity_is_refused_and_the_chat_goes_on(start_service, make: MakeDouble) -> None:
+    """`"date": 1e400` is a 400 (like NaN), nothing is stored, and the user's next message reaches Make."""
+    service = start_service(WEBHOOK_URL="https://gw.example.test/webhook", DEBOUNCE_SECONDS="0.1")
+    bad = json.dumps(text_update("bad", user_id=9)).replace('"date": ', '"date": 1e400, "x": ')
+    refused = service.post("/webhook", content=bad.encode(), headers=_secret())
+    assert refused.status_code == 400
+    good = service.post("/webhook", json=text_update("good", user_id=9), headers=_secret())
+    assert good.status_code == 200
+    event = wait_until(lambda: make.accepted(), what="the good batch")[0]
+    assert event["text"] == "good"
+    assert service.health()["outbox_pending"] == 0
+
+
+_NUMBERS = st.one_of(
+    st.sampled_from(["1e400", "-1e400", "1e308", "2.5e-400", "-0", "0.0", "9" * 30, "-" + "9" * 25,
+                     "1" + "0" * 5000, "1.5", "123456789012345678901234567890.5"]),
+    st.integers(min_value=-2**70, max_value=2**70).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.builds(lambda m, e: f"{m}e{e}", st.integers(-9, 9), st.integers(-500, 500)),
+)
+_STRINGS = st.one_of(
+    st.text().map(lambda t: json.dumps(t, ensure_ascii=True)),
+    st.lists(st.sampled_from(["\\ud83d", "\\ude00", "\\ud83d\\ude00", "\\u0000", "a", "\\\\", "\\n", "é"]),
+             max_size=8).map(lambda parts: '"' + "".join(parts) + '"'),
+)
+
+
+def test_numbers_and_strings_in_updates_are_refused_or_stored_and_always_sendable(start_service,
+                                                                                make: MakeDouble) -> None:
+    """Property: an update whose date, ids and texts are any JSON numbers or strings (overflowing exponents,
+    huge integers, lone surrogates, NUL) gets 200 or 400, never 500; whatever was stored reaches Make
+    as JSON, and no event is refused by the gateway itself."""
+    service = start_service(WEBHOOK_URL="https://gw.example.test/webhook", DEBOUNCE_SECONDS="0.05",
+                            MAX_WAIT_SECONDS="0.2", FLOOD_MAX_MESSAGES="100000")
+    answers: list[int] = []
+    counter = iter(range(10_000_000, 20_000_000))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(date=_NUMBERS, chat=st.integers(1, 10**6).map(str) | _NUMBERS, text=_STRINGS, name=_STRINGS)
+    @example(date="1e400", chat="5", text='"x"', name='"n"')
+    @example(date="1", chat="5", text='"\\ud83d"', name='"\\udc00"')
+    def check(date: str, chat: str, text: str, name: str) -> None:
+        body = (f'{{"update_id": {next(counter)}, "message": {{"message_id": 1, "date": {date}, '
+                f'"from": {{"id": 77, "is_bot": false, "first_name": {name}}}, '
+                f'"chat": {{"id": {chat}, "type": "private"}}, "text": {text}}}}}')
+        status = service.post("/webhook", content=body.encode(), headers=_secret()).status_code
+        assert status in (200, 400), body
+        answers.append(status)
+
+    check()
+    assert 200 in answers and 400 in answers
+    wait_until(lambda: service.health()["outbox_pending"] == 0 and service.health()["active_batches"] == 0,
+               timeout=30, what="every stored event to reach Make")
+    health = service.health()
+    assert health["outbox_dead"] == 0 and health["make"]["failed_attempts"] == 0
+    assert "not valid JSON" not in service.text and "Traceback" not in service.text
+    assert make.accepted()
+
+
+# Broken Unicode from Make and from /reply
+
+
+def test_make_reply_with_half_an_emoji_is_sent_repaired_and_the_batch_is_not_posted_again(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """Make's `{"reply": "… \\ud83d"}` reaches the chat with U+FFFD in place of the half emoji; the batch
+    is posted to Make once, and the chat's next message goes through."""
+    make.script((200, {"reply": "Готово \ud83d", "replies": ["второй \udc00 ответ"]}))
+    service = start_service(DEBOUNCE_SECONDS="0.1", MAKE_RETRY_MAX_SECONDS="0.2")
+    telegram.push_update(text_update("first", user_id=11))
+    sent = wait_until(lambda: len(telegram.calls_of("sendMessage")) == 2 and telegram.calls_of("sendMessage"),
+                      what="both replies")
+    assert [m["text"] for m in sent] == ["Готово \ufffd", "второй \ufffd ответ"]
+    telegram.push_update(text_update("second", user_id=11))
+    wait_until(lambda: len(make.requests) == 2, what="the second batch")
+    assert [e["text"] for e in make.events] == ["first", "second"]
+    assert service.health()["outbox_dead"] == 0
+
+
+def test_reply_route_repairs_half_an_emoji(start_service, telegram: TelegramDouble) -> None:
+    """`POST /reply` with a lone surrogate in `text` is a 200, sent with U+FFFD (it was a 500)."""
+    service = start_service(REPLY_TOKEN="reply-token")
+    body = b'{"chat_id": 5, "text": "cut \\ud83d emoji \\udc00"}'
+    answer = service.post("/reply", content=body, headers={**REPLY_AUTH, "Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    assert telegram.calls_of("sendMessage")[-1]["text"] == "cut \ufffd emoji \ufffd"
+
+
+# Make's answers, fuzzed: an event Make accepted is never posted again
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+_REPLY_TEXT = st.text() | st.sampled_from(["\ud83d", "a\udc00b", "", "  ", "x" * 9000, "\U0001F600" * 2100])
+_SHAPES = st.fixed_dictionaries({}, optional={
+    "reply": _REPLY_TEXT | _JSON,
+    "replies": st.lists(_REPLY_TEXT | _JSON, max_size=4) | _JSON,
+    "callback_answer": st.fixed_dictionaries({}, optional={"text": _REPLY_TEXT, "show_alert": _JSON,
+                                                            "url": _REPLY_TEXT, "cache_time": _JSON}) | _JSON,
+})
+_BODIES = st.one_of(
+    _SHAPES.map(lambda shape: json.dumps(shape).encode()),
+    _JSON.map(lambda value: json.dumps(value).encode()),
+    st.binary(max_size=300),
+    st.sampled_from([b"Accepted", b"", b"\xff\xfe{", b'{"reply": "\\ud83d"', b'{"reply": 1e400}', b"[" * 5000,
+                     b'{"reply": "ok", "reply": NaN}']),
+)
+
+
+def test_any_answer_from_make_ends_delivered_or_retried_never_posted_twice(
+        tmp_path: Path, make: MakeDouble, telegram: TelegramDouble, caplog: pytest.LogCaptureFixture) -> None:
+    """Property: whatever Make answers (status, content type, body bytes, JSON shapes), the event ends
+    delivered after one post when the status is 2xx, or waits for a retry otherwise; never stays in flight,
+    never fails in the gateway, and every Bot API call it leads to can be sent as JSON."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    client = TelegramClient(TOKEN, telegram.url)
+    make_client = MakeClient(make.url + "/hook", timeout=5)
+    workers = DeliveryWorkers(store, make_client, TypingKeepAlive(client, "off"), max_age_seconds=3600)
+    db = sqlite3.connect(str(tmp_path / "state.sqlite3"))
+    counter = iter(range(1_000_000))
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(status=st.sampled_from([200, 201, 202, 204, 299, 400, 404, 410, 429, 500, 503]),
+           content_type=st.sampled_from(["application/json", "text/plain", "application/json; charset=latin-1",
+                                         "text/html", None]),
+           body=_BODIES, pressed=st.booleans())
+    def check(status: int, content_type: str | None, body: bytes, pressed: bool) -> None:
+        n = next(counter)
+        event_id = f"ev-{n}"
+        update = {"update_id": n, "callback_query": {"id": f"q{n}", "from": {"id": 1}, "data": "x"}}
+        payload = ({"event_type": "update", "event_id": event_id, "update_type": "callback_query", "chat_id": n,
+                    "update": update} if pressed
+                   else {"event_type": "message_batch", "event_id": event_id, "chat_id": n, "text": "hi"})
+        store.enqueue_events([NewEvent(event_id, f"chat:{n}", payload["event_type"], payload)], time.time())
+        body = b"" if status == 204 else body  # HTTP: a 204 has no body (one would corrupt the next answer)
+        make.script((status, body, {"Content-Type": content_type} if content_type else {}))
+        posts_before = len(make.requests)
+        caplog.clear()
+        [row] = store.claim_due_events(time.time(), "make", 1)
+        workers._handle(row)
+        assert len(make.requests) == posts_before + 1
+        state = db.execute("SELECT status, attempts FROM outbox WHERE event_id=?", (event_id,)).fetchone()
+        if 200 <= status < 300:
+            assert state is None, state  # delivered: gone from the outbox
+        else:
+            assert state == ("pending", 1)
+            store.mark_failed(row.id, time.time(), "checked", dead=True)  # out of the next examples' way
+        failures = [r for r in caplog.records if "in the gateway" in r.getMessage()
+                    or "could not be handled" in r.getMessage() or "could not be read" in r.getMessage()]
+        assert not failures, [r.getMessage() for r in failures]
+
+    try:
+        check()
+        calls = [json.loads(text)["params"] for (text,) in db.execute(
+            "SELECT payload FROM outbox WHERE target LIKE 'telegram%'")]
+        assert calls, "no example led to a Bot API call"
+        for params in calls:
+            json.dumps(params, ensure_ascii=False, allow_nan=False).encode("utf-8")  # sendable: raises if not
+    finally:
+        db.close()
+        make_client.close()
+        client.close()
+        store.close()
+
+
+_REPLY_BODIES = st.one_of(
+    st.fixed_dictionaries({"chat_id": st.integers(-2**64, 2**64) | _JSON, "text": _REPLY_TEXT | _JSON},
+                          optional={"parse_mode": st.sampled_from(["HTML", "MarkdownV2", "x"]) | _JSON,
+                                    "reply_markup": _JSON}).map(lambda b: json.dumps(b).encode()),
+    _JSON.map(lambda value: json.dumps(value).encode()),
+    st.binary(max_size=200),
+    st.sampled_from([b'{"chat_id": 1e400, "text": "x"}', b'{"chat_id": 5, "text": "\\udc00"}',
+                     b'{"chat_id": 5, "text": NaN}', b"[" * 5000]),
+)
+
+
+def test_reply_route_answers_every_body_without_a_server_error(start_service, telegram: TelegramDouble) -> None:
+    """Property: any `POST /reply` body gets 200, 202 or 400 (the Bot API double takes everything), never
+    a 5xx, and every text that went out is valid UTF-8."""
+    service = start_service(REPLY_TOKEN="reply-token")
+    statuses: list[int] = []
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(body=_REPLY_BODIES)
+    def check(body: bytes) -> None:
+        answer = service.post("/reply", content=body, headers={**REPLY_AUTH, "Content-Type": "application/json"})
+        assert answer.status_code in (200, 202, 400), (body, answer.status_code, answer.text)
+        statuses.append(answer.status_code)
+
+    check()
+    assert 200 in statuses and 400 in statuses
+    for message in telegram.calls_of("sendMessage"):
+        message["text"].encode("utf-8")
+    assert "Traceback" not in service.text
