@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Callable
 
-from telegram_api import Forbidden, TelegramClient, TelegramError
+from telegram_api import TelegramClient, TelegramError, chat_unreachable
 
 log = logging.getLogger("gateway.typing")
 
@@ -125,10 +125,11 @@ class TypingKeepAlive:
         try:
             self._client.send_chat_action(chat_id, "typing")
             self.actions_sent += 1
-        except Forbidden:
-            self.stop(chat_id)  # blocked by the user: renewing would only fail again
         except TelegramError as err:
-            log.debug("typing in chat %s not shown: %s", chat_id, err)
+            if chat_unreachable(err):
+                self.stop(chat_id)  # blocked by the user, or the chat is gone: renewing would only fail again
+            else:
+                log.debug("typing in chat %s not shown: %s", chat_id, err)
         finally:
             if last:
                 with self._lock:

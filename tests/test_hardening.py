@@ -134,6 +134,24 @@ def test_number_overflowing_to_infinity_is_refused_and_the_chat_goes_on(start_se
     assert service.health()["outbox_pending"] == 0
 
 
+def test_polled_update_with_an_infinite_number_is_dropped_and_the_chat_goes_on(start_service,
+                                                                          telegram: TelegramDouble,
+                                                                          make: MakeDouble) -> None:
+    """Polling: Telegram's JSON cannot be refused, so an update whose `date` reads as infinity is
+    acknowledged and dropped (logged), never stored to block its chat; the next message reaches Make."""
+    service = start_service(DEBOUNCE_SECONDS="0.1")
+    bad = text_update("bad", user_id=9)
+    bad["message"]["date"] = float("inf")  # the double writes it as `Infinity`, which httpx reads back as inf
+    telegram.push_update(bad)
+    telegram.push_update(text_update("good", user_id=9))
+    event = wait_until(lambda: make.accepted(), what="the good batch")[0]
+    assert event["text"] == "good"
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="nothing left to send")
+    health = service.health()
+    assert (health["outbox_dead"], health["make"]["failed_attempts"], len(make.requests)) == (0, 0, 1)
+    assert "quarantined" in service.get("/metrics").text
+
+
 _NUMBERS = st.one_of(
     st.sampled_from(["1e400", "-1e400", "1e308", "2.5e-400", "-0", "0.0", "9" * 30, "-" + "9" * 25,
                      "1" + "0" * 5000, "1.5", "123456789012345678901234567890.5"]),
@@ -315,3 +333,33 @@ def test_reply_route_answers_every_body_without_a_server_error(start_service, te
     for message in telegram.calls_of("sendMessage"):
         message["text"].encode("utf-8")
     assert "Traceback" not in service.text
+
+
+class _BrokenMake(MakeClient):
+    """A Make client whose call fails inside the gateway (a bug), before anything is posted."""
+
+    def deliver(self, event_id: str, payload: dict) -> object:
+        raise RuntimeError("a bug in the gateway")
+
+
+def test_the_gateways_own_failure_is_retried_then_a_dead_letter_once_too_old(tmp_path: Path,
+                                                                            telegram: TelegramDouble) -> None:
+    """An error in the gateway before Make took the event is retried like a failed call, and becomes a
+    dead letter (its chat moves on) once the event is older than MAKE_MAX_AGE_HOURS; it never stays in flight."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    client = TelegramClient(TOKEN, telegram.url)
+    now = [1000.0]
+    workers = DeliveryWorkers(store, _BrokenMake("http://127.0.0.1:9/hook"), TypingKeepAlive(client, "off"),
+                              max_age_seconds=3600, clock=lambda: now[0])
+    payload = {"event_type": "message_batch", "event_id": "ev", "chat_id": 1, "text": "hi"}
+    store.enqueue_events([NewEvent("ev", "chat:1", "message_batch", payload)], now[0])
+    [row] = store.claim_due_events(now[0], "make", 1)
+    workers._handle(row)
+    assert store.outbox_stats(now[0])["outbox_pending"] == 1 and store.dead_events() == []
+    now[0] += 3600
+    [row] = store.claim_due_events(now[0], "make", 1)
+    workers._handle(row)
+    assert [r.event_id for r in store.dead_events()] == ["ev"]
+    assert workers.health.dead_letters == 1 and "RuntimeError in the gateway" in workers.health.last_error
+    client.close()
+    store.close()
