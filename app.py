@@ -28,12 +28,13 @@ from flask import Flask, Response, jsonify, request
 from batching import BatchManager
 from config import Config, ConfigError
 from debounce import DebounceManager, DebounceSettings
+from http_server import MAX_BODY_BYTES, create_http_server
 from delivery import DeliveryWorkers
 from make_client import MakeClient
 from metrics import GatewayMetrics
 from payments import PaymentProcessor, PaymentTexts
 from polling import Poller
-from replies import PartOutcome, ReplyResults, clean_text, split_text
+from replies import MAX_REPLY_CHARS, PartOutcome, ReplyResults, clean_json, clean_text, split_text
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
@@ -44,10 +45,7 @@ from updates import is_int
 
 log = logging.getLogger("gateway")
 
-MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
 REPLY_WAIT_SECONDS = 4.0  # how long `POST /reply` waits for Telegram before answering 202 (queued)
-MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
-IDLE_CONNECTION_SECONDS = 30  # a kept-alive connection with no request in progress closes after this
 # Kinds the gateway always asks Telegram for; the forwarded ones are added from the settings.
 HANDLED_KINDS = ("message", "callback_query", "pre_checkout_query")
 
@@ -71,8 +69,9 @@ class Gateway:
         self.typing = TypingKeepAlive(self.telegram, config.typing_mode, config.typing_interval_seconds,
                                       config.typing_max_seconds)
         self.reply_results = ReplyResults()
-        # At most half the request threads wait for a `/reply` to go out; the rest are always free for webhooks.
-        self.reply_waiters = threading.BoundedSemaphore(max(1, config.http_threads // 2))
+        # At most half the request threads wait for a `/reply` to go out (none of one): the rest are always
+        # free for webhooks.
+        self.reply_waiters = threading.BoundedSemaphore(config.http_threads // 2)
         self.telegram_outbox = TelegramOutbox(self.store, self.telegram, self.typing,
                                               max_age_seconds=config.make_max_age_hours * 3600,
                                               results=self.reply_results, on_unreachable=self._count_unreachable)
@@ -345,7 +344,7 @@ def create_app(config: Config) -> Flask:
         problem = reply_body_problem(body)
         if problem:
             return jsonify(ok=False, error=problem), HTTPStatus.BAD_REQUEST
-        extra = {key: body[key] for key in ("parse_mode", "reply_markup") if body.get(key) is not None}
+        extra = {key: clean_json(body[key]) for key in ("parse_mode", "reply_markup") if body.get(key) is not None}
         try:
             answer, status = gateway.send_reply(body["chat_id"], body["text"], extra)
         except (StoreError, ValueError) as err:
@@ -421,48 +420,6 @@ def configure_logging(config: Config) -> None:
     # httpx logs every request URL at INFO, and every Bot API URL holds the token.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def create_http_server(app: Flask, config: Config) -> Any:
-    """The waitress server for `app`: bodies over `MAX_BODY_BYTES` refused with 413 from their headers
-    (before a byte of them is read), slow requests and idle connections closed, connections bounded."""
-    from waitress import create_server
-    from waitress.channel import HTTPChannel
-
-    request_timeout = config.http_request_timeout_seconds
-
-    class DeadlineChannel(HTTPChannel):  # type: ignore[misc]
-        """A connection whose each request must arrive whole within `request_timeout` of its first byte."""
-
-        request_started: float | None = None
-
-        def received(self, data: bytes) -> bool:
-            if self.request is None and data:
-                self.request_started = time.monotonic()
-            result = super().received(data)
-            if self.request is None:  # complete (or refused): the next request's clock starts at its first byte
-                self.request_started = None
-            return result
-
-        def readable(self) -> bool:
-            # The server's loop asks every connection this at least once a second.
-            started = self.request_started
-            if started is not None and time.monotonic() - started > request_timeout and not self.will_close:
-                log.warning("closing a connection from %s: its request did not arrive whole in %g s",
-                            self.addr[0] if self.addr else "?", request_timeout)
-                self.will_close = True
-            return bool(super().readable())
-
-    server = create_server(
-        app, host=config.host, port=config.port, threads=config.http_threads, ident="telegram-make-gateway",
-        # waitress refuses a Content-Length >= this limit; Flask's MAX_CONTENT_LENGTH refuses > its own.
-        max_request_body_size=MAX_BODY_BYTES + 1, connection_limit=config.http_max_connections,
-        channel_timeout=IDLE_CONNECTION_SECONDS, cleanup_interval=max(1, IDLE_CONNECTION_SECONDS // 6))
-    # Several listening addresses (a HOST that resolves to IPv4 and IPv6) make several servers in one map.
-    listeners = [server] if hasattr(server, "channel_class") else list(server.map.values())
-    for listener in listeners:
-        listener.channel_class = DeadlineChannel
-    return server
 
 
 def serve(config: Config) -> int:

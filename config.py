@@ -55,7 +55,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 5000
     http_threads: int = 8
-    http_max_connections: int = 100
+    http_max_connections: int = 1000
     http_request_timeout_seconds: float = 10.0
     debounce_seconds: float = 4.0
     max_wait_seconds: float = 15.0

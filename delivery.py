@@ -18,7 +18,7 @@ from typing import Callable
 
 from make_client import Delivered, MakeClient, Outcome, RetryLater
 from outbox import IDLE_SECONDS, OutboxWorkers
-from replies import split_text
+from replies import MAX_REPLY_CHARS, split_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
@@ -209,7 +209,19 @@ def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
 
 
 def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEvent]:
-    """Make's replies as durable sendMessage calls, split at Telegram's limit, in order for the chat."""
-    return [bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
-                     {"chat_id": chat_id, "text": part})
-            for i, text in enumerate(replies) for j, part in enumerate(split_text(text))]
+    """Make's replies as durable sendMessage calls, split at Telegram's limit, in order for the chat; at most
+    `MAX_REPLY_CHARS` in all (a scenario's mistake must not queue thousands of messages)."""
+    calls: list[NewEvent] = []
+    budget = MAX_REPLY_CHARS
+    for i, text in enumerate(replies):
+        if len(text) > budget:
+            log.warning("Make's answer to %s holds more than %d characters of replies; the rest is dropped",
+                        event_id, MAX_REPLY_CHARS)
+            text = text[:budget]
+        budget -= len(text)
+        calls.extend(bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
+                              {"chat_id": chat_id, "text": part})
+                     for j, part in enumerate(split_text(text)) if part.strip())
+        if budget <= 0:
+            break
+    return calls

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
@@ -21,6 +22,8 @@ from replies import clean_text
 from telegram_api import redact
 
 log = logging.getLogger("gateway.make")
+
+MAX_ANSWER_BYTES = 5 * 1024 * 1024  # Make's own payload limit; an answer bigger than this is not read
 
 
 @dataclass(frozen=True)
@@ -99,10 +102,11 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
 
 
 class MakeClient:
-    """Sends one event per request to the Make webhook, TLS verified, with explicit timeouts."""
+    """Sends one event per request to the Make webhook, TLS verified, each call done within `timeout` seconds."""
 
     def __init__(self, url: str, timeout: float = 45.0, verify: bool | str = True, max_connections: int = 100) -> None:
         self._url = url
+        self._timeout = timeout
         # One connection per call in flight: a call must never wait for the pool behind a slow scenario.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), verify=verify,
@@ -115,17 +119,42 @@ class MakeClient:
             content = json.dumps(payload, ensure_ascii=True, allow_nan=False).encode()
         except (TypeError, ValueError) as err:
             return RetryLater(f"event is not valid JSON: {err}", permanent=True)
+        # httpx times each read, not the call: an answer trickling in a byte at a time would hold the
+        # chat for ever, so the whole call has a deadline of its own.
+        deadline = time.monotonic() + self._timeout
         try:
-            response = self._http.post(self._url, content=content,
-                                       headers={"X-Event-Id": event_id, "Content-Type": "application/json"})
+            with self._http.stream("POST", self._url, content=content,
+                                   headers={"X-Event-Id": event_id, "Content-Type": "application/json"}) as response:
+                body, complete = _read_until(response, deadline)
         except httpx.TimeoutException as err:
             return RetryLater(f"timed out ({type(err).__name__})")
         except httpx.HTTPError as err:
             return RetryLater(f"{type(err).__name__}: {redact(str(err))}")
         except Exception as err:  # e.g. closed during shutdown: still an outcome, never an escape
             return RetryLater(f"{type(err).__name__}: {redact(str(err))}", permanent=True)
-        return classify(response.status_code, response.headers, response.text)
+        if not complete:
+            if 200 <= response.status_code < 300:
+                # Make has run the scenario: posting again would run it twice. Its answer is lost.
+                log.error("Make accepted %s (HTTP %s) but its answer did not arrive whole within %g s (or is over "
+                          "%d bytes); delivered without replies", event_id, response.status_code, self._timeout,
+                          MAX_ANSWER_BYTES)
+                return Delivered(response.status_code)
+            return RetryLater(f"HTTP {response.status_code}: the answer did not arrive whole in {self._timeout:g} s")
+        text = httpx.Response(response.status_code, headers=response.headers, content=body).text
+        return classify(response.status_code, response.headers, text)
 
     def close(self) -> None:
         """Close the connection pool; safe to call twice."""
         self._http.close()
+
+
+def _read_until(response: httpx.Response, deadline: float) -> tuple[bytes, bool]:
+    """The response's body, and whether it arrived whole by `deadline` and within `MAX_ANSWER_BYTES`."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES or time.monotonic() > deadline:
+            return b"", False
+    return b"".join(chunks), True

@@ -6,6 +6,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger("gateway.replies")
 
@@ -14,9 +15,23 @@ TEXT_LIMIT = 4096  # Telegram's limit, counted here in UTF-16 code units (an emo
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
+
+
 def clean_text(text: str) -> str:
     """`text` with each lone surrogate (half an emoji, not encodable as UTF-8) replaced by U+FFFD."""
     return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def clean_json(value: Any) -> Any:
+    """`value` (parsed JSON, e.g. a `reply_markup`) with `clean_text` applied to every string in it."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, list):
+        return [clean_json(item) for item in value]
+    if isinstance(value, dict):
+        return {clean_text(key): clean_json(item) for key, item in value.items()}
+    return value
 
 
 def utf16_len(text: str) -> int:

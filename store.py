@@ -457,6 +457,13 @@ class SQLiteStore:
                 cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1 WHERE id=?", (row_id,))
             return [self._outbox_row(cur, row_id) for row_id in ids]
 
+    def inflight_events(self, target: str) -> list[OutboxRow]:
+        """Rows of `target` in flight now (at start: those a crash or a slow stop left mid-call)."""
+        with self._tx() as cur:
+            ids = [r[0] for r in cur.execute("SELECT id FROM outbox WHERE status='inflight' AND target=? ORDER BY id",
+                                             (target,))]
+            return [self._outbox_row(cur, row_id) for row_id in ids]
+
     def claim_due_event(self, now: float, target: str = "make") -> OutboxRow | None:
         """Claim the earliest due event of `target` that heads its queue (see `claim_due_events`), or None."""
         rows = self.claim_due_events(now, target, 1)

@@ -3,9 +3,11 @@
 Each is an outbox row with `target="telegram"` and a payload `{"method", "params"}`, written in the
 same transaction as what caused it. The `telegram-outbox-N` threads send them, one order key at a
 time (a chat's reply parts stay in order), without ever sleeping through a flood wait: a 429 or a
-network error puts the row back with its next attempt time. A `sendMessage` that may have reached
-Telegram is not sent again (the user would get it twice); content Telegram refuses becomes a dead
-letter, kept and visible. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the
+network error puts the row back with its next attempt time (never past the row's age limit). A
+`sendMessage` that may have reached Telegram is not sent again (the user would get it twice), nor is one
+a crash interrupted mid-call; content Telegram refuses becomes a dead letter, kept and visible (or, for
+a `POST /reply` still waiting, is told to its caller). A message to a user's chat that Telegram says
+is unreachable (blocked bot, deactivated user, chat gone) is counted and dropped, not kept. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the
 press, sent by a loop of its own; Make's `callback_answer` replaces it while it waits. It is never sent
 after Telegram's window for it; one refused for its content is followed by an empty answer.
 """
@@ -94,6 +96,16 @@ class TelegramOutbox(OutboxWorkers):
         self._on_unreachable = on_unreachable
         self.sent = 0
 
+    def start(self) -> None:
+        """Start the claim loop; a call a crash left in flight that must not be repeated (`sendMessage`: it
+        may have arrived) is recorded as done instead of being sent again."""
+        for row in self._store.inflight_events(self._target):
+            if not may_repeat(str(row.payload.get("method"))):
+                log.warning("%s was being sent when the gateway stopped; not sent again, so it is never sent twice",
+                            row.event_id)
+                self._store.mark_delivered(row.id)
+        super().start()
+
     def _handle(self, row: OutboxRow) -> None:
         method, params = row.payload["method"], row.payload["params"]
         expires_at, now = row.payload.get("expires_at"), self._clock()
@@ -179,6 +191,8 @@ class TelegramOutbox(OutboxWorkers):
     def _retry(self, row: OutboxRow, now: float, delay: float, reason: str) -> Callable[[], None]:
         self._results.report(row.event_id, PartOutcome("postponed", description=reason))
         dead = now - row.created_at >= self._max_age
+        # A flood wait (a day, say) must not carry a row past its age unseen: it is tried once more then.
+        delay = min(delay, max(1.0, row.created_at + self._max_age - now))
         if dead:
             log.error("%s is a dead letter after %d attempts (%s)", row.event_id, row.attempts, reason)
         else:

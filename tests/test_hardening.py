@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from hypothesis import strategies as st
 
 from app import MAX_BODY_BYTES
 from config import derive_webhook_secret
-from delivery import DeliveryWorkers
+from delivery import DeliveryWorkers, reply_calls
 from doubles import TOKEN, MakeDouble, TelegramDouble, wait_until
 from helpers import text_update
-from make_client import MakeClient
+from make_client import Delivered, MakeClient, RetryLater
+from replies import MAX_REPLY_CHARS
 from store import NewEvent, SQLiteStore
 from telegram_api import TelegramClient
 from typing_keepalive import TypingKeepAlive
@@ -41,6 +43,19 @@ def _read_status(sock: socket.socket) -> str:
             break
         data += chunk
     return data.split(b"\r\n", 1)[0].decode()
+
+
+def _closed_by_server(sock: socket.socket, timeout: float = 15.0) -> bool:
+    """Read whatever is left on `sock`; True once the server closes it, False if it is still open at `timeout`."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+    return True
 
 
 # Bodies and connections
@@ -112,6 +127,40 @@ def test_a_request_trickling_in_is_dropped_and_others_are_served(start_service) 
         assert closed, f"still open after {sent} trickled bytes"
         assert service.get("/").status_code == 200
     assert "did not arrive whole in 1 s" in service.text
+
+
+def test_a_silent_connection_is_closed_after_the_request_timeout(start_service) -> None:
+    """A connection that never sends a byte is closed HTTP_REQUEST_TIMEOUT_SECONDS after it opened (it
+    held a connection slot for 30 s before), and one kept alive after a request is closed as idle."""
+    service = start_service(HTTP_REQUEST_TIMEOUT_SECONDS="1")
+    with _connect(service) as silent, _connect(service) as kept_alive:
+        kept_alive.sendall(b"GET /ready HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert _read_status(kept_alive).split()[1] == "200"
+        assert _closed_by_server(silent) and _closed_by_server(kept_alive)
+
+
+def test_expect_continue_with_a_body_over_the_limit_gets_413_not_continue(start_service) -> None:
+    """A client asking `Expect: 100-continue` for a 1 GB body is told 413, never "100 Continue"."""
+    service = start_service()
+    with _connect(service) as sock:
+        sock.sendall(f"POST /webhook HTTP/1.1\r\nHost: gw\r\n{SECRET_HEADER}Expect: 100-continue\r\n"
+                     "Content-Length: 1000000000\r\n\r\n".encode())
+        assert _read_status(sock).split()[1] == "413"
+
+
+def test_an_unreadable_content_length_closes_the_connection_without_an_error(start_service) -> None:
+    """A Content-Length of 5,000 digits (more than Python reads as a number) closes the connection with a
+    warning; no error is logged, and the service goes on."""
+    service = start_service()
+    with _connect(service) as sock:
+        sock.sendall(b"POST /webhook HTTP/1.1\r\nHost: gw\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n")
+        try:
+            answer = sock.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b"" or answer.split()[1] in (b"400", b"413")
+    assert service.get("/").status_code == 200
+    assert "uncaptured" not in service.text and "unreadable request" in service.text
 
 
 # Numbers that are not numbers
@@ -363,3 +412,66 @@ def test_the_gateways_own_failure_is_retried_then_a_dead_letter_once_too_old(tmp
     assert workers.health.dead_letters == 1 and "RuntimeError in the gateway" in workers.health.last_error
     client.close()
     store.close()
+
+
+class _TricklingMake:
+    """A Make webhook on a raw socket that sends its status line and headers at once, then its body one
+    byte every 0.3 s (httpx's read timeout never fires: each byte comes in time)."""
+
+    def __init__(self, status: int) -> None:
+        self.requests = 0
+        self._status = status
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/hook"
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            self.requests += 1
+            with conn:
+                conn.recv(65536)
+                conn.sendall(f"HTTP/1.1 {self._status} X\r\nContent-Type: application/json\r\n"
+                             "Content-Length: 1000\r\n\r\n".encode())
+                for _ in range(1000):
+                    if self._stop.wait(0.3):
+                        return
+                    try:
+                        conn.sendall(b" ")
+                    except OSError:
+                        break
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_an_answer_trickling_in_ends_the_call_at_make_timeout_seconds(status: int) -> None:
+    """MAKE_TIMEOUT_SECONDS bounds the whole call, not each read: an answer dribbling in a byte at a time
+    ends it; a 2xx is delivered (Make ran the scenario, so it is never posted again), anything else retried."""
+    make = _TricklingMake(status)
+    client = MakeClient(make.url, timeout=1.5)
+    try:
+        outcome = client.deliver("ev-1", {"event_type": "message_batch", "event_id": "ev-1"})
+    finally:
+        client.close()
+        make.close()
+    if status == 200:
+        assert outcome == Delivered(200)
+    else:
+        assert isinstance(outcome, RetryLater) and "did not arrive whole" in outcome.reason
+    assert make.requests == 1
+
+
+def test_make_replies_are_capped_at_max_reply_chars() -> None:
+    """A scenario answering 100,000 characters queues at most MAX_REPLY_CHARS of them (eight messages),
+    in order, not 25 messages."""
+    calls = reply_calls("ev", 5, ["a" * 30000, "b" * 70000, "c"])
+    texts = [call.payload["params"]["text"] for call in calls]
+    assert sum(len(t) for t in texts) == MAX_REPLY_CHARS and len(texts) == 9
+    assert texts[0][0] == "a" and texts[-1][-1] == "b"

@@ -91,3 +91,55 @@ def test_reply_to_a_user_who_blocked_the_bot_is_counted_not_a_fault(
     assert 'gateway_chat_unreachable_total{method="sendMessage"} 1.0' in metrics
     wait_until(lambda: service.health()["status"] == "ok", what="health to say ok")
     assert "dead letter" not in service.text
+
+
+def test_a_reply_in_flight_at_a_crash_is_not_sent_again(start_service, telegram: TelegramDouble) -> None:
+    """A `/reply` part Telegram holds when the service is killed (-9) may have arrived: after the restart
+    it is recorded as done, not sent a second time, and the chat's next reply goes out."""
+    stalled = threading.Event()
+    telegram.script("sendMessage", (200, {"ok": True, "result": {"message_id": 1}}, stalled))
+    service = start_service(REPLY_TOKEN="reply-token")
+    assert service.post("/reply", json={"chat_id": 5, "text": "in flight"}, headers=AUTH).status_code == 202
+    service.kill()
+    stalled.set()
+    service = start_service(REPLY_TOKEN="reply-token")
+    assert service.post("/reply", json={"chat_id": 5, "text": "after"}, headers=AUTH).status_code == 200
+    assert [p["text"] for p in telegram.calls_of("sendMessage")] == ["in flight", "after"]
+    assert "not sent again, so it is never sent twice" in service.text
+
+
+def test_a_flood_wait_longer_than_the_age_limit_ends_in_a_dead_letter_and_the_chat_goes_on(
+        start_service, telegram: TelegramDouble) -> None:
+    """Telegram asking to wait a day does not hide a reply past MAKE_MAX_AGE_HOURS: it is tried again at
+    that age, becomes a dead letter when refused again, and the chat's next reply goes out."""
+    telegram.script("sendMessage", _flood(86400), _flood(86400))
+    service = start_service(REPLY_TOKEN="reply-token", MAKE_MAX_AGE_HOURS="0.001")  # 3.6 s
+    assert service.post("/reply", json={"chat_id": 5, "text": "stuck"}, headers=AUTH).status_code == 202
+    assert service.post("/reply", json={"chat_id": 5, "text": "next"}, headers=AUTH).status_code in (200, 202)
+    wait_until(lambda: [p["text"] for p in telegram.calls_of("sendMessage")] == ["stuck", "stuck", "next"],
+               timeout=20, what="the stuck reply's last try, then the next one")
+    wait_until(lambda: service.health()["outbox_dead"] == 1, what="the dead letter")
+
+
+def test_with_one_request_thread_a_reply_never_waits(start_service, telegram: TelegramDouble) -> None:
+    """HTTP_THREADS=1: a `/reply` is answered 202 at once (its one thread is never spent waiting), and a
+    webhook is taken while the Bot API still holds the message."""
+    stalled = threading.Event()
+    telegram.script("sendMessage", (200, {"ok": True, "result": {"message_id": 1}}, stalled))
+    service = start_in_mode(start_service, "webhook", REPLY_TOKEN="reply-token", HTTP_THREADS="1")
+    assert service.post("/reply", json={"chat_id": 5, "text": "hi"}, headers=AUTH).status_code == 202
+    deliver(service, telegram, "webhook", text_update("meanwhile", user_id=6))
+    assert not stalled.is_set()
+    stalled.set()
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the reply to go out")
+
+
+def test_reply_markup_with_half_an_emoji_is_repaired(start_service, telegram: TelegramDouble) -> None:
+    """A lone surrogate in a button's text reaches Telegram as U+FFFD, not as an escape it would refuse."""
+    service = start_service(REPLY_TOKEN="reply-token")
+    body = (b'{"chat_id": 5, "text": "pick", "reply_markup": {"inline_keyboard": '
+            b'[[{"text": "yes \\ud83d", "callback_data": "y"}]]}}')
+    answer = service.post("/reply", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert answer.status_code == 200, answer.text
+    button = telegram.calls_of("sendMessage")[-1]["reply_markup"]["inline_keyboard"][0][0]
+    assert button == {"text": "yes \ufffd", "callback_data": "y"}

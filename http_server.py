@@ -1,0 +1,91 @@
+"""The WSGI server in front of the routes: waitress, bounded against hostile or broken clients.
+
+- A body over `MAX_BODY_BYTES` is refused with 413 from its headers, before a byte of it is read (also
+  when the client asks `Expect: 100-continue`: it gets the 413, never a "go ahead"); a chunked body is
+  cut off at the same limit. Flask's `MAX_CONTENT_LENGTH` is the same constant.
+- A request must arrive whole within `HTTP_REQUEST_TIMEOUT_SECONDS` of its first byte (slowloris), and a
+  connection with no request under way (just opened, or between kept-alive requests) closes after as
+  long; a request the app is working on is never cut.
+- At most `HTTP_MAX_CONNECTIONS` connections are held; more wait in the system's accept queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import select
+import time
+from typing import Any
+
+from config import Config
+
+log = logging.getLogger("gateway.http")
+
+MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
+_SELECT_LIMIT = 500  # sockets select() watches safely where poll() is missing (Windows: 512)
+
+
+def create_http_server(app: Any, config: Config) -> Any:
+    """The waitress server for the WSGI `app`, with the limits above."""
+    from waitress import create_server
+    from waitress.channel import HTTPChannel
+
+    request_timeout = config.http_request_timeout_seconds
+
+    class BoundedChannel(HTTPChannel):  # type: ignore[misc]
+        """A connection whose each request must arrive whole within `request_timeout` of its first byte."""
+
+        request_started: float | None = None
+
+        def received(self, data: bytes) -> bool:
+            if self.request is None and data:
+                self.request_started = time.monotonic()
+            try:
+                result = super().received(data)
+            except ValueError as err:  # e.g. a Content-Length of 5,000 digits: Python will not read it
+                log.warning("closing a connection from %s: unreadable request (%s)", self._peer(), err)
+                self.will_close = True
+                return False
+            if self.request is None:  # complete (or refused): the next request's clock starts at its first byte
+                self.request_started = None
+            return bool(result)
+
+        def send_continue(self) -> None:
+            # waitress would say "100 Continue" to a request it has already refused (a body over the
+            # limit), and then read that body: the refusal goes out instead.
+            if self.request is not None and self.request.error is not None:
+                self.request.expect_continue = False
+                return
+            super().send_continue()
+
+        def readable(self) -> bool:
+            # The server's loop asks every connection this at least once a second.
+            started = self.request_started
+            if (started is not None and not self.requests and not self.will_close
+                    and time.monotonic() - started > request_timeout):
+                log.warning("closing a connection from %s: its request did not arrive whole in %g s",
+                            self._peer(), request_timeout)
+                self.will_close = True
+            return bool(super().readable())
+
+        def _peer(self) -> str:
+            return str(self.addr[0]) if self.addr else "?"
+
+    idle_seconds = max(1, math.ceil(request_timeout))  # waitress takes whole seconds
+    connections = config.http_max_connections
+    if not hasattr(select, "poll") and connections > _SELECT_LIMIT:  # Windows: select() alone
+        log.warning("HTTP_MAX_CONNECTIONS=%d is more than select() can watch here; holding %d",
+                    connections, _SELECT_LIMIT)
+        connections = _SELECT_LIMIT
+    server = create_server(
+        app, host=config.host, port=config.port, threads=config.http_threads, ident="telegram-make-gateway",
+        # waitress refuses a Content-Length >= this limit; Flask's MAX_CONTENT_LENGTH refuses > its own.
+        max_request_body_size=MAX_BODY_BYTES + 1, connection_limit=connections,
+        channel_timeout=idle_seconds, cleanup_interval=1,
+        # select() cannot watch more than about 1,000 sockets; poll() can, where the system has it.
+        asyncore_use_poll=hasattr(select, "poll"))
+    # Several listening addresses (a HOST that resolves to IPv4 and IPv6) make several servers in one map.
+    listeners = [server] if hasattr(server, "channel_class") else list(server.map.values())
+    for listener in listeners:
+        listener.channel_class = BoundedChannel
+    return server
