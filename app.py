@@ -344,7 +344,10 @@ def create_app(config: Config) -> Flask:
         problem = reply_body_problem(body)
         if problem:
             return jsonify(ok=False, error=problem), HTTPStatus.BAD_REQUEST
-        extra = {key: clean_json(body[key]) for key in ("parse_mode", "reply_markup") if body.get(key) is not None}
+        try:
+            extra = {key: clean_json(body[key]) for key in ("parse_mode", "reply_markup") if body.get(key) is not None}
+        except RecursionError:
+            return jsonify(ok=False, error="reply_markup is nested too deep"), HTTPStatus.BAD_REQUEST
         try:
             answer, status = gateway.send_reply(body["chat_id"], body["text"], extra)
         except (StoreError, ValueError) as err:

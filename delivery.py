@@ -18,7 +18,7 @@ from typing import Callable
 
 from make_client import Delivered, MakeClient, Outcome, RetryLater
 from outbox import IDLE_SECONDS, OutboxWorkers
-from replies import MAX_REPLY_CHARS, split_text
+from replies import MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, split_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
@@ -210,18 +210,16 @@ def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
 
 def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEvent]:
     """Make's replies as durable sendMessage calls, split at Telegram's limit, in order for the chat; at most
-    `MAX_REPLY_CHARS` in all (a scenario's mistake must not queue thousands of messages)."""
-    calls: list[NewEvent] = []
-    budget = MAX_REPLY_CHARS
-    for i, text in enumerate(replies):
-        if len(text) > budget:
-            log.warning("Make's answer to %s holds more than %d characters of replies; the rest is dropped",
-                        event_id, MAX_REPLY_CHARS)
-            text = text[:budget]
-        budget -= len(text)
-        calls.extend(bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
-                              {"chat_id": chat_id, "text": part})
-                     for j, part in enumerate(split_text(text)) if part.strip())
-        if budget <= 0:
+    `MAX_REPLY_CHARS` and `MAX_REPLY_MESSAGES` in all (a scenario's mistake must not flood the chat)."""
+    parts = ((i, j, part) for i, text in enumerate(replies) for j, part in enumerate(split_text(text[:MAX_REPLY_CHARS])))
+    kept: list[NewEvent] = []
+    chars = 0
+    for i, j, part in parts:
+        if len(kept) == MAX_REPLY_MESSAGES or chars + len(part) > MAX_REPLY_CHARS:
+            log.warning("Make's answer to %s holds more than %d messages or %d characters of replies; the rest is "
+                        "dropped", event_id, MAX_REPLY_MESSAGES, MAX_REPLY_CHARS)
             break
-    return calls
+        kept.append(bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
+                             {"chat_id": chat_id, "text": part}))
+        chars += len(part)
+    return kept

@@ -102,7 +102,7 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
 
 
 class MakeClient:
-    """Sends one event per request to the Make webhook, TLS verified, each call done within `timeout` seconds."""
+    """Sends one event per request to the Make webhook, TLS verified, with explicit timeouts."""
 
     def __init__(self, url: str, timeout: float = 45.0, verify: bool | str = True, max_connections: int = 100) -> None:
         self._url = url
@@ -113,48 +113,54 @@ class MakeClient:
                                   headers={"User-Agent": "telegram-make-gateway"}, limits=limits)
 
     def deliver(self, event_id: str, payload: dict[str, Any]) -> Outcome:
-        """POST one event (header `X-Event-Id`) and classify the answer; never raises for HTTP or network trouble."""
+        """POST one event (header `X-Event-Id`) and classify the answer; never raises.
+
+        Once Make has answered a 2xx status it has run the scenario, so whatever then goes wrong with the
+        answer's body (cut, stalled, too big, unreadable) still counts as delivered, without replies:
+        posting the event again would run the scenario twice."""
         try:
             # ASCII JSON: a lone surrogate from a user's update is sent escaped, never crashes the send.
             content = json.dumps(payload, ensure_ascii=True, allow_nan=False).encode()
         except (TypeError, ValueError) as err:
             return RetryLater(f"event is not valid JSON: {err}", permanent=True)
-        # httpx times each read, not the call: an answer trickling in a byte at a time would hold the
-        # chat for ever, so the whole call has a deadline of its own.
-        deadline = time.monotonic() + self._timeout
+        status: int | None = None
         try:
             with self._http.stream("POST", self._url, content=content,
                                    headers={"X-Event-Id": event_id, "Content-Type": "application/json"}) as response:
-                body, complete = _read_until(response, deadline)
-        except httpx.TimeoutException as err:
-            return RetryLater(f"timed out ({type(err).__name__})")
-        except httpx.HTTPError as err:
-            return RetryLater(f"{type(err).__name__}: {redact(str(err))}")
-        except Exception as err:  # e.g. closed during shutdown: still an outcome, never an escape
-            return RetryLater(f"{type(err).__name__}: {redact(str(err))}", permanent=True)
-        if not complete:
-            if 200 <= response.status_code < 300:
-                # Make has run the scenario: posting again would run it twice. Its answer is lost.
-                log.error("Make accepted %s (HTTP %s) but its answer did not arrive whole within %g s (or is over "
-                          "%d bytes); delivered without replies", event_id, response.status_code, self._timeout,
-                          MAX_ANSWER_BYTES)
-                return Delivered(response.status_code)
-            return RetryLater(f"HTTP {response.status_code}: the answer did not arrive whole in {self._timeout:g} s")
-        text = httpx.Response(response.status_code, headers=response.headers, content=body).text
-        return classify(response.status_code, response.headers, text)
+                status = response.status_code
+                text = _read_text(response, self._timeout)
+            return classify(status, response.headers, text)
+        except Exception as err:  # network trouble, a closed client, or anything else: an outcome, never an escape
+            reason = "timed out" if isinstance(err, httpx.TimeoutException) else type(err).__name__
+            detail = f"{reason} ({type(err).__name__})" if reason == "timed out" else f"{reason}: {redact(str(err))}"
+            if status is not None and 200 <= status < 300:
+                log.error("Make accepted %s (HTTP %s) but its answer could not be read (%s); delivered without "
+                          "replies", event_id, status, detail)
+                return Delivered(status)
+            if status is not None:  # Make's status still says what kind of failure it is (429, 5xx, 410...)
+                return classify(status, response.headers, f"(answer unreadable: {detail})")
+            return RetryLater(detail, permanent=not isinstance(err, httpx.HTTPError))
 
     def close(self) -> None:
         """Close the connection pool; safe to call twice."""
         self._http.close()
 
 
-def _read_until(response: httpx.Response, deadline: float) -> tuple[bytes, bool]:
-    """The response's body, and whether it arrived whole by `deadline` and within `MAX_ANSWER_BYTES`."""
+class AnswerTooSlow(Exception):
+    """Make's answer body did not arrive whole in time, or is over `MAX_ANSWER_BYTES`."""
+
+
+def _read_text(response: httpx.Response, budget: float) -> str:
+    """The answer's body as text, read within `budget` seconds of its headers (httpx times each read, not
+    the whole body: one dribbling a byte at a time would hold the chat for ever) and `MAX_ANSWER_BYTES`."""
+    deadline = time.monotonic() + budget
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():
+    for chunk in response.iter_bytes():  # decoded (gzip, deflate) once, here
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_ANSWER_BYTES or time.monotonic() > deadline:
-            return b"", False
-    return b"".join(chunks), True
+        if size > MAX_ANSWER_BYTES:
+            raise AnswerTooSlow(f"answer over {MAX_ANSWER_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise AnswerTooSlow(f"answer did not arrive whole in {budget:g} s")
+    return b"".join(chunks).decode(response.encoding or "utf-8", errors="replace")

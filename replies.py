@@ -16,6 +16,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
+MAX_REPLY_MESSAGES = 20  # messages one answer from Make may send: a list of 100,000 "a" is a mistake too
 
 
 def clean_text(text: str) -> str:

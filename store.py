@@ -173,7 +173,14 @@ DELETE FROM paid_payloads WHERE charge_id IN (
     SELECT charge_id FROM payments WHERE json_extract(body, '$.is_recurring') = 1);
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER)  # entry N-1 takes a database to version N
+# Version 4: `on_wire` marks an outbox row whose call that must not be repeated (sendMessage) has begun to
+# go out: after a crash such a row may have arrived, so it is not sent again; one a crash caught before
+# its request left (waiting for a connection, say) is sent at the next start.
+_ON_WIRE = """
+ALTER TABLE outbox ADD COLUMN on_wire INTEGER NOT NULL DEFAULT 0;
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER, _ON_WIRE)  # entry N-1 takes a database to version N
 SCHEMA_VERSION = len(_MIGRATIONS)
 _BUSY_TIMEOUT_SECONDS = 2.0  # SQLite's wait for a lock held by another process
 _LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others waiting on SQLite
@@ -454,14 +461,19 @@ class SQLiteStore:
                 "SELECT id FROM outbox WHERE is_head = 1 AND status = 'pending' AND target = ? "
                 "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (target, now, limit))]
             for row_id in ids:
-                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1 WHERE id=?", (row_id,))
+                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, on_wire=0 WHERE id=?", (row_id,))
             return [self._outbox_row(cur, row_id) for row_id in ids]
 
-    def inflight_events(self, target: str) -> list[OutboxRow]:
-        """Rows of `target` in flight now (at start: those a crash or a slow stop left mid-call)."""
+    def mark_on_wire(self, row_id: int) -> None:
+        """Record that the call of an in-flight row has begun to go out (it may arrive from now on)."""
         with self._tx() as cur:
-            ids = [r[0] for r in cur.execute("SELECT id FROM outbox WHERE status='inflight' AND target=? ORDER BY id",
-                                             (target,))]
+            cur.execute("UPDATE outbox SET on_wire=1 WHERE id=? AND status='inflight'", (row_id,))
+
+    def interrupted_on_wire(self, target: str) -> list[OutboxRow]:
+        """Rows of `target` a crash or a slow stop left in flight after their call began to go out."""
+        with self._tx() as cur:
+            ids = [r[0] for r in cur.execute(
+                "SELECT id FROM outbox WHERE status='inflight' AND target=? AND on_wire=1 ORDER BY id", (target,))]
             return [self._outbox_row(cur, row_id) for row_id in ids]
 
     def claim_due_event(self, now: float, target: str = "make") -> OutboxRow | None:

@@ -187,6 +187,14 @@ def _raise_for_reply(method: str, status: int, body: Any) -> Any:
     raise TelegramError(method, description, code)
 
 
+def _on_headers(callback: Callable[[], None]) -> Callable[[str, dict[str, Any]], None]:
+    """An httpcore trace hook calling `callback` once, as the request's headers start to go out."""
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event.endswith("send_request_headers.started"):
+            callback()
+    return trace
+
+
 class TelegramClient:
     """Calls the Bot API; one instance (one connection pool) is shared by every thread."""
 
@@ -214,15 +222,18 @@ class TelegramClient:
         self._closed = False
 
     def call(self, method: str, params: dict[str, Any] | None = None, *, read_timeout: float | None = None,
-             attempts: int | None = None, deadline: float | None = None) -> Any:
+             attempts: int | None = None, deadline: float | None = None,
+             on_wire: Callable[[], None] | None = None) -> Any:
         """Call `method` and return its `result`, retrying what is worth retrying; raise `TelegramError`.
 
-        With `deadline` (a `time.monotonic()` value) no retry is started that could not finish by then."""
+        With `deadline` (a `time.monotonic()` value) no retry is started that could not finish by then.
+        `on_wire` is called just before a request's first byte goes out (a connection is open by then);
+        if it raises, nothing is sent and its exception propagates."""
         attempts = attempts or self._max_attempts
         maybe_sent = False
         for attempt in range(1, attempts + 1):
             try:
-                return self._attempt(method, params or {}, read_timeout)
+                return self._attempt(method, params or {}, read_timeout, on_wire)
             except TelegramError as err:
                 maybe_sent = maybe_sent or err.sent
                 err.sent = maybe_sent  # a later clear refusal does not undo an earlier attempt that got through
@@ -242,10 +253,11 @@ class TelegramClient:
             return err.retry_after <= self._max_retry_after
         return isinstance(err, NetworkError) and not (err.sent and not may_repeat(method))
 
-    def _attempt(self, method: str, params: dict[str, Any], read_timeout: float | None) -> Any:
+    def _attempt(self, method: str, params: dict[str, Any], read_timeout: float | None,
+                 on_wire: Callable[[], None] | None = None) -> Any:
         """One request: its result, or the typed error; either way counted by `observe`."""
         try:
-            result = _raise_for_reply(method, *self._send(method, params, read_timeout))
+            result = _raise_for_reply(method, *self._send(method, params, read_timeout, on_wire))
         except TelegramError as err:
             self._observe(method, type(err).__name__)
             if isinstance(err, NetworkError):
@@ -255,8 +267,9 @@ class TelegramClient:
         self.network_error = None
         return result
 
-    def _send(self, method: str, params: dict[str, Any], read_timeout: float | None) -> tuple[int, Any]:
-        """Send one request; return (HTTP status, parsed JSON or None). Only transport failures raise."""
+    def _send(self, method: str, params: dict[str, Any], read_timeout: float | None,
+              on_wire: Callable[[], None] | None = None) -> tuple[int, Any]:
+        """Send one request; return (HTTP status, parsed JSON or None). Only transport failures (and `on_wire`) raise."""
         if self._closed:
             raise NetworkError(method, "client is closed")
         timeout = self._timeout if read_timeout is None else httpx.Timeout(
@@ -268,7 +281,8 @@ class TelegramClient:
             raise BadRequest(method, f"parameters are not valid JSON: {err}") from None
         try:
             response = self._http.post(self._url + method, content=content, timeout=timeout,
-                                       headers={"Content-Type": "application/json"})
+                                       headers={"Content-Type": "application/json"},
+                                       extensions={"trace": _on_headers(on_wire)} if on_wire else None)
         except (httpx.ConnectTimeout, httpx.PoolTimeout) as err:
             raise TimedOut(method, f"no connection in time ({type(err).__name__})", sent=False) from None
         except httpx.TimeoutException as err:

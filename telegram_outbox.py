@@ -97,13 +97,12 @@ class TelegramOutbox(OutboxWorkers):
         self.sent = 0
 
     def start(self) -> None:
-        """Start the claim loop; a call a crash left in flight that must not be repeated (`sendMessage`: it
-        may have arrived) is recorded as done instead of being sent again."""
-        for row in self._store.inflight_events(self._target):
-            if not may_repeat(str(row.payload.get("method"))):
-                log.warning("%s was being sent when the gateway stopped; not sent again, so it is never sent twice",
-                            row.event_id)
-                self._store.mark_delivered(row.id)
+        """Start the claim loop; a call a crash left in flight after it began to go out, and that must not be
+        repeated (`sendMessage`: it may have arrived), is recorded as done instead of being sent again."""
+        for row in self._store.interrupted_on_wire(self._target):
+            log.warning("%s was being sent when the gateway stopped; not sent again, so it is never sent twice",
+                        row.event_id)
+            self._store.mark_delivered(row.id)
         super().start()
 
     def _handle(self, row: OutboxRow) -> None:
@@ -118,7 +117,10 @@ class TelegramOutbox(OutboxWorkers):
             if method == "sendMessage":
                 self._typing.stop(params.get("chat_id"))
             # An answer to a button press is worth little after a few seconds: never wait long for one.
-            result = self._client.call(method, params, attempts=1,
+            # A call that must not be repeated is marked durably just before its request goes out: after a
+            # crash, one marked may have arrived and is not sent again; one not marked never left.
+            on_wire = None if may_repeat(method) else (lambda: self._store.mark_on_wire(row.id))
+            result = self._client.call(method, params, attempts=1, on_wire=on_wire,
                                        read_timeout=_ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None)
         except RetryAfter as err:
             # Telegram's wait counts from its answer, not from when the call was made.

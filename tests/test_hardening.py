@@ -3,6 +3,7 @@ from Make and from `POST /reply`, and the rule that an event Make accepted is ne
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import sqlite3
@@ -20,7 +21,7 @@ from delivery import DeliveryWorkers, reply_calls
 from doubles import TOKEN, MakeDouble, TelegramDouble, wait_until
 from helpers import text_update
 from make_client import Delivered, MakeClient, RetryLater
-from replies import MAX_REPLY_CHARS
+from replies import MAX_REPLY_CHARS, MAX_REPLY_MESSAGES
 from store import NewEvent, SQLiteStore
 from telegram_api import TelegramClient
 from typing_keepalive import TypingKeepAlive
@@ -314,6 +315,10 @@ def test_any_answer_from_make_ends_delivered_or_retried_never_posted_twice(
            content_type=st.sampled_from(["application/json", "text/plain", "application/json; charset=latin-1",
                                          "text/html", None]),
            body=_BODIES, pressed=st.booleans())
+    @example(status=200, content_type="application/json", body=b'{"reply": "cut \\ud83d", "replies": ["x"]}',
+             pressed=False)
+    @example(status=200, content_type="application/json",
+             body=b'{"callback_answer": {"text": "\\udc00", "show_alert": true}}', pressed=True)
     def check(status: int, content_type: str | None, body: bytes, pressed: bool) -> None:
         n = next(counter)
         event_id = f"ev-{n}"
@@ -372,6 +377,8 @@ def test_reply_route_answers_every_body_without_a_server_error(start_service, te
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(body=_REPLY_BODIES)
+    @example(body=b'{"chat_id": 5, "text": "cut \\ud83d"}')
+    @example(body=b'{"chat_id": 5, "text": NaN}')
     def check(body: bytes) -> None:
         answer = service.post("/reply", content=body, headers={**REPLY_AUTH, "Content-Type": "application/json"})
         assert answer.status_code in (200, 202, 400), (body, answer.status_code, answer.text)
@@ -414,13 +421,14 @@ def test_the_gateways_own_failure_is_retried_then_a_dead_letter_once_too_old(tmp
     store.close()
 
 
-class _TricklingMake:
-    """A Make webhook on a raw socket that sends its status line and headers at once, then its body one
-    byte every 0.3 s (httpx's read timeout never fires: each byte comes in time)."""
+class _RawMake:
+    """A Make webhook on a raw socket: answers each request with `head` (status line and headers), then
+    `body`, then does `then`: "close" (cuts the connection), "stall" (says nothing more), or "trickle"
+    (one more byte every 0.3 s)."""
 
-    def __init__(self, status: int) -> None:
+    def __init__(self, head: bytes, body: bytes = b"", then: str = "close") -> None:
         self.requests = 0
-        self._status = status
+        self._head, self._body, self._then = head, body, then
         self._server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/hook"
         self._stop = threading.Event()
@@ -435,43 +443,66 @@ class _TricklingMake:
             self.requests += 1
             with conn:
                 conn.recv(65536)
-                conn.sendall(f"HTTP/1.1 {self._status} X\r\nContent-Type: application/json\r\n"
-                             "Content-Length: 1000\r\n\r\n".encode())
-                for _ in range(1000):
-                    if self._stop.wait(0.3):
-                        return
-                    try:
-                        conn.sendall(b" ")
-                    except OSError:
-                        break
+                conn.sendall(self._head + self._body)
+                while self._then != "close" and not self._stop.wait(0.3):
+                    if self._then == "trickle":
+                        try:
+                            conn.sendall(b" ")
+                        except OSError:
+                            break
 
     def close(self) -> None:
         self._stop.set()
         self._server.close()
 
 
-@pytest.mark.parametrize("status", [200, 500])
-def test_an_answer_trickling_in_ends_the_call_at_make_timeout_seconds(status: int) -> None:
-    """MAKE_TIMEOUT_SECONDS bounds the whole call, not each read: an answer dribbling in a byte at a time
-    ends it; a 2xx is delivered (Make ran the scenario, so it is never posted again), anything else retried."""
-    make = _TricklingMake(status)
+def _head(status: int, length: int, *extra: str) -> bytes:
+    lines = [f"HTTP/1.1 {status} X", "Content-Type: application/json", f"Content-Length: {length}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+_GZIPPED = gzip.compress('{"reply": "héllo"}'.encode(), mtime=0)
+
+
+@pytest.mark.parametrize("head, body, then, expected", [
+    # The whole call: a body dribbling in past MAKE_TIMEOUT_SECONDS, a cut, a stall, after a 2xx or a 5xx.
+    (_head(200, 1000), b"", "trickle", Delivered(200)),
+    (_head(500, 1000), b"", "trickle", "retry"),
+    (_head(200, 100), b'{"reply": "cu', "close", Delivered(200)),
+    (_head(200, 100), b'{"reply": "st', "stall", Delivered(200)),
+    (_head(503, 100), b"Service Un", "close", "retry"),
+    # A compressed answer is decoded once.
+    (_head(200, len(_GZIPPED), "Content-Encoding: gzip"), _GZIPPED, "close",
+     Delivered(200, ["héllo"], {"reply": "héllo"})),
+], ids=["2xx-trickled", "5xx-trickled", "2xx-cut", "2xx-stalled", "5xx-cut", "gzip"])
+def test_make_answer_read_whole_within_the_timeout_and_never_posted_twice_after_a_2xx(
+        head: bytes, body: bytes, then: str, expected: object) -> None:
+    """MAKE_TIMEOUT_SECONDS bounds the reading of Make's answer, not only each read; once Make has said
+    2xx it ran the scenario, so an answer cut, stalled or dribbling is delivered without replies (never
+    posted again), and after any other status retried; a gzip answer is read once, not decoded twice."""
+    make = _RawMake(head, body, then)
     client = MakeClient(make.url, timeout=1.5)
     try:
         outcome = client.deliver("ev-1", {"event_type": "message_batch", "event_id": "ev-1"})
     finally:
         client.close()
         make.close()
-    if status == 200:
-        assert outcome == Delivered(200)
+    if expected == "retry":
+        assert isinstance(outcome, RetryLater) and not outcome.permanent, outcome
     else:
-        assert isinstance(outcome, RetryLater) and "did not arrive whole" in outcome.reason
+        assert outcome == expected
     assert make.requests == 1
 
 
-def test_make_replies_are_capped_at_max_reply_chars() -> None:
-    """A scenario answering 100,000 characters queues at most MAX_REPLY_CHARS of them (eight messages),
-    in order, not 25 messages."""
-    calls = reply_calls("ev", 5, ["a" * 30000, "b" * 70000, "c"])
-    texts = [call.payload["params"]["text"] for call in calls]
-    assert sum(len(t) for t in texts) == MAX_REPLY_CHARS and len(texts) == 9
-    assert texts[0][0] == "a" and texts[-1][-1] == "b"
+def test_make_replies_are_capped_in_characters_and_in_messages(caplog: pytest.LogCaptureFixture) -> None:
+    """A scenario answering 100,000 characters, or 100,000 one-letter replies, queues at most MAX_REPLY_CHARS
+    characters in at most MAX_REPLY_MESSAGES messages, the first ones, in order, and says so in the log."""
+    texts = [c.payload["params"]["text"] for c in reply_calls("ev", 5, ["a" * 30000, "b" * 70000, "c"])]
+    assert sum(len(t) for t in texts) <= MAX_REPLY_CHARS and texts[0][0] == "a"
+    assert "".join(texts) == "a" * 30000  # the next part would pass the limit: it and the rest are dropped
+    many = reply_calls("ev2", 5, ["a"] * 100_000)
+    assert [c.payload["params"]["text"] for c in many] == ["a"] * MAX_REPLY_MESSAGES
+    assert [c.event_id for c in many] == [f"reply-ev2-{i}-0" for i in range(MAX_REPLY_MESSAGES)]
+    assert caplog.text.count("the rest is dropped") == 2
+    assert len(reply_calls("ev3", 5, ["x" * MAX_REPLY_CHARS])) == MAX_REPLY_CHARS // 4096  # exactly at the limit
+    assert caplog.text.count("the rest is dropped") == 2

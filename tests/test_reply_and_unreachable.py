@@ -3,6 +3,7 @@ in the chat's order), and users who blocked the bot are a fact to count, not a f
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import httpx
@@ -143,3 +144,26 @@ def test_reply_markup_with_half_an_emoji_is_repaired(start_service, telegram: Te
     assert answer.status_code == 200, answer.text
     button = telegram.calls_of("sendMessage")[-1]["reply_markup"]["inline_keyboard"][0][0]
     assert button == {"text": "yes \ufffd", "callback_data": "y"}
+
+
+def test_a_reply_a_crash_caught_before_it_left_is_sent_after_the_restart(start_service,
+                                                                         telegram: TelegramDouble) -> None:
+    """During a Telegram outage a `/reply` waits for a connection that never opens (202); the service is
+    killed (-9) then. Nothing of the message left, so after the restart it is sent, once."""
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    filler = socket.create_connection(hole.getsockname())  # the accept queue is full: connects now hang
+    try:
+        outage = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        service = start_in_mode(start_service, "webhook", REPLY_TOKEN="reply-token", TELEGRAM_API_URL=outage)
+        answer = service.post("/reply", json={"chat_id": 5, "text": "during the outage"}, headers=AUTH)
+        assert answer.status_code == 202
+        service.kill()
+    finally:
+        filler.close()
+        hole.close()
+    service = start_in_mode(start_service, "webhook", REPLY_TOKEN="reply-token")
+    wait_until(lambda: telegram.calls_of("sendMessage"), what="the reply after the restart")
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="nothing left to send")
+    assert [p["text"] for p in telegram.calls_of("sendMessage")] == ["during the outage"]
