@@ -23,6 +23,35 @@ log = logging.getLogger("gateway.http")
 
 MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
 _SELECT_LIMIT = 500  # sockets select() watches safely where poll() is missing (Windows: 512)
+_OTHER_FILES = 128  # besides Make's connections: Telegram's pool (32), the state files, logs, listening sockets
+
+
+def connection_limit(config: Config) -> int:
+    """`HTTP_MAX_CONNECTIONS`, raising the process's open-file limit to fit it (and the outgoing
+    connections to Make and Telegram) where the system allows, else lowered to what fits, with a warning."""
+    wanted = config.http_max_connections
+    if not hasattr(select, "poll") and wanted > _SELECT_LIMIT:  # Windows: select() alone
+        log.warning("HTTP_MAX_CONNECTIONS=%d is more than select() can watch here; holding %d", wanted, _SELECT_LIMIT)
+        return _SELECT_LIMIT
+    try:
+        import resource
+    except ImportError:
+        return wanted
+    reserve = config.make_max_concurrency + _OTHER_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
+        target = wanted + reserve if hard == resource.RLIM_INFINITY else min(hard, wanted + reserve)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (OSError, ValueError) as err:
+            log.warning("cannot raise the open-file limit to %d: %s", target, err)
+    if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
+        fits = max(1, soft - reserve)
+        log.warning("HTTP_MAX_CONNECTIONS=%d does not fit in %d open files (ulimit -n) beside %d for Make, Telegram "
+                    "and the state; holding %d connections", wanted, soft, reserve, fits)
+        return fits
+    return wanted
 
 
 def create_http_server(app: Any, config: Config) -> Any:
@@ -72,11 +101,7 @@ def create_http_server(app: Any, config: Config) -> Any:
             return str(self.addr[0]) if self.addr else "?"
 
     idle_seconds = max(1, math.ceil(request_timeout))  # waitress takes whole seconds
-    connections = config.http_max_connections
-    if not hasattr(select, "poll") and connections > _SELECT_LIMIT:  # Windows: select() alone
-        log.warning("HTTP_MAX_CONNECTIONS=%d is more than select() can watch here; holding %d",
-                    connections, _SELECT_LIMIT)
-        connections = _SELECT_LIMIT
+    connections = connection_limit(config)
     server = create_server(
         app, host=config.host, port=config.port, threads=config.http_threads, ident="telegram-make-gateway",
         # waitress refuses a Content-Length >= this limit; Flask's MAX_CONTENT_LENGTH refuses > its own.

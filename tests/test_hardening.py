@@ -7,6 +7,8 @@ import gzip
 import json
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ from hypothesis import strategies as st
 from app import MAX_BODY_BYTES
 from config import derive_webhook_secret
 from delivery import DeliveryWorkers, reply_calls
-from doubles import TOKEN, MakeDouble, TelegramDouble, wait_until
+from doubles import ROOT, TOKEN, MakeDouble, TelegramDouble, wait_until
 from helpers import text_update
 from make_client import Delivered, MakeClient, RetryLater
 from replies import MAX_REPLY_CHARS, MAX_REPLY_MESSAGES
@@ -506,3 +508,23 @@ def test_make_replies_are_capped_in_characters_and_in_messages(caplog: pytest.Lo
     assert caplog.text.count("the rest is dropped") == 2
     assert len(reply_calls("ev3", 5, ["x" * MAX_REPLY_CHARS])) == MAX_REPLY_CHARS // 4096  # exactly at the limit
     assert caplog.text.count("the rest is dropped") == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="open-file limits are a POSIX matter")
+@pytest.mark.parametrize("soft, hard, expected", [(600, 600, 600 - 50 - 128), (600, None, 1000)])
+def test_connection_limit_fits_the_open_file_limit(soft: int, hard: int | None, expected: int) -> None:
+    """1000 connections need more than a 600-file `ulimit -n`: the soft limit is raised where the hard
+    one allows, else the connections held are lowered to fit beside Make's and Telegram's."""
+    import resource
+    if hard is None and resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1000 + 50 + 128:
+        pytest.skip("this machine's hard open-file limit is below what 1000 connections need")
+    code = ("import resource, sys; sys.path.insert(0, '.');"
+            f"hard = {hard} or resource.getrlimit(resource.RLIMIT_NOFILE)[1];"
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, hard));"
+            "from config import Config; from http_server import connection_limit;"
+            "print(connection_limit(Config(bot_token='t', make_webhook_url='https://m', make_max_concurrency=50)),"
+            " resource.getrlimit(resource.RLIMIT_NOFILE)[0])")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    held, soft_after = map(int, out.stdout.split())
+    assert held == expected
+    assert soft_after == (soft if hard == soft else 1000 + 50 + 128)
