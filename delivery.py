@@ -215,6 +215,8 @@ def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEven
     kept: list[NewEvent] = []
     chars = 0
     for i, j, part in parts:
+        if not part.strip():  # what is left of a text cut at the limit may be blank: Telegram refuses that
+            continue
         if len(kept) == MAX_REPLY_MESSAGES or chars + len(part) > MAX_REPLY_CHARS:
             log.warning("Make's answer to %s holds more than %d messages or %d characters of replies; the rest is "
                         "dropped", event_id, MAX_REPLY_MESSAGES, MAX_REPLY_CHARS)

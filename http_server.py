@@ -24,6 +24,8 @@ log = logging.getLogger("gateway.http")
 MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
 _SELECT_LIMIT = 500  # sockets select() watches safely where poll() is missing (Windows: 512)
 _OTHER_FILES = 128  # besides Make's connections: Telegram's pool (32), the state files, logs, listening sockets
+_MIN_CONNECTIONS = 16  # fewer would leave the service all but deaf; past the file limit, accepts fail instead
+_OWN_SOCKETS = 2  # waitress counts its listening socket and its wake-up pipe against its connection limit
 
 
 def connection_limit(config: Config) -> int:
@@ -47,7 +49,7 @@ def connection_limit(config: Config) -> int:
         except (OSError, ValueError) as err:
             log.warning("cannot raise the open-file limit to %d: %s", target, err)
     if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
-        fits = max(1, soft - reserve)
+        fits = max(_MIN_CONNECTIONS, soft - reserve)
         log.warning("HTTP_MAX_CONNECTIONS=%d does not fit in %d open files (ulimit -n) beside %d for Make, Telegram "
                     "and the state; holding %d connections", wanted, soft, reserve, fits)
         return fits
@@ -105,7 +107,7 @@ def create_http_server(app: Any, config: Config) -> Any:
     server = create_server(
         app, host=config.host, port=config.port, threads=config.http_threads, ident="telegram-make-gateway",
         # waitress refuses a Content-Length >= this limit; Flask's MAX_CONTENT_LENGTH refuses > its own.
-        max_request_body_size=MAX_BODY_BYTES + 1, connection_limit=connections,
+        max_request_body_size=MAX_BODY_BYTES + 1, connection_limit=connections + _OWN_SOCKETS,
         channel_timeout=idle_seconds, cleanup_interval=1,
         # select() cannot watch more than about 1,000 sockets; poll() can, where the system has it.
         asyncore_use_poll=hasattr(select, "poll"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
@@ -95,6 +96,10 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
         return RetryLater(f"HTTP {status}: {snippet}", retry_after)
     if status == 400 and "queue is full" in text.lower():
         return RetryLater(f"HTTP 400: {snippet}", retry_after, throttled=True)
+    if 300 <= status < 400:
+        location = next((v for k, v in headers.items() if k.lower() == "location"), "")
+        return RetryLater(f"HTTP {status}: Make answered with a redirect{f' to {location}' if location else ''}; "
+                          "check MAKE_WEBHOOK_URL", retry_after, permanent=True)
     if status == 410:
         return RetryLater("HTTP 410: the Make webhook is gone (deleted or deactivated); check MAKE_WEBHOOK_URL",
                           retry_after, permanent=True)
@@ -110,7 +115,9 @@ class MakeClient:
         # One connection per call in flight: a call must never wait for the pool behind a slow scenario.
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self._http = httpx.Client(timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)), verify=verify,
-                                  headers={"User-Agent": "telegram-make-gateway"}, limits=limits)
+                                  # Only what `_Inflater` decodes, within its size limit.
+                                  headers={"User-Agent": "telegram-make-gateway", "Accept-Encoding": "gzip, deflate"},
+                                  limits=limits)
 
     def deliver(self, event_id: str, payload: dict[str, Any]) -> Outcome:
         """POST one event (header `X-Event-Id`) and classify the answer; never raises.
@@ -146,21 +153,58 @@ class MakeClient:
         self._http.close()
 
 
-class AnswerTooSlow(Exception):
-    """Make's answer body did not arrive whole in time, or is over `MAX_ANSWER_BYTES`."""
+class UnreadableAnswer(Exception):
+    """Make's answer body did not arrive whole in time, is over `MAX_ANSWER_BYTES`, or cannot be decoded."""
 
 
 def _read_text(response: httpx.Response, budget: float) -> str:
     """The answer's body as text, read within `budget` seconds of its headers (httpx times each read, not
-    the whole body: one dribbling a byte at a time would hold the chat for ever) and `MAX_ANSWER_BYTES`."""
+    the whole body: one dribbling a byte at a time would hold the chat for ever) and never inflated past
+    `MAX_ANSWER_BYTES` (a few compressed kilobytes can hold gigabytes)."""
     deadline = time.monotonic() + budget
+    inflate = _Inflater(response.headers.get("Content-Encoding", ""))
     chunks: list[bytes] = []
     size = 0
-    for chunk in response.iter_bytes():  # decoded (gzip, deflate) once, here
+    for raw in response.iter_raw():
+        chunk = inflate(raw, MAX_ANSWER_BYTES - size)
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_ANSWER_BYTES:
-            raise AnswerTooSlow(f"answer over {MAX_ANSWER_BYTES} bytes")
         if time.monotonic() > deadline:
-            raise AnswerTooSlow(f"answer did not arrive whole in {budget:g} s")
+            raise UnreadableAnswer(f"answer did not arrive whole in {budget:g} s")
     return b"".join(chunks).decode(response.encoding or "utf-8", errors="replace")
+
+
+class _Inflater:
+    """Decodes a body sent with `Content-Encoding` identity, gzip or deflate, never yielding more than asked."""
+
+    def __init__(self, encoding: str) -> None:
+        encoding = encoding.strip().lower()
+        self._raw_deflate = encoding == "deflate"  # servers send deflate with or without its zlib header
+        self._started = False
+        if encoding in ("", "identity"):
+            self._inflater = None
+        elif encoding in ("gzip", "x-gzip"):
+            self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif encoding == "deflate":
+            self._inflater = zlib.decompressobj()
+        else:  # stacked encodings, or ones we did not ask for
+            raise UnreadableAnswer(f"answer encoded as {encoding!r}")
+
+    def __call__(self, data: bytes, room: int) -> bytes:
+        """`data` decoded; raises `UnreadableAnswer` once the body would pass `room` more bytes."""
+        if self._inflater is None:
+            out = data
+        else:
+            try:
+                out = self._inflater.decompress(data, room + 1)
+            except zlib.error as err:
+                if self._started or not self._raw_deflate:
+                    raise UnreadableAnswer(f"answer cannot be decoded: {err}") from None
+                self._inflater, self._raw_deflate = zlib.decompressobj(-zlib.MAX_WBITS), False
+                return self(data, room)
+            if self._inflater.unconsumed_tail:
+                raise UnreadableAnswer(f"answer over {MAX_ANSWER_BYTES} bytes")
+        self._started = True
+        if len(out) > room:
+            raise UnreadableAnswer(f"answer over {MAX_ANSWER_BYTES} bytes")
+        return out

@@ -167,8 +167,8 @@ class OutboxWorkers:
                 return
             except StoreError as err:
                 if self._stopping.is_set():
-                    log.error("outcome of %s not recorded (%s): it stays in flight and is sent again at the next "
-                              "start", row.event_id, err)
+                    log.error("outcome of %s not recorded (%s): it stays in flight, and the next start sends it "
+                              "again (or, if it may have reached Telegram, records it as done)", row.event_id, err)
                     return
                 log.error("outcome of %s not recorded yet (%s); retrying in 1 s", row.event_id, err)
                 self._stopping.wait(1.0)

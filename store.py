@@ -176,8 +176,11 @@ DELETE FROM paid_payloads WHERE charge_id IN (
 # Version 4: `on_wire` marks an outbox row whose call that must not be repeated (sendMessage) has begun to
 # go out: after a crash such a row may have arrived, so it is not sent again; one a crash caught before
 # its request left (waiting for a connection, say) is sent at the next start.
+# Rows an older gateway left in flight may have gone out already: its sendMessage rows count as on the wire.
 _ON_WIRE = """
 ALTER TABLE outbox ADD COLUMN on_wire INTEGER NOT NULL DEFAULT 0;
+UPDATE outbox SET on_wire = 1
+    WHERE status = 'inflight' AND target LIKE 'telegram%' AND json_extract(payload, '$.method') = 'sendMessage';
 """
 
 _MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER, _ON_WIRE)  # entry N-1 takes a database to version N

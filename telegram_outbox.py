@@ -21,7 +21,7 @@ from typing import Any, Callable
 from outbox import OutboxWorkers
 from replies import PartOutcome, ReplyResults, clean_text
 from retry import BackoffPolicy, backoff
-from store import NewEvent, OutboxRow, SQLiteStore
+from store import NewEvent, OutboxRow, SQLiteStore, StoreError
 from telegram_api import (BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError,
                           chat_unreachable, may_repeat)
 from typing_keepalive import TypingKeepAlive
@@ -127,6 +127,9 @@ class TelegramOutbox(OutboxWorkers):
             outcome = self._retry(row, self._clock(), err.retry_after, err.description)
         except TelegramError as err:
             outcome = self._after_error(row, method, err, self._clock())
+        except StoreError as err:  # marking it on the wire failed: nothing was sent
+            log.warning("%s for %s not sent: %s; trying again", method, row.event_id, err)
+            outcome = self._retry(row, self._clock(), backoff(row.attempts, self._policy), str(err))
         except Exception as err:
             log.exception("%s for %s failed unexpectedly", method, row.event_id)
             outcome = self._retry(row, self._clock(), backoff(row.attempts, self._policy), type(err).__name__)

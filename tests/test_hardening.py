@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from config import derive_webhook_secret
 from delivery import DeliveryWorkers, reply_calls
 from doubles import ROOT, TOKEN, MakeDouble, TelegramDouble, wait_until
 from helpers import text_update
-from make_client import Delivered, MakeClient, RetryLater
+from make_client import Delivered, MakeClient, RetryLater, classify
 from replies import MAX_REPLY_CHARS, MAX_REPLY_MESSAGES
 from store import NewEvent, SQLiteStore
 from telegram_api import TelegramClient
@@ -464,6 +465,9 @@ def _head(status: int, length: int, *extra: str) -> bytes:
 
 
 _GZIPPED = gzip.compress('{"reply": "héllo"}'.encode(), mtime=0)
+_ZLIB = zlib.compress(b'{"reply": "z"}')
+_RAW_DEFLATE = (lambda c: c.compress(b'{"reply": "r"}') + c.flush())(zlib.compressobj(wbits=-zlib.MAX_WBITS))
+_BOMB = gzip.compress(b"0" * (64 * 1024 * 1024), mtime=0)  # 64 MiB of zeros in about 64 KB
 
 
 @pytest.mark.parametrize("head, body, then, expected", [
@@ -476,7 +480,15 @@ _GZIPPED = gzip.compress('{"reply": "héllo"}'.encode(), mtime=0)
     # A compressed answer is decoded once.
     (_head(200, len(_GZIPPED), "Content-Encoding: gzip"), _GZIPPED, "close",
      Delivered(200, ["héllo"], {"reply": "héllo"})),
-], ids=["2xx-trickled", "5xx-trickled", "2xx-cut", "2xx-stalled", "5xx-cut", "gzip"])
+    (_head(200, len(_ZLIB), "Content-Encoding: deflate"), _ZLIB, "close", Delivered(200, ["z"], {"reply": "z"})),
+    (_head(200, len(_RAW_DEFLATE), "Content-Encoding: deflate"), _RAW_DEFLATE, "close",
+     Delivered(200, ["r"], {"reply": "r"})),
+    # A compressed answer is never inflated past 5 MiB, nor decoded in layers.
+    (_head(200, len(_BOMB), "Content-Encoding: gzip"), _BOMB, "close", Delivered(200)),
+    (_head(200, len(_GZIPPED), "Content-Encoding: gzip, gzip"), _GZIPPED, "close", Delivered(200)),
+    (_head(503, len(_BOMB), "Content-Encoding: gzip"), _BOMB, "close", "retry"),
+], ids=["2xx-trickled", "5xx-trickled", "2xx-cut", "2xx-stalled", "5xx-cut", "gzip", "deflate", "raw-deflate",
+        "2xx-gzip-bomb", "2xx-stacked", "5xx-gzip-bomb"])
 def test_make_answer_read_whole_within_the_timeout_and_never_posted_twice_after_a_2xx(
         head: bytes, body: bytes, then: str, expected: object) -> None:
     """MAKE_TIMEOUT_SECONDS bounds the reading of Make's answer, not only each read; once Make has said
@@ -506,12 +518,13 @@ def test_make_replies_are_capped_in_characters_and_in_messages(caplog: pytest.Lo
     assert [c.payload["params"]["text"] for c in many] == ["a"] * MAX_REPLY_MESSAGES
     assert [c.event_id for c in many] == [f"reply-ev2-{i}-0" for i in range(MAX_REPLY_MESSAGES)]
     assert caplog.text.count("the rest is dropped") == 2
+    assert reply_calls("ev4", 5, [" " * 40000 + "x"]) == []  # what the limit leaves is blank: nothing to send
     assert len(reply_calls("ev3", 5, ["x" * MAX_REPLY_CHARS])) == MAX_REPLY_CHARS // 4096  # exactly at the limit
     assert caplog.text.count("the rest is dropped") == 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="open-file limits are a POSIX matter")
-@pytest.mark.parametrize("soft, hard, expected", [(600, 600, 600 - 50 - 128), (600, None, 1000)])
+@pytest.mark.parametrize("soft, hard, expected", [(600, 600, 600 - 50 - 128), (600, None, 1000), (150, 150, 16)])
 def test_connection_limit_fits_the_open_file_limit(soft: int, hard: int | None, expected: int) -> None:
     """1000 connections need more than a 600-file `ulimit -n`: the soft limit is raised where the hard
     one allows, else the connections held are lowered to fit beside Make's and Telegram's."""
@@ -528,3 +541,10 @@ def test_connection_limit_fits_the_open_file_limit(soft: int, hard: int | None, 
     held, soft_after = map(int, out.stdout.split())
     assert held == expected
     assert soft_after == (soft if hard == soft else 1000 + 50 + 128)
+
+
+def test_a_redirect_from_make_names_where_it_points() -> None:
+    """Make never redirects a webhook: a 3xx is reported with its Location, as a setting to check."""
+    outcome = classify(301, {"Location": "https://hook.eu2.make.com/abc"}, "")
+    assert isinstance(outcome, RetryLater) and outcome.permanent
+    assert "https://hook.eu2.make.com/abc" in outcome.reason and "MAKE_WEBHOOK_URL" in outcome.reason

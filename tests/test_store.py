@@ -798,3 +798,27 @@ def test_a_version_2_state_with_a_live_hold_is_upgraded(tmp_path: Path) -> None:
     upgraded.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+
+
+def test_a_version_3_state_counts_its_sendmessages_in_flight_as_on_the_wire(tmp_path: Path) -> None:
+    """Upgrading to version 4: a sendMessage an older gateway left in flight may have gone out, so it is
+    on the wire (recorded as done at start, never sent twice); an answer to a button in flight, which may
+    be repeated, and a pending sendMessage are not."""
+    import json
+    import sqlite3
+
+    import store as store_module
+    path = tmp_path / "v3.sqlite3"
+    with sqlite3.connect(path) as db:
+        for migration in store_module._MIGRATIONS[:3]:
+            db.executescript(migration)
+        db.execute("PRAGMA user_version=3")
+        for event_id, key, method, status in (("m1", "reply:1", "sendMessage", "inflight"),
+                                              ("a1", "callback:q", "answerCallbackQuery", "inflight"),
+                                              ("m2", "reply:2", "sendMessage", "pending")):
+            db.execute("INSERT INTO outbox (event_id, order_key, event_type, target, payload, created_at, status, "
+                       "next_attempt_at, is_head) VALUES (?, ?, ?, 'telegram', ?, ?, ?, ?, 1)",
+                       (event_id, key, method, json.dumps({"method": method, "params": {}}), T0, status, T0))
+    upgraded = SQLiteStore(str(path), exclusive=True)
+    assert [row.event_id for row in upgraded.interrupted_on_wire("telegram")] == ["m1"]
+    upgraded.close()
