@@ -78,7 +78,7 @@ class DeliveryWorkers(OutboxWorkers):
                 log.exception("Make accepted %s, but its answer could not be handled; recorded as delivered "
                               "without its replies", row.event_id)
                 self._settle(lambda: self._store.mark_delivered(row.id), row)
-                self._forget_typing(row, stop=True)
+                self._forget_typing(row)
             return
         try:
             self._retry_later(row, outcome, self._clock(), elapsed)
@@ -102,13 +102,14 @@ class DeliveryWorkers(OutboxWorkers):
             self.health.last_error = reason
             if dead:
                 self.health.dead_letters += 1
-        self._forget_typing(row, stop=True)
+        self._forget_typing(row)
 
-    def _forget_typing(self, row: OutboxRow, stop: bool) -> None:
+    def _forget_typing(self, row: OutboxRow) -> None:
+        """Stop typing in the row's chat; its next attempt shows typing again."""
         with self._lock:
             self._typed.discard(row.event_id)
         chat_id = row.payload.get("chat_id")
-        if stop and is_int(chat_id):
+        if is_int(chat_id):
             self._typing.stop(chat_id)
 
     def _call(self, row: OutboxRow) -> tuple[Outcome, float, bool]:

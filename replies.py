@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import re
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("gateway.replies")
-
 TEXT_LIMIT = 4096  # Telegram's limit, counted here in UTF-16 code units (an emoji can be two)
 # json.loads joins an escaped surrogate pair into one character, so any surrogate left in a str is lone.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
 MAX_REPLY_MESSAGES = 20  # messages one answer from Make may send: a list of 100,000 "a" is a mistake too
 
