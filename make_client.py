@@ -80,6 +80,11 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, (when - (now or datetime.now(timezone.utc))).total_seconds())
 
 
+def _header(headers: Mapping[str, str], name: str) -> str | None:
+    """The value of header `name` (any case), or None."""
+    return next((value for key, value in headers.items() if key.lower() == name), None)
+
+
 def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     """Turn Make's HTTP answer into an outcome (pure: no I/O)."""
     if 200 <= status < 300:
@@ -89,7 +94,7 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
             body = None
         return Delivered(status, parse_replies(body), body)
     snippet = " ".join(text.split())[:200]
-    retry_after = parse_retry_after(next((v for k, v in headers.items() if k.lower() == "retry-after"), None))
+    retry_after = parse_retry_after(_header(headers, "retry-after"))
     if status == 429:
         return RetryLater(f"HTTP 429: {snippet}", retry_after, throttled=True)
     if status >= 500:
@@ -97,7 +102,7 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     if status == 400 and "queue is full" in text.lower():
         return RetryLater(f"HTTP 400: {snippet}", retry_after, throttled=True)
     if 300 <= status < 400:
-        location = next((v for k, v in headers.items() if k.lower() == "location"), "")
+        location = _header(headers, "location") or ""
         return RetryLater(f"HTTP {status}: Make answered with a redirect{f' to {location}' if location else ''}; "
                           "check MAKE_WEBHOOK_URL", retry_after, permanent=True)
     if status == 410:

@@ -272,6 +272,44 @@ class MakeDouble(_Server):
         return status, {"Content-Type": "text/plain", **reply_headers}, str(reply).encode()
 
 
+class RawServer:
+    """A raw TCP server on 127.0.0.1 for answers no HTTP library would write: it reads each request, sends
+    the bytes `answer(n, request)` gives for the n-th one (None: nothing), then does `then`: "close" (hangs
+    up), "stall" (says nothing more, keeps the connection open) or "trickle" (one more byte every 0.3 s)."""
+
+    def __init__(self, answer: Callable[[int, bytes], bytes | None] = lambda n, request: None,
+                 then: str = "close") -> None:
+        self.received: list[bytes] = []
+        self._answer, self._then = answer, then
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                self.received.append(request)
+                response = self._answer(len(self.received), request)
+                if response is not None:
+                    conn.sendall(response)
+                while self._then != "close" and not self._stop.wait(0.3):
+                    if self._then == "trickle":
+                        try:
+                            conn.sendall(b" ")
+                        except OSError:
+                            break
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 right now."""
     with socket.socket() as s:

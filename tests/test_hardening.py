@@ -9,7 +9,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from app import MAX_BODY_BYTES
 from config import derive_webhook_secret
 from delivery import DeliveryWorkers, reply_calls
-from doubles import ROOT, TOKEN, MakeDouble, TelegramDouble, wait_until
+from doubles import ROOT, TOKEN, MakeDouble, RawServer, TelegramDouble, wait_until
 from helpers import text_update
 from make_client import Delivered, MakeClient, RetryLater, classify
 from replies import MAX_REPLY_CHARS, MAX_REPLY_MESSAGES
@@ -424,41 +423,6 @@ def test_the_gateways_own_failure_is_retried_then_a_dead_letter_once_too_old(tmp
     store.close()
 
 
-class _RawMake:
-    """A Make webhook on a raw socket: answers each request with `head` (status line and headers), then
-    `body`, then does `then`: "close" (cuts the connection), "stall" (says nothing more), or "trickle"
-    (one more byte every 0.3 s)."""
-
-    def __init__(self, head: bytes, body: bytes = b"", then: str = "close") -> None:
-        self.requests = 0
-        self._head, self._body, self._then = head, body, then
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}/hook"
-        self._stop = threading.Event()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                return
-            self.requests += 1
-            with conn:
-                conn.recv(65536)
-                conn.sendall(self._head + self._body)
-                while self._then != "close" and not self._stop.wait(0.3):
-                    if self._then == "trickle":
-                        try:
-                            conn.sendall(b" ")
-                        except OSError:
-                            break
-
-    def close(self) -> None:
-        self._stop.set()
-        self._server.close()
-
-
 def _head(status: int, length: int, *extra: str) -> bytes:
     lines = [f"HTTP/1.1 {status} X", "Content-Type: application/json", f"Content-Length: {length}", *extra]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
@@ -494,8 +458,8 @@ def test_make_answer_read_whole_within_the_timeout_and_never_posted_twice_after_
     """MAKE_TIMEOUT_SECONDS bounds the reading of Make's answer, not only each read; once Make has said
     2xx it ran the scenario, so an answer cut, stalled or dribbling is delivered without replies (never
     posted again), and after any other status retried; a gzip answer is read once, not decoded twice."""
-    make = _RawMake(head, body, then)
-    client = MakeClient(make.url, timeout=1.5)
+    make = RawServer(lambda n, request: head + body, then)
+    client = MakeClient(make.url + "/hook", timeout=1.5)
     try:
         outcome = client.deliver("ev-1", {"event_type": "message_batch", "event_id": "ev-1"})
     finally:
@@ -505,7 +469,7 @@ def test_make_answer_read_whole_within_the_timeout_and_never_posted_twice_after_
         assert isinstance(outcome, RetryLater) and not outcome.permanent, outcome
     else:
         assert outcome == expected
-    assert make.requests == 1
+    assert len(make.received) == 1
 
 
 def test_make_replies_are_capped_in_characters_and_in_messages(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from doubles import TOKEN, TelegramDouble, free_port
+from doubles import TOKEN, RawServer, TelegramDouble, free_port
 from retry import BackoffPolicy
 from telegram_api import (
     BadRequest,
@@ -249,46 +249,13 @@ def test_token_is_not_in_any_log_line(name: str, shared_telegram: TelegramDouble
         assert secret not in caplog.text
 
 
-class HangingUpServer:
-    """A raw TCP server on 127.0.0.1 that reads each request and hangs up without an answer, except for
-    the requests `answer(n, request)` gives a whole HTTP response (bytes) for: the lost-answer case."""
-
-    def __init__(self, answer=lambda n, request: None) -> None:
-        import socket
-        import threading as _threading
-
-        self.received: list[bytes] = []
-        self._answer = answer
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self._socket.listen(16)
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        _threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._socket.accept()
-            except OSError:
-                return
-            with conn:
-                request = conn.recv(65536)
-                self.received.append(request)
-                response = self._answer(len(self.received), request)
-                if response is not None:
-                    conn.sendall(response)
-
-    def close(self) -> None:
-        self._socket.close()
-
-
 def test_connection_dropped_after_sending_is_not_repeated_for_send_message() -> None:
     """A connection that breaks after the request went out may have delivered it: sendMessage is not
     sent again (the user would get it twice), while an idempotent method is retried."""
     from telegram_api import NetworkError as _NetworkError
     from telegram_api import TelegramClient as _Client
 
-    server = HangingUpServer()
+    server = RawServer()
     client = _Client(TOKEN, server.url, max_attempts=3)
     try:
         with pytest.raises(_NetworkError) as caught:
@@ -316,7 +283,7 @@ def test_refusal_after_an_attempt_that_may_have_landed_keeps_the_maybe_sent_mark
     refusal = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: "
                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
     # The first attempt's answer is lost; the retry gets a clear refusal.
-    server = HangingUpServer(lambda n, request: refusal if n > 1 else None)
+    server = RawServer(lambda n, request: refusal if n > 1 else None)
     client = _Client(TOKEN, server.url)
     try:
         with pytest.raises(_BadRequest) as caught:
