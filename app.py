@@ -34,7 +34,8 @@ from make_client import MakeClient
 from metrics import GatewayMetrics
 from payments import PaymentProcessor, PaymentTexts
 from polling import Poller
-from replies import MAX_REPLY_CHARS, PartOutcome, ReplyResults, clean_json, clean_text, split_text
+from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, PartOutcome, Reply, ReplyError, ReplyResults, message_calls,
+                     read_reply)
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from store import BatchRow, SQLiteStore, StoreError
@@ -81,7 +82,8 @@ class Gateway:
         self.delivery = DeliveryWorkers(
             self.store, self.make, self.typing, max_in_flight=config.make_max_concurrency,
             max_rate=config.make_max_rate, retry_max_seconds=config.make_retry_max_seconds,
-            max_age_seconds=config.make_max_age_hours * 3600, on_outcome=self._count_delivery)
+            max_age_seconds=config.make_max_age_hours * 3600, on_outcome=self._count_delivery,
+            reply_format=config.reply_format)
         self.batches = BatchManager(
             self.store, DebounceSettings(config.debounce_seconds, config.max_wait_seconds, config.max_batch_messages),
             on_closed=self._batch_closed)
@@ -236,16 +238,13 @@ class Gateway:
                 log.warning("setWebhook failed: %s; retrying in %.1f s", redact(str(err)), delay)
                 self._stopping.wait(delay)
 
-    def send_reply(self, chat_id: int, text: str, extra: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """`POST /reply`: queue the text's parts durably in the chat's order, wait a few seconds for them
+    def send_reply(self, chat_id: int, reply: Reply) -> tuple[dict[str, Any], int]:
+        """`POST /reply`: queue the reply's messages durably in the chat's order, wait a few seconds for them
         to go out, and say what happened (see `reply_answer`)."""
         self.typing.stop(chat_id)
         reply_id = uuid.uuid4().hex
-        parts = split_text(clean_text(text))
-        plain = {key: value for key, value in extra.items() if key != "reply_markup"}  # buttons on the last part
-        calls = [bot_call(f"reply-api-{reply_id}-{i}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
-                          {"chat_id": chat_id, "text": part, **(extra if i == len(parts) - 1 else plain)})
-                 for i, part in enumerate(parts)]
+        calls = [bot_call(f"reply-api-{reply_id}-{i}", f"{USER_CHAT_PREFIX}{chat_id}", method, params)
+                 for i, (method, params) in enumerate(message_calls(reply, chat_id))]
         event_ids = [call.event_id for call in calls]
         waits = self.reply_waiters.acquire(blocking=False)  # when all may wait already: 202 at once
         try:
@@ -341,15 +340,14 @@ def create_app(config: Config) -> Flask:
             body = parse_json(request.get_data(cache=False))
         except (ValueError, RecursionError):
             body = None
-        problem = reply_body_problem(body)
-        if problem:
-            return jsonify(ok=False, error=problem), HTTPStatus.BAD_REQUEST
         try:
-            extra = {key: clean_json(body[key]) for key in ("parse_mode", "reply_markup") if body.get(key) is not None}
+            chat_id, reply = read_reply_body(body, config.reply_format)
+        except ReplyError as err:
+            return jsonify(ok=False, error=str(err)), HTTPStatus.BAD_REQUEST
         except RecursionError:
             return jsonify(ok=False, error="reply_markup is nested too deep"), HTTPStatus.BAD_REQUEST
         try:
-            answer, status = gateway.send_reply(body["chat_id"], body["text"], extra)
+            answer, status = gateway.send_reply(chat_id, reply)
         except (StoreError, ValueError) as err:
             log.error("POST /reply not queued: %s", err)
             return jsonify(ok=False, error="cannot queue the reply now; try again"), HTTPStatus.SERVICE_UNAVAILABLE
@@ -391,25 +389,30 @@ def reply_answer(reply_id: str, event_ids: list[str], outcomes: dict[str, PartOu
         unconfirmed = sum(1 for o in outcomes.values() if o.kind == "unconfirmed")
         if unconfirmed:
             answer["unconfirmed_parts"] = unconfirmed  # sent, but Telegram's answer was lost: not sent again
+        plain = [o.fallback for o in outcomes.values() if o.fallback]
+        if plain:  # Telegram refused their formatting or buttons: sent without them
+            answer["sent_without_formatting"] = len(plain)
+            answer["formatting_error"] = plain[0]
         return answer, HTTPStatus.OK
     return {"ok": True, "queued": True, "reply_id": reply_id, "message_ids": message_ids}, HTTPStatus.ACCEPTED
 
 
-def reply_body_problem(body: Any) -> str | None:
-    """What is wrong with a `POST /reply` body, or None if it is usable."""
+def read_reply_body(body: Any, default_format: str = "plain") -> tuple[int, Reply]:
+    """The chat and the reply of a `POST /reply` body; raises `ReplyError` saying what is wrong with it."""
     if not isinstance(body, dict):
-        return "body must be a JSON object"
+        raise ReplyError("body must be a JSON object")
     if not is_int(body.get("chat_id")):
-        return "chat_id must be an integer (64-bit)"
-    if not isinstance(body.get("text"), str) or not body["text"]:
-        return "text must be a non-empty string"
-    if len(body["text"]) > MAX_REPLY_CHARS:
-        return f"text is longer than {MAX_REPLY_CHARS} characters (it would be {MAX_REPLY_CHARS // 4096}+ messages)"
-    if body.get("parse_mode") not in (None, "HTML", "MarkdownV2"):
-        return "parse_mode must be HTML or MarkdownV2"
-    if body.get("reply_markup") is not None and not isinstance(body["reply_markup"], dict):
-        return "reply_markup must be an object"
-    return None
+        raise ReplyError("chat_id must be an integer (64-bit)")
+    for name in ("text", "caption"):
+        if isinstance(body.get(name), str) and len(body[name]) > MAX_SOURCE_CHARS:
+            raise ReplyError(f"{name} is longer than {MAX_SOURCE_CHARS} characters")
+    reply = read_reply(body, default_format)
+    if reply.ignored:
+        raise ReplyError(f"unknown field(s): {', '.join(reply.ignored)}")
+    if len(reply.text) > MAX_REPLY_CHARS:
+        raise ReplyError(f"text is longer than {MAX_REPLY_CHARS} visible characters "
+                         f"(it would be {MAX_REPLY_CHARS // 4096}+ messages)")
+    return body["chat_id"], reply
 
 
 def configure_logging(config: Config) -> None:

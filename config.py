@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 TYPING_MODES = ("simulate", "until_reply", "off")
+REPLY_FORMATS = ("plain", "markdown", "html")  # how a reply text without its own format is read
 MODES = ("polling", "webhook")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -88,6 +89,7 @@ class Config:
     health_max_outbox_age_seconds: float = 300.0
     state_db: str = "data/state.sqlite3"
     reply_token: str = ""
+    reply_format: str = "plain"
     log_level: str = "INFO"
 
     @classmethod
@@ -262,6 +264,9 @@ def _parse(env: Mapping[str, str]) -> Config:
                               7 * 86400)
     state_db = get("STATE_DB") or Config.state_db
     reply_token = get("REPLY_TOKEN")
+    reply_format = get("REPLY_FORMAT").lower() or Config.reply_format
+    if reply_format not in REPLY_FORMATS:
+        problems.append(f"REPLY_FORMAT={reply_format!r} must be one of {', '.join(REPLY_FORMATS)}")
     log_level = get("LOG_LEVEL").upper() or Config.log_level
     if log_level not in LOG_LEVELS:
         problems.append(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
@@ -282,7 +287,8 @@ def _parse(env: Mapping[str, str]) -> Config:
         callback_answer_seconds=callback_answer_seconds, poll_timeout_seconds=poll_timeout,
         payment_hold_seconds=hold, payment_check_with_make=check_with_make,
         payment_check_timeout_seconds=check_timeout, payment_auto_refund_stars=auto_refund, **texts,
-        health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, reply_token=reply_token, log_level=log_level,
+        health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, reply_token=reply_token,
+        reply_format=reply_format, log_level=log_level,
     )
 
 

@@ -14,11 +14,12 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from make_client import Delivered, MakeClient, Outcome, RetryLater
 from outbox import IDLE_SECONDS, OutboxWorkers
-from replies import MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, split_text
+from replies import (MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, MAX_SOURCE_CHARS, REPLY_METHODS, ReplyError, message_calls,
+                     read_reply, source_size)
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
@@ -49,13 +50,14 @@ class DeliveryWorkers(OutboxWorkers):
                  retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time,
                  on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None,
-                 idle_seconds: float = IDLE_SECONDS) -> None:
+                 idle_seconds: float = IDLE_SECONDS, reply_format: str = "plain") -> None:
         super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds)
         self._make = make
         self._typing = typing
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
         self._max_age = max_age_seconds
         self._on_outcome = on_outcome
+        self._reply_format = reply_format
         # _lock guards health, written by every worker, and _typed: the batches that have shown typing and
         # are not delivered yet (one run of "typing…" per batch, not one per retry).
         self._lock = threading.Lock()
@@ -131,11 +133,11 @@ class DeliveryWorkers(OutboxWorkers):
         """Make took the event: it leaves the outbox, and the calls its answer asks for enter it, in one step."""
         now = self._clock()
         try:
-            followups = answer_calls(row, outcome)
+            followups = answer_calls(row, outcome, self._reply_format)
         except Exception:  # Make accepted it: trouble with its answer must not post the event again
             log.exception("Make's answer to %s could not be read; delivered without replies", row.event_id)
             followups = []
-        replies = sum(1 for f in followups if f.event_type == "sendMessage")
+        replies = sum(1 for f in followups if f.event_type in REPLY_METHODS)
         written: set[str] = set()
 
         def settle() -> None:
@@ -189,10 +191,11 @@ class DeliveryWorkers(OutboxWorkers):
                     row.event_id, row.attempts, outcome.reason, delay)
 
 
-def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
-    """The Bot API calls Make's answer to `row` asks for: its replies, and its `callback_answer` to a button press."""
+def answer_calls(row: OutboxRow, outcome: Delivered, reply_format: str = "plain") -> list[NewEvent]:
+    """The Bot API calls Make's answer to `row` asks for: its replies (a text without a format of its own read
+    in `reply_format`), and its `callback_answer` to a button press."""
     chat_id = row.payload.get("chat_id")
-    calls = reply_calls(row.event_id, chat_id, outcome.replies) if is_int(chat_id) else []
+    calls = reply_calls(row.event_id, chat_id, outcome.replies, reply_format) if is_int(chat_id) else []
     update = row.payload.get("update") if row.payload.get("update_type") == "callback_query" else None
     query = update.get("callback_query") if isinstance(update, dict) else None
     if isinstance(outcome.body, dict) and "callback_answer" in outcome.body:
@@ -209,20 +212,32 @@ def answer_calls(row: OutboxRow, outcome: Delivered) -> list[NewEvent]:
     return calls
 
 
-def reply_calls(event_id: str, chat_id: int, replies: list[str]) -> list[NewEvent]:
-    """Make's replies as durable sendMessage calls, split at Telegram's limit, in order for the chat; at most
-    `MAX_REPLY_CHARS` and `MAX_REPLY_MESSAGES` in all (a scenario's mistake must not flood the chat)."""
-    parts = ((i, j, part) for i, text in enumerate(replies) for j, part in enumerate(split_text(text[:MAX_REPLY_CHARS])))
+def reply_calls(event_id: str, chat_id: int, replies: list[Any], default_format: str = "plain") -> list[NewEvent]:
+    """Make's reply items as durable Bot API calls, in order for the chat (see `replies.message_calls`); an item
+    that cannot be sent is logged and skipped. At most `MAX_REPLY_MESSAGES` messages and `MAX_REPLY_CHARS`
+    characters in all: a scenario's mistake must not flood the chat."""
     kept: list[NewEvent] = []
-    chars = 0
-    for i, j, part in parts:
-        if not part.strip():  # what is left of a text cut at the limit may be blank: Telegram refuses that
+    chars, source_left = 0, MAX_SOURCE_CHARS
+    for i, item in enumerate(replies):
+        if source_left <= 0:  # reading markup costs time: a huge answer must not hold a delivery thread
+            log.warning("Make's answer to %s holds more than %d characters of reply sources; the rest is dropped",
+                        event_id, MAX_SOURCE_CHARS)
+            return kept
+        source_left -= source_size(item)
+        try:
+            reply = read_reply(item, default_format)
+        except ReplyError as err:
+            log.warning("Make's answer to %s: reply %d skipped: %s", event_id, i, err)
             continue
-        if len(kept) == MAX_REPLY_MESSAGES or chars + len(part) > MAX_REPLY_CHARS:
-            log.warning("Make's answer to %s holds more than %d messages or %d characters of replies; the rest is "
-                        "dropped", event_id, MAX_REPLY_MESSAGES, MAX_REPLY_CHARS)
-            break
-        kept.append(bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", "sendMessage",
-                             {"chat_id": chat_id, "text": part}))
-        chars += len(part)
+        if reply.ignored:
+            log.warning("Make's answer to %s: reply %d: ignored %s (not a reply field)", event_id, i,
+                        ", ".join(reply.ignored))
+        for j, (method, params) in enumerate(message_calls(reply, chat_id)):
+            size = len(params.get("text") or params.get("caption") or "")
+            if len(kept) == MAX_REPLY_MESSAGES or chars + size > MAX_REPLY_CHARS:
+                log.warning("Make's answer to %s holds more than %d messages or %d characters of replies; the "
+                            "rest is dropped", event_id, MAX_REPLY_MESSAGES, MAX_REPLY_CHARS)
+                return kept
+            kept.append(bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", method, params))
+            chars += size
     return kept

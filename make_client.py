@@ -19,7 +19,6 @@ from typing import Any, Mapping
 
 import httpx
 
-from replies import clean_text
 from telegram_api import redact
 
 log = logging.getLogger("gateway.make")
@@ -29,10 +28,10 @@ MAX_ANSWER_BYTES = 5 * 1024 * 1024  # Make's own payload limit; an answer bigger
 
 @dataclass(frozen=True)
 class Delivered:
-    """Make accepted the event (any 2xx); `replies` are texts its response asks us to send."""
+    """Make accepted the event (any 2xx); `replies` are the reply items its response asks us to send."""
 
     status: int
-    replies: list[str] = field(default_factory=list)
+    replies: list[Any] = field(default_factory=list)
     body: Any = None
 
 
@@ -49,17 +48,16 @@ class RetryLater:
 Outcome = Delivered | RetryLater
 
 
-def parse_replies(body: Any) -> list[str]:
-    """The texts in Make's JSON answer: `reply` (a string) and/or `replies` (a list of strings), each with
-    any lone surrogate (a scenario cut an emoji in half) replaced by U+FFFD."""
+def parse_replies(body: Any) -> list[Any]:
+    """The reply items in Make's JSON answer, unread: `reply` (a string or an object) and then the items of
+    `replies`, blank strings left out (`replies.read_reply` reads each and says what is wrong with one)."""
     if not isinstance(body, dict):
         return []
-    found: list[str] = []
-    if isinstance(body.get("reply"), str) and body["reply"].strip():
-        found.append(body["reply"])
-    if isinstance(body.get("replies"), list):
-        found.extend(r for r in body["replies"] if isinstance(r, str) and r.strip())
-    return [clean_text(text) for text in found]
+    reply, replies = body.get("reply"), body.get("replies")
+    found = [reply] if isinstance(reply, (str, dict)) else []
+    if isinstance(replies, list):
+        found.extend(item for item in replies if item is not None)
+    return [item for item in found if not isinstance(item, str) or item.strip()]
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

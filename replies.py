@@ -1,4 +1,5 @@
-"""Reply texts: cleaned of broken Unicode, split at Telegram's limit; and the outcomes of `POST /reply` parts."""
+"""Replies: what Make's answer or `POST /reply` asks to send, read into Bot API calls (text split at
+Telegram's limit, formatting as entities, buttons, a photo or document), and the outcomes of `/reply` parts."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-TEXT_LIMIT = 4096  # Telegram's limit, counted here in UTF-16 code units (an emoji can be two)
+from formatting import CAPTION_LIMIT, FORMATS, PARSE_MODES, TEXT_LIMIT, Entity, split_entities, to_entities, trim
+
 # json.loads joins an escaped surrogate pair into one character, so any surrogate left in a str is lone.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
 MAX_REPLY_MESSAGES = 20  # messages one answer from Make may send: a list of 100,000 "a" is a mistake too
+MAX_SOURCE_CHARS = 4 * MAX_REPLY_CHARS  # a reply's source with its markup; the rest is cut before it is read
+REPLY_METHODS = ("sendMessage", "sendPhoto", "sendDocument")  # the calls that answer a user
 
 
 def clean_text(text: str) -> str:
@@ -30,37 +34,153 @@ def clean_json(value: Any) -> Any:
     return value
 
 
-def utf16_len(text: str) -> int:
-    """Length of `text` in UTF-16 code units, as Telegram counts it (a lone surrogate counts as one)."""
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+class ReplyError(ValueError):
+    """A reply that cannot be sent as given; the message says why."""
 
 
-def split_text(text: str, limit: int = TEXT_LIMIT) -> list[str]:
-    """Split `text` into parts of at most `limit` UTF-16 units, preferring a newline, then a space."""
-    parts: list[str] = []
-    while utf16_len(text) > limit:
-        cut = _prefix_fitting(text, limit)
-        for sep in ("\n", " "):
-            at = text.rfind(sep, 0, cut)
-            if at > cut // 2:  # a separator in the first half would leave tiny parts
-                cut = at + 1
-                break
-        parts.append(text[:cut].rstrip("\n") or text[:cut])
-        text = text[cut:]
-    if text or not parts:
-        parts.append(text)
-    # A cut just before trailing blanks would leave a part Telegram refuses ("message text is empty").
-    return [p for p in parts if p.strip()] or parts[:1]
+@dataclass(frozen=True)
+class Reply:
+    """One reply as Telegram will show it: visible text and its entities, and what goes with it."""
+
+    text: str
+    entities: list[Entity]
+    reply_markup: dict[str, Any] | None = None
+    link_preview: bool | None = None
+    media: str | None = None  # "photo" or "document"
+    file: str = ""  # the photo's or document's URL or file_id
+    ignored: tuple[str, ...] = ()  # fields of the item that mean nothing here (a typo, most likely)
 
 
-def _prefix_fitting(text: str, limit: int) -> int:
-    """The longest prefix length (in characters) whose UTF-16 length is at most `limit`."""
-    units = 0
-    for index, char in enumerate(text):
-        units += 2 if ord(char) > 0xFFFF else 1
-        if units > limit:
-            return index
-    return len(text)
+def read_reply(item: Any, default_format: str = "plain") -> Reply:
+    """A reply from Make's answer or `POST /reply`: a string (read in `default_format`), or an object with
+    `text`, `format` or `parse_mode`, `reply_markup`, `link_preview`, or a `photo`/`document` with a
+    `caption`. Raises `ReplyError` for one that cannot be sent."""
+    if isinstance(item, str):
+        item = {"text": item}
+    elif not isinstance(item, dict):
+        raise ReplyError(f"a reply must be a string or an object, not {type(item).__name__}")
+    fmt = _format_of(item, default_format)
+    for name in ("text", "caption"):
+        if item.get(name) is not None and not isinstance(item[name], str):
+            raise ReplyError(f"{name} must be a string")
+    media = [name for name in ("photo", "document") if item.get(name) is not None]
+    if len(media) > 1:
+        raise ReplyError("a reply has a photo or a document, not both")
+    if media:
+        file = item[media[0]]
+        if not isinstance(file, str) or not file.strip():
+            raise ReplyError(f"{media[0]} must be a URL or a file_id")
+        source = item.get("caption") or item.get("text") or ""
+    else:
+        file, source = "", item.get("text")
+        if not isinstance(source, str) or not source.strip():
+            raise ReplyError("text must be a non-empty string")
+    markup = item.get("reply_markup")
+    if markup is not None and not _is_markup(markup):
+        raise ReplyError("reply_markup must be an object with inline_keyboard or keyboard (lists of rows of "
+                         "buttons), remove_keyboard or force_reply")
+    preview = item.get("link_preview")
+    if preview is not None and not isinstance(preview, bool):
+        raise ReplyError("link_preview must be true or false")
+    text, entities = to_entities(clean_text(source[:MAX_SOURCE_CHARS]), fmt)
+    if not media and not text.strip():
+        raise ReplyError(f"text is empty once read as {fmt}")
+    ignored = tuple(sorted(str(key) for key in item if key not in _REPLY_FIELDS))
+    return Reply(text, entities, clean_json(markup), preview, media[0] if media else None,
+                 clean_text(file.strip()), ignored)
+
+
+def source_size(item: Any) -> int:
+    """Characters of text and caption a reply item holds: what reading it costs."""
+    if isinstance(item, str):
+        return len(item)
+    if isinstance(item, dict):
+        return sum(len(item[name]) for name in ("text", "caption") if isinstance(item.get(name), str))
+    return 0
+
+
+_REPLY_FIELDS = {"text", "format", "parse_mode", "reply_markup", "link_preview", "photo", "document", "caption",
+                 "chat_id"}
+
+
+def _format_of(item: dict[str, Any], default_format: str) -> str:
+    fmt, parse_mode = item.get("format"), item.get("parse_mode")
+    if fmt is not None and parse_mode is not None:
+        raise ReplyError("give format or parse_mode, not both")
+    if parse_mode is not None:
+        if not isinstance(parse_mode, str) or parse_mode not in PARSE_MODES:
+            raise ReplyError("parse_mode must be HTML or MarkdownV2")
+        return PARSE_MODES[parse_mode]
+    if fmt is not None and (not isinstance(fmt, str) or fmt not in FORMATS):
+        raise ReplyError(f"format must be one of {', '.join(FORMATS)}")
+    return fmt or default_format
+
+
+def _is_markup(markup: Any) -> bool:
+    """Whether `markup` has the shape of one of Telegram's reply markups: each of `inline_keyboard` and
+    `keyboard` it has a list of rows of button objects, `remove_keyboard` and `force_reply` true, and at
+    least one of them (the buttons' own fields are Telegram's to check)."""
+    if not isinstance(markup, dict) or not any(name in markup for name in _MARKUPS):
+        return False
+    for name in _MARKUPS:
+        value = markup.get(name)
+        if name not in markup:
+            continue
+        if name in ("inline_keyboard", "keyboard"):
+            if not (isinstance(value, list) and value
+                    and all(isinstance(row, list) and all(isinstance(b, dict) for b in row) for row in value)):
+                return False
+        elif value is not True:
+            return False
+    return True
+
+
+_MARKUPS = ("inline_keyboard", "keyboard", "remove_keyboard", "force_reply")
+
+
+def message_calls(reply: Reply, chat_id: int) -> list[tuple[str, dict[str, Any]]]:
+    """The Bot API calls that show `reply` in `chat_id`: its text split at Telegram's limit with the buttons on
+    the last part, or its photo or document with its caption (one too long for a caption follows it as text)."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+    if reply.media:
+        method = "sendPhoto" if reply.media == "photo" else "sendDocument"
+        params: dict[str, Any] = {"chat_id": chat_id, reply.media: reply.file}
+        caption = _parts(reply.text, reply.entities, CAPTION_LIMIT)
+        if len(caption) <= 1:
+            if caption:
+                params["caption"] = caption[0][0]
+                if caption[0][1]:
+                    params["caption_entities"] = caption[0][1]
+            if reply.reply_markup is not None:
+                params["reply_markup"] = reply.reply_markup
+            return [(method, params)]
+        calls.append((method, params))
+    for text, entities in _parts(reply.text, reply.entities, TEXT_LIMIT):
+        params = {"chat_id": chat_id, "text": text}
+        if entities:
+            params["entities"] = entities
+        if reply.link_preview is not None:
+            params["link_preview_options"] = {"is_disabled": not reply.link_preview}
+        calls.append(("sendMessage", params))
+    if reply.reply_markup is not None and calls:
+        calls[-1][1]["reply_markup"] = reply.reply_markup
+    return calls
+
+
+def _parts(text: str, entities: list[Entity], limit: int) -> list[tuple[str, list[Entity]]]:
+    """`text` split at `limit`, each part without trailing whitespace; blank parts (Telegram refuses them) left out."""
+    parts = (trim(*part) for part in split_entities(text, entities, limit))
+    return [part for part in parts if part[0].strip()]
+
+
+def bare(params: dict[str, Any]) -> dict[str, Any] | None:
+    """`params` of a reply without its formatting, link preview options and buttons (what Telegram may refuse
+    in it), or None when it has none of them."""
+    kept = {key: value for key, value in params.items() if key not in _DRESSING}
+    return kept if len(kept) < len(params) else None
+
+
+_DRESSING = ("entities", "caption_entities", "parse_mode", "reply_markup", "link_preview_options")
 
 
 @dataclass(frozen=True)
@@ -72,6 +192,7 @@ class PartOutcome:
     kind: str
     message_id: int | None = None
     description: str = ""
+    fallback: str = ""  # why it was sent without its formatting and buttons (Telegram refused them), if it was
 
 
 class ReplyResults:

@@ -514,6 +514,14 @@ class SQLiteStore:
             if found is not None:
                 self._promote(cur, *found)
 
+    def retry_with(self, row_id: int, payload: dict[str, Any], next_attempt_at: float, error: str) -> None:
+        """Not delivered: try again at `next_attempt_at` with `payload` instead (e.g. a reply without the
+        formatting Telegram refused), in the same place in its queue."""
+        body = json.dumps(payload, ensure_ascii=True, allow_nan=False)
+        with self._tx() as cur:
+            cur.execute("UPDATE outbox SET status='pending', payload=?, next_attempt_at=?, last_error=? WHERE id=?",
+                        (body, next_attempt_at, error, row_id))
+
     def next_attempt_at(self, target: str = "make") -> float | None:
         """When the earliest event for `target` that heads its queue becomes due (wall clock), or None."""
         with self._tx() as cur:

@@ -5,7 +5,8 @@ same transaction as what caused it. The `telegram-outbox-N` threads send them, o
 time (a chat's reply parts stay in order), without ever sleeping through a flood wait: a 429 or a
 network error puts the row back with its next attempt time (never past the row's age limit). A
 `sendMessage` that may have reached Telegram is not sent again (the user would get it twice), nor is one
-a crash interrupted mid-call; content Telegram refuses becomes a dead letter, kept and visible (or, for
+a crash interrupted mid-call. A reply Telegram refuses with its formatting or buttons is sent once more
+without them, in its place in the chat's queue; content Telegram refuses even so becomes a dead letter, kept and visible (or, for
 a `POST /reply` still waiting, is told to its caller). A message to a user's chat that Telegram says
 is unreachable (blocked bot, deactivated user, chat gone) is counted and dropped, not kept. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the
 press, sent by a loop of its own; Make's `callback_answer` replaces it while it waits. It is never sent
@@ -19,7 +20,7 @@ import time
 from typing import Any, Callable
 
 from outbox import OutboxWorkers
-from replies import PartOutcome, ReplyResults, clean_text
+from replies import REPLY_METHODS, PartOutcome, ReplyResults, bare, clean_text
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore, StoreError
 from telegram_api import (BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError,
@@ -114,7 +115,7 @@ class TelegramOutbox(OutboxWorkers):
             self._settle(lambda: self._store.mark_delivered(row.id), row)
             return
         try:
-            if method == "sendMessage":
+            if method in REPLY_METHODS:
                 self._typing.stop(params.get("chat_id"))
             # An answer to a button press is worth little after a few seconds: never wait long for one.
             # A call that must not be repeated is marked durably just before its request goes out: after a
@@ -137,7 +138,10 @@ class TelegramOutbox(OutboxWorkers):
             self.sent += 1
             log.info("%s done (%s)", method, row.event_id)
             message_id = result.get("message_id") if isinstance(result, dict) else None
-            self._results.report(row.event_id, PartOutcome("sent", message_id if is_int(message_id) else None))
+            if row.payload.get("fallback"):
+                log.info("%s sent without its formatting or buttons", row.event_id)
+            self._results.report(row.event_id, PartOutcome("sent", message_id if is_int(message_id) else None,
+                                                           fallback=row.payload.get("fallback", "")))
             outcome = lambda: self._store.mark_delivered(row.id)  # noqa: E731
         self._settle(outcome, row)
 
@@ -165,6 +169,13 @@ class TelegramOutbox(OutboxWorkers):
         if method == "refundStarPayment" and "CHARGE_ALREADY_REFUNDED" in err.description.upper():
             log.info("%s: already refunded", row.event_id)
             return lambda: self._store.mark_delivered(row.id)
+        plain = bare(row.payload["params"]) if method in REPLY_METHODS and isinstance(err, BadRequest) else None
+        if plain is not None and not row.payload.get("fallback"):
+            # Never lose a reply to its dressing: a bad link or button, or entities Telegram will not take.
+            log.warning("%s for %s refused: %s; sending it once more without formatting or buttons", method,
+                        row.event_id, err.description)
+            payload = {**row.payload, "params": plain, "fallback": err.description}
+            return lambda: self._store.retry_with(row.id, payload, now, err.description)
         if self._results.report(row.event_id, PartOutcome("refused", description=err.description)):
             # A `POST /reply` waiting for it tells its caller (502): no dead letter is needed to see it.
             log.warning("%s for %s refused: %s (told to the caller of POST /reply)", method, row.event_id, err)

@@ -99,6 +99,34 @@ def _json(status: int, obj: Any) -> tuple[int, dict, bytes]:
     return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
 
 
+def _units(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def telegram_refusal(name: str, params: dict[str, Any]) -> str | None:
+    """The description of Telegram's 400 for a message it would refuse for its form (empty or too long text,
+    a caption too long, entities outside the text), or None."""
+    if name == "sendMessage":
+        text, entities, limit = params.get("text"), params.get("entities") or [], 4096
+        if not isinstance(text, str) or not text.strip():
+            return "Bad Request: message text is empty"
+    elif name in ("sendPhoto", "sendDocument"):
+        text, entities, limit = params.get("caption") or "", params.get("caption_entities") or [], 1024
+        if not params.get(name.removeprefix("send").lower()):
+            return "Bad Request: there is no photo in the request"
+    else:
+        return None
+    if _units(text) > limit:
+        return "Bad Request: message is too long" if name == "sendMessage" else "Bad Request: message caption is too long"
+    if params.get("parse_mode") not in (None, "HTML", "MarkdownV2", "Markdown"):
+        return "Bad Request: unsupported parse_mode"
+    for entity in entities:
+        if not (isinstance(entity, dict) and isinstance(entity.get("offset"), int) and entity.get("length", 0) > 0
+                and entity["offset"] + entity["length"] <= _units(text)):
+            return f"Bad Request: can't parse entities: entity {entity!r} is outside the text"
+    return None
+
+
 class TelegramDouble(_Server):
     """A Bot API server: records calls, long-polls `getUpdates` from a queue, plays scripted replies."""
 
@@ -153,6 +181,9 @@ class TelegramDouble(_Server):
             reply = scripted.pop(0) if scripted else None
         if reply is None and self.reject_if is not None:
             reply = self.reject_if(name, params)
+        if reply is None:
+            problem = telegram_refusal(name, params)
+            reply = (400, {"ok": False, "error_code": 400, "description": problem}) if problem else None
         if reply is not None:
             if len(reply) > 2 and isinstance(reply[2], threading.Event):
                 reply[2].wait(60)
@@ -164,7 +195,7 @@ class TelegramDouble(_Server):
     def _default(self, name: str, params: dict[str, Any]) -> Any:
         if name == "getUpdates":
             return self._get_updates(params)
-        if name == "sendMessage":
+        if name in ("sendMessage", "sendPhoto", "sendDocument"):
             with self.lock:
                 self._message_id += 1
                 message_id = self._message_id

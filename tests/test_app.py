@@ -112,13 +112,18 @@ def test_reply_route(start_service, telegram: TelegramDouble) -> None:
                         headers={"Authorization": "Bearer nope"}).status_code == 401
     for bad in ({"chat_id": "1", "text": "x"}, {"chat_id": 1}, {"chat_id": 1, "text": "x", "parse_mode": "BBCode"}):
         assert service.post("/reply", json=bad, headers=auth).status_code == 400
-    ok = service.post("/reply", json={"chat_id": 5, "text": "hello", "parse_mode": "HTML"}, headers=auth)
+    ok = service.post("/reply", json={"chat_id": 5, "text": "<b>hello</b>", "parse_mode": "HTML"}, headers=auth)
     assert ok.status_code == 200 and len(ok.json()["message_ids"]) == 1
-    assert telegram.calls_of("sendMessage")[-1] == {"chat_id": 5, "text": "hello", "parse_mode": "HTML"}
-    telegram.script("sendMessage", (400, {"ok": False, "error_code": 400,
-                                          "description": "Bad Request: can't parse entities: unclosed tag"}))
-    refused = service.post("/reply", json={"chat_id": 6, "text": "<b>hi", "parse_mode": "HTML"}, headers=auth)
-    assert refused.status_code == 502 and "can't parse entities" in refused.json()["error"]
+    # The markup is read by the gateway and sent as entities: Telegram gets nothing it could fail to parse.
+    assert telegram.calls_of("sendMessage")[-1] == {"chat_id": 5, "text": "hello",
+                                                    "entities": [{"type": "bold", "offset": 0, "length": 5}]}
+    refusal = (400, {"ok": False, "error_code": 400, "description": "Bad Request: BUTTON_URL_INVALID"})
+    telegram.script("sendMessage", refusal, refusal)  # refused with its buttons, and refused bare too
+    buttons = {"inline_keyboard": [[{"text": "go", "url": "bad"}]]}
+    refused = service.post("/reply", json={"chat_id": 6, "text": "hi", "reply_markup": buttons}, headers=auth)
+    assert refused.status_code == 502 and "BUTTON_URL_INVALID" in refused.json()["error"]
+    assert telegram.calls_of("sendMessage")[-2:] == [{"chat_id": 6, "text": "hi", "reply_markup": buttons},
+                                                     {"chat_id": 6, "text": "hi"}]
     telegram.script("sendMessage", (400, {"ok": False, "error_code": 400, "description": "Bad Request: chat not found"}))
     gone = service.post("/reply", json={"chat_id": 7, "text": "hi"}, headers=auth)
     assert gone.status_code == 410 and gone.json()["chat_unreachable"] is True

@@ -482,9 +482,22 @@ def test_make_replies_are_capped_in_characters_and_in_messages(caplog: pytest.Lo
     assert [c.payload["params"]["text"] for c in many] == ["a"] * MAX_REPLY_MESSAGES
     assert [c.event_id for c in many] == [f"reply-ev2-{i}-0" for i in range(MAX_REPLY_MESSAGES)]
     assert caplog.text.count("the rest is dropped") == 2
-    assert reply_calls("ev4", 5, [" " * 40000 + "x"]) == []  # what the limit leaves is blank: nothing to send
+    # Blank parts are never sent (Telegram refuses them): 40,000 spaces before an "x" send just the "x".
+    assert [c.payload["params"]["text"].strip() for c in reply_calls("ev4", 5, [" " * 40000 + "x"])] == ["x"]
     assert len(reply_calls("ev3", 5, ["x" * MAX_REPLY_CHARS])) == MAX_REPLY_CHARS // 4096  # exactly at the limit
     assert caplog.text.count("the rest is dropped") == 2
+
+
+def test_make_reply_sources_are_capped_in_what_is_read(caplog: pytest.LogCaptureFixture) -> None:
+    """Reading markup costs time: an answer of many items that are all markup and no text stops being read
+    after MAX_SOURCE_CHARS characters of sources, so it cannot hold a delivery thread for seconds."""
+    empty_html = "<i></i>" * 10_000  # 70,000 characters that show nothing
+    calls = reply_calls("ev", 5, [empty_html] * 50 + ["never read"], "html")
+    assert calls == []
+    assert caplog.text.count("skipped: text is empty once read as html") == 2  # 140,000 characters read, then stop
+    assert "characters of reply sources; the rest is dropped" in caplog.text
+    sent = reply_calls("ev2", 5, ["<b>first</b>", "second"], "html")
+    assert [c.payload["params"]["text"] for c in sent] == ["first", "second"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="open-file limits are a POSIX matter")

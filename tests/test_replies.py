@@ -1,15 +1,15 @@
-"""replies.py: splitting answers at Telegram's 4096-unit limit, counted in UTF-16 code units."""
+"""replies.py: reply items (strings or objects) read into Bot API calls that Telegram accepts."""
 
 from __future__ import annotations
 
-import random
-import string
+from typing import Any
 
 import pytest
 
-from replies import TEXT_LIMIT, split_text, utf16_len
+from formatting import CAPTION_LIMIT, TEXT_LIMIT, utf16_len
+from replies import ReplyError, bare, message_calls, read_reply
 
-SEPARATORS = "\n "
+BUTTONS = {"inline_keyboard": [[{"text": "Yes", "callback_data": "yes"}, {"text": "No", "callback_data": "no"}]]}
 
 
 def units(text: str) -> int:
@@ -17,23 +17,9 @@ def units(text: str) -> int:
     return sum(2 if ord(ch) > 0xFFFF else 1 for ch in text)
 
 
-def without_separators(text: str) -> str:
-    """`text` with the characters a cut may drop (newlines, spaces) removed."""
-    return "".join(ch for ch in text if ch not in SEPARATORS)
-
-
-def assert_valid_split(text: str, parts: list[str], limit: int = TEXT_LIMIT) -> None:
-    """Every part fits, none is empty, and no character other than a cut newline or space went missing."""
-    assert parts, "at least one part"
-    for index, part in enumerate(parts):
-        assert units(part) <= limit, f"part {index} has {units(part)} UTF-16 units"
-        part.encode("utf-8")  # a half surrogate pair would make this raise
-    assert without_separators("".join(parts)) == without_separators(text)
-
-
-def test_limit_is_telegrams() -> None:
-    """The default limit is Telegram's 4096."""
-    assert TEXT_LIMIT == 4096
+def calls(item: Any, default_format: str = "plain") -> list[tuple[str, dict[str, Any]]]:
+    """The Bot API calls for one reply item in chat 7."""
+    return message_calls(read_reply(item, default_format), 7)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -44,97 +30,121 @@ def test_utf16_len_counts_code_units(text: str, expected: int) -> None:
     assert utf16_len(text) == expected == units(text)
 
 
-@pytest.mark.parametrize("text", ["hi", "", "строка\nи ещё одна", "x" * TEXT_LIMIT, "😀" * (TEXT_LIMIT // 2)])
-def test_text_within_the_limit_is_one_part(text: str) -> None:
-    """A text of at most 4096 units is sent as it is, in one part."""
-    assert split_text(text) == [text]
+def test_a_string_is_sent_as_it_is() -> None:
+    """The contract: a plain string is one sendMessage with exactly that text, nothing else."""
+    assert calls("Здравствуйте! **as is**") == [("sendMessage", {"chat_id": 7, "text": "Здравствуйте! **as is**"})]
 
 
-def test_one_unit_over_the_limit_gives_two_parts() -> None:
-    """4097 characters with nowhere nice to cut become 4096 and 1."""
-    assert split_text("x" * (TEXT_LIMIT + 1)) == ["x" * TEXT_LIMIT, "x"]
+def test_a_string_follows_reply_format() -> None:
+    """With REPLY_FORMAT=markdown a plain string is read as Markdown and sent as text plus entities."""
+    [(method, params)] = calls("Hello **world**", "markdown")
+    assert (method, params["text"]) == ("sendMessage", "Hello world")
+    assert params["entities"] == [{"type": "bold", "offset": 6, "length": 5}]
+    assert "parse_mode" not in params  # nothing for Telegram to fail to parse
 
 
-def test_ten_thousand_ascii_characters_keep_their_content() -> None:
-    """10000 ASCII characters of prose split into parts that fit and together hold every non-separator character."""
-    rng = random.Random(1)
-    words = ["".join(rng.choices(string.ascii_letters + string.digits + ".,!?", k=rng.randint(1, 12)))
-             for _ in range(2000)]
-    text = " ".join(words)[:10_000]
-    assert len(text) == 10_000
-    parts = split_text(text)
-    assert len(parts) == 3
-    assert_valid_split(text, parts)
+def test_an_object_with_markdown_buttons_and_no_preview() -> None:
+    """format, reply_markup and link_preview become entities, buttons and link_preview_options."""
+    [(method, params)] = calls({"text": "*Pick* one: https://x.org", "format": "markdown", "reply_markup": BUTTONS,
+                                "link_preview": False})
+    assert method == "sendMessage" and params["text"] == "Pick one: https://x.org"
+    assert params["entities"] == [{"type": "italic", "offset": 0, "length": 4}]
+    assert params["reply_markup"] == BUTTONS
+    assert params["link_preview_options"] == {"is_disabled": True}
 
 
-def test_ten_thousand_characters_without_separators_are_cut_exactly() -> None:
-    """With no space or newline to cut at, parts are exactly 4096 units and nothing is lost."""
-    text = "".join(random.Random(2).choices(string.ascii_letters, k=10_000))
-    parts = split_text(text)
-    assert [len(p) for p in parts] == [4096, 4096, 10_000 - 2 * 4096]
-    assert "".join(parts) == text
+def test_an_object_format_wins_over_reply_format() -> None:
+    """An item's own format (or parse_mode) is used whatever REPLY_FORMAT says."""
+    assert calls({"text": "**x**", "format": "plain"}, "markdown")[0][1]["text"] == "**x**"
+    assert calls({"text": "<b>x</b>", "parse_mode": "HTML"})[0][1]["entities"][0]["type"] == "bold"
 
 
-def test_emoji_count_as_two_units_and_are_never_split() -> None:
-    """A run of emoji splits at 2048 emoji per part (4096 units), each emoji whole."""
-    text = "😀" * 3000
-    parts = split_text(text)
-    assert parts == ["😀" * 2048, "😀" * 952]
-    assert_valid_split(text, parts)
+def test_a_long_reply_puts_buttons_on_its_last_part_only() -> None:
+    """10,000 characters: three parts within the limit, buttons (and only they) on the last."""
+    sent = calls({"text": "слово " * 1700, "reply_markup": BUTTONS})
+    assert len(sent) == 3
+    assert all(units(params["text"]) <= TEXT_LIMIT for _, params in sent)
+    assert ["reply_markup" in params for _, params in sent] == [False, False, True]
+    assert " ".join(p["text"] for _, p in sent).split() == ["слово"] * 1700
 
 
-def test_emoji_straddling_the_limit_moves_to_the_next_part() -> None:
-    """When an emoji's two units would cross the limit, the whole emoji goes to the next part."""
-    text = "a" + "😀" * 2048  # 4097 units; the last emoji would occupy units 4096 and 4097
-    parts = split_text(text)
-    assert parts == ["a" + "😀" * 2047, "😀"]
-    assert units(parts[0]) == 4095
+def test_a_photo_with_a_caption_and_buttons() -> None:
+    """A photo (URL or file_id) goes with its caption, the caption's entities and the buttons in one call."""
+    [(method, params)] = calls({"photo": "https://example.com/a.jpg", "caption": "**Nice**", "format": "markdown",
+                                "reply_markup": BUTTONS})
+    assert method == "sendPhoto"
+    assert params == {"chat_id": 7, "photo": "https://example.com/a.jpg", "caption": "Nice",
+                      "caption_entities": [{"type": "bold", "offset": 0, "length": 4}], "reply_markup": BUTTONS}
 
 
-def test_mixed_scripts_and_emoji_fit_and_keep_content() -> None:
-    """Cyrillic, emoji and newlines together still give fitting parts with nothing lost."""
-    rng = random.Random(3)
-    alphabet = list("абвгдеёжзийклмнопрстуфхцчшщъыьэюя") + ["😀", "🎉", "👍🏽", "𝕏", " ", " ", "\n"]
-    text = "".join(rng.choices(alphabet, k=12_000))
-    assert_valid_split(text, split_text(text))
+def test_a_document_without_a_caption() -> None:
+    """A document alone is one sendDocument."""
+    assert calls({"document": "BQACAgIAAxkBAAIB"}) == [("sendDocument", {"chat_id": 7, "document": "BQACAgIAAxkBAAIB"})]
 
 
-def test_prefers_cutting_at_a_newline() -> None:
-    """A newline near the limit is where the cut happens, and the newline itself is not sent."""
-    text = "A" * 3000 + "\n" + "B" * 3000
-    assert split_text(text) == ["A" * 3000, "B" * 3000]
+def test_a_caption_too_long_for_one_follows_the_photo_as_text() -> None:
+    """Captions hold 1024 units: a longer one goes after the photo as messages, buttons on the last."""
+    caption = "word " * 400
+    sent = calls({"photo": "AgAC", "caption": caption, "reply_markup": BUTTONS})
+    assert [m for m, _ in sent] == ["sendPhoto", "sendMessage"]
+    assert sent[0][1] == {"chat_id": 7, "photo": "AgAC"}
+    assert sent[1][1]["text"] == caption.strip() and sent[1][1]["reply_markup"] == BUTTONS
+    assert units(caption) > CAPTION_LIMIT
 
 
-def test_newline_is_preferred_over_a_later_space() -> None:
-    """Given both, the cut goes at the newline even when a space comes later."""
-    text = "A" * 2500 + "\n" + "C" * 1000 + " " + "B" * 3000
-    parts = split_text(text)
-    assert parts[0] == "A" * 2500
-    assert_valid_split(text, parts)
+@pytest.mark.parametrize("item,problem", [
+    (5, "a reply must be a string or an object"),
+    ([], "a reply must be a string or an object"),
+    ({}, "text must be a non-empty string"),
+    ({"text": "  "}, "text must be a non-empty string"),
+    ({"text": "x", "format": "rtf"}, "format must be one of plain, markdown, html"),
+    ({"text": "x", "parse_mode": "Markdown"}, "parse_mode must be HTML or MarkdownV2"),
+    ({"text": "x", "format": "html", "parse_mode": "HTML"}, "give format or parse_mode, not both"),
+    ({"text": "x", "reply_markup": "buttons"}, "reply_markup must be an object"),
+    ({"text": "x", "reply_markup": {"inline_keyboard": [{"text": "flat"}]}}, "reply_markup must be an object"),
+    ({"text": "x", "link_preview": "no"}, "link_preview must be true or false"),
+    ({"photo": "a", "document": "b"}, "a photo or a document, not both"),
+    ({"photo": ""}, "photo must be a URL or a file_id"),
+    ({"photo": "a", "caption": 5}, "caption must be a string"),
+    ({"text": "<b></b>", "format": "html"}, "text is empty once read as html"),
+])
+def test_bad_items_say_what_is_wrong(item: Any, problem: str) -> None:
+    """An item that cannot be sent raises ReplyError naming the problem."""
+    with pytest.raises(ReplyError, match=problem):
+        read_reply(item)
 
 
-def test_without_newlines_words_are_not_cut_in_half() -> None:
-    """Prose without newlines is cut at a space, so no word is split across two messages."""
-    words = [f"word{i}" for i in range(2000)]
-    text = " ".join(words)
-    parts = split_text(text)
-    assert len(parts) > 1
-    assert_valid_split(text, parts)
-    assert [w for p in parts for w in p.split()] == words
+def test_unknown_fields_are_named() -> None:
+    """A field that means nothing (a typo, most likely) is reported, the reply still read."""
+    assert read_reply({"text": "x", "formatt": "markdown"}).ignored == ("formatt",)
 
 
-def test_custom_limit() -> None:
-    """A smaller limit is honoured the same way."""
-    assert split_text("abcdef", limit=4) == ["abcd", "ef"]
-    assert split_text("ab cdef gh", limit=8) == ["ab cdef ", "gh"]
+def test_broken_unicode_is_cleaned_everywhere() -> None:
+    """Lone surrogates in the text, the buttons and the file become U+FFFD (they cannot be sent as UTF-8)."""
+    [(_, params)] = calls({"photo": "id\ud800", "caption": "a\udc00", "reply_markup": {
+        "inline_keyboard": [[{"text": "b\ud83d", "callback_data": "c"}]]}})
+    assert (params["photo"], params["caption"]) == ("id\ufffd", "a\ufffd")
+    assert params["reply_markup"]["inline_keyboard"][0][0]["text"] == "b\ufffd"
+
+
+def test_bare_strips_formatting_and_buttons_only() -> None:
+    """The fallback of a refused reply keeps the chat, text and media, and drops what Telegram may refuse."""
+    params = {"chat_id": 7, "text": "t", "entities": [{}], "reply_markup": BUTTONS,
+              "link_preview_options": {"is_disabled": True}}
+    assert bare(params) == {"chat_id": 7, "text": "t"}
+    assert bare({"chat_id": 7, "photo": "p", "caption": "c", "caption_entities": [{}]}) == {
+        "chat_id": 7, "photo": "p", "caption": "c"}
+    assert bare({"chat_id": 7, "text": "t"}) is None  # nothing to drop: no second try
 
 
 @pytest.mark.parametrize("tail", ["\n", "\n\n", " ", "\n \n"])
 def test_no_part_is_blank(tail: str) -> None:
-    """A text just over the limit only because of trailing whitespace never yields a blank part (Telegram refuses it)."""
-    text = "A" * TEXT_LIMIT + tail
-    parts = split_text(text)
-    blank = [repr(p) for p in parts if not p.strip()]
-    assert not blank, (
-        f"split_text('A' * 4096 + {tail!r}) gave blank part(s) {blank}: sendMessage refuses them with "
-        "'Bad Request: message text is empty', after the first part was already sent")
+    """A text just over the limit only because of trailing whitespace never yields a blank part."""
+    sent = calls("A" * TEXT_LIMIT + tail)
+    assert [p["text"] for _, p in sent] == ["A" * TEXT_LIMIT]
+
+
+def test_emoji_straddling_the_limit_moves_to_the_next_part() -> None:
+    """When an emoji's two units would cross the limit, the whole emoji goes to the next part."""
+    sent = calls("a" + "😀" * 2048)
+    assert [p["text"] for _, p in sent] == ["a" + "😀" * 2047, "😀"]
