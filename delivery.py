@@ -157,6 +157,9 @@ class DeliveryWorkers(OutboxWorkers):
             self.health.last_error_permanent = False
         log.info("event %s delivered to Make (HTTP %s, attempt %d, %d reply part(s))", row.event_id,
                  outcome.status, row.attempts, replies)
+        if outcome.replies and not replies and is_int(row.payload.get("chat_id")):
+            # The scenario answered, but nothing in it could be sent: nothing else would end "typing…".
+            self._typing.stop(row.payload["chat_id"])
 
     def _retry_later(self, row: OutboxRow, outcome: RetryLater, now: float, elapsed: float) -> None:
         dead = now - row.created_at >= self._max_age

@@ -171,3 +171,18 @@ def test_post_reply_says_what_is_wrong_with_a_bad_body(start_service, telegram: 
         answer = service.post("/reply", json=body, headers=AUTH)
         assert answer.status_code == 400 and problem in answer.json()["error"], (body, answer.text)
     assert sent_replies(telegram) == []
+
+
+def test_an_answer_of_only_bad_items_still_stops_typing(start_service, telegram: TelegramDouble,
+                                                        make: MakeDouble) -> None:
+    """The scenario answered, but nothing in its answer can be sent: typing stops all the same, the event is
+    delivered once, and the log says what was wrong with each item."""
+    make.script((200, {"replies": [{"photo": ""}, {"text": "<i></i>", "format": "html"}]}, {}, 1.0))
+    service = start_service(TYPING_MODE="until_reply", TYPING_INTERVAL_SECONDS="0.5", TYPING_MAX_SECONDS="120")
+    telegram.push_update(text_update("привет", user_id=37))
+    wait_until(lambda: telegram.calls_of("sendChatAction"), what="typing while Make works")
+    wait_until(lambda: make.accepted(), what="Make's answer")
+    wait_until(lambda: service.health()["typing_chats"] == 0, what="typing to stop")
+    assert sent_replies(telegram) == [] and len(make.accepted()) == 1
+    assert "reply 0 skipped: photo must be a URL or a file_id" in service.text
+    assert "reply 1 skipped: text is empty once read as html" in service.text
