@@ -351,6 +351,9 @@ def create_app(config: Config) -> Flask:
         except (StoreError, ValueError) as err:
             log.error("POST /reply not queued: %s", err)
             return jsonify(ok=False, error="cannot queue the reply now; try again"), HTTPStatus.SERVICE_UNAVAILABLE
+        if reply.ignored:  # a typo, most likely; refusing would break callers that send extra fields
+            log.warning("POST /reply: ignored field(s) %s", ", ".join(reply.ignored))
+            answer["ignored_fields"] = list(reply.ignored)
         return jsonify(answer), status
 
     return app
@@ -406,9 +409,7 @@ def read_reply_body(body: Any, default_format: str = "plain") -> tuple[int, Repl
     for name in ("text", "caption"):
         if isinstance(body.get(name), str) and len(body[name]) > MAX_SOURCE_CHARS:
             raise ReplyError(f"{name} is longer than {MAX_SOURCE_CHARS} characters")
-    reply = read_reply(body, default_format)
-    if reply.ignored:
-        raise ReplyError(f"unknown field(s): {', '.join(reply.ignored)}")
+    reply = read_reply({key: value for key, value in body.items() if key != "chat_id"}, default_format)
     if len(reply.text) > MAX_REPLY_CHARS:
         raise ReplyError(f"text is longer than {MAX_REPLY_CHARS} visible characters "
                          f"(it would be {MAX_REPLY_CHARS // 4096}+ messages)")

@@ -99,8 +99,7 @@ def source_size(item: Any) -> int:
     return 0
 
 
-_REPLY_FIELDS = {"text", "format", "parse_mode", "reply_markup", "link_preview", "photo", "document", "caption",
-                 "chat_id"}
+_REPLY_FIELDS = {"text", "format", "parse_mode", "reply_markup", "link_preview", "photo", "document", "caption"}
 
 
 def _format_of(item: dict[str, Any], default_format: str) -> str:

@@ -158,19 +158,22 @@ def test_a_reply_refused_for_its_formatting_is_sent_as_plain_text(start_service,
 
 
 def test_post_reply_says_what_is_wrong_with_a_bad_body(start_service, telegram: TelegramDouble) -> None:
-    """Bad formats, both format and parse_mode, unknown fields and an empty formatted text are 400s that
-    say why; nothing is sent."""
+    """Bad formats, both format and parse_mode, and an empty formatted text are 400s that say why; nothing is
+    sent. An unknown field is ignored and named in the answer (callers that send extra fields keep working)."""
     service = start_service(REPLY_TOKEN="reply-secret")
     for body, problem in [
         ({"chat_id": 1, "text": "x", "format": "rtf"}, "format must be one of plain, markdown, html"),
         ({"chat_id": 1, "text": "x", "format": "html", "parse_mode": "HTML"}, "not both"),
-        ({"chat_id": 1, "text": "x", "colour": "red"}, "unknown field(s): colour"),
         ({"chat_id": 1, "text": "<i></i>", "format": "html"}, "text is empty"),
         ({"chat_id": 1, "photo": "AgAC", "document": "BQAC"}, "not both"),
     ]:
         answer = service.post("/reply", json=body, headers=AUTH)
         assert answer.status_code == 400 and problem in answer.json()["error"], (body, answer.text)
     assert sent_replies(telegram) == []
+    answer = service.post("/reply", json={"chat_id": 1, "text": "x", "colour": "red", "disable_notification": True},
+                          headers=AUTH)
+    assert answer.status_code == 200 and answer.json()["ignored_fields"] == ["colour", "disable_notification"]
+    assert [p["text"] for _, p in sent_replies(telegram)] == ["x"]
 
 
 def test_an_answer_of_only_bad_items_still_stops_typing(start_service, telegram: TelegramDouble,
