@@ -229,13 +229,17 @@ def reply_calls(event_id: str, chat_id: int, replies: list[Any], default_format:
         source_left -= source_size(item)
         try:
             reply = read_reply(item, default_format)
+            calls = message_calls(reply, chat_id)
         except ReplyError as err:
             log.warning("Make's answer to %s: reply %d skipped: %s", event_id, i, err)
+            continue
+        except Exception:  # a fault of ours in reading one item must not cost the others
+            log.exception("Make's answer to %s: reply %d skipped: it could not be read", event_id, i)
             continue
         if reply.ignored:
             log.warning("Make's answer to %s: reply %d: ignored %s (not a reply field)", event_id, i,
                         ", ".join(reply.ignored))
-        for j, (method, params) in enumerate(message_calls(reply, chat_id)):
+        for j, (method, params) in enumerate(calls):
             size = len(params.get("text") or params.get("caption") or "")
             if len(kept) == MAX_REPLY_MESSAGES or chars + size > MAX_REPLY_CHARS:
                 log.warning("Make's answer to %s holds more than %d messages or %d characters of replies; the "

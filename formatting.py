@@ -38,6 +38,12 @@ _LINKS = {"text_link", "text_mention", "custom_emoji"}  # cannot contain each ot
 _SAFE_URL = re.compile(r"(?i)(https?|tg|ton|mailto):\S+")
 _BARE_DOMAIN = re.compile(r"(?i)[\w-]+(\.[\w-]+)*\.[a-z]{2,}(/\S*)?")
 _LANGUAGE = re.compile(r"[\w#+.-]{1,32}")
+MAX_NESTING = 10  # list and quote levels read; each level indents every line below it, so depth costs size
+# A line that opens list items or quotes one after another (`- - - x`, `> 1. > - x`): every marker is a
+# level, and the converter indents by the level, so 16,000 markers would read into 256 MB of text.
+_MARKER = r"[ \t]*(?:>|[-*+](?=[ \t])|\d{1,9}[.)](?=[ \t]))[ \t]*"
+_DEEP_LINE = re.compile(rf"(?m)^(?:{_MARKER}){{{MAX_NESTING + 1},}}")
+_ONE_MARKER = re.compile(_MARKER)
 
 
 def utf16_len(text: str) -> int:
@@ -65,8 +71,16 @@ def to_entities(source: str, fmt: str) -> tuple[str, list[Entity]]:
 
 
 def _markdown(source: str) -> tuple[str, list[Entity]]:
-    text, found = _convert_markdown(source, config=_MARKDOWN)
+    text, found = _convert_markdown(_DEEP_LINE.sub(_shallower, source), config=_MARKDOWN)
     return text, [entity.to_dict() for entity in found]
+
+
+def _shallower(line_start: re.Match[str]) -> str:
+    """The first `MAX_NESTING` list or quote markers of a line that opens more."""
+    end, prefix = 0, line_start.group(0)
+    for _ in range(MAX_NESTING):
+        end = _ONE_MARKER.match(prefix, end).end()
+    return prefix[:end]
 
 
 def clean_entities(text: str, entities: list[Entity]) -> list[Entity]:
@@ -179,14 +193,19 @@ def _clip(entity: Entity, low: int, high: int) -> Entity:
     return {**entity, "offset": start - low, "length": stop - start}
 
 
+def head(text: str, entities: list[Entity], chars: int) -> tuple[str, list[Entity]]:
+    """The first `chars` characters of `text`, its entities clipped to them."""
+    if len(text) <= chars:
+        return text, entities
+    kept = text[:chars]
+    size = utf16_len(kept)
+    clipped = [{**e, "length": min(e["length"], size - e["offset"])} for e in entities if e["offset"] < size]
+    return kept, [e for e in clipped if e["length"] > 0]
+
+
 def trim(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:
     """`text` without trailing whitespace (Telegram drops it), its entities clipped to what is left."""
-    trimmed = text.rstrip()
-    if trimmed == text:
-        return text, entities
-    size = utf16_len(trimmed)
-    clipped = [{**e, "length": min(e["length"], size - e["offset"])} for e in entities if e["offset"] < size]
-    return trimmed, [e for e in clipped if e["length"] > 0]
+    return head(text, entities, len(text.rstrip()))
 
 
 class _TelegramHTML(HTMLParser):
@@ -206,6 +225,7 @@ class _TelegramHTML(HTMLParser):
         self._units = 0
         self._open: list[tuple[str, Entity | None]] = []  # (tag, its entity, offset still to be set by close)
         self._lists: list[list[int]] = []  # for each open list: [next number] (ol) or [] (ul)
+        self._open_count: dict[str, int] = {}  # how many of each tag are open: a stray end tag is found at once
         self._skip = 0  # inside <script> or <style>
 
     def _write(self, text: str) -> None:
@@ -242,11 +262,12 @@ class _TelegramHTML(HTMLParser):
             self._lists.append([1] if tag == "ol" else [])
         elif tag == "li":
             numbering = self._lists[-1] if self._lists else []
-            indent = "  " * max(0, len(self._lists) - 1)
+            indent = "  " * min(MAX_NESTING, max(0, len(self._lists) - 1))
             self._write(f"{indent}{numbering[0]}. " if numbering else f"{indent}• ")
             if numbering:
                 numbering[0] += 1
         self._open.append((tag, self._entity_for(tag, attributes)))
+        self._open_count[tag] = self._open_count.get(tag, 0) + 1
 
     def _entity_for(self, tag: str, attributes: dict[str, str]) -> Entity | None:
         kind = self._STYLES.get(tag)
@@ -267,10 +288,11 @@ class _TelegramHTML(HTMLParser):
         return {"type": kind, "offset": self._units} if kind else None
 
     def handle_endtag(self, tag: str) -> None:
-        if not any(open_tag == tag for open_tag, _ in self._open):
+        if not self._open_count.get(tag):
             return  # a stray end tag closes nothing
         while self._open:
             open_tag, entity = self._open.pop()
+            self._open_count[open_tag] -= 1
             self._close(open_tag, entity)
             if open_tag == tag:
                 break
@@ -304,5 +326,9 @@ class _TelegramHTML(HTMLParser):
 def parse_html(source: str) -> tuple[str, list[Entity]]:
     """The visible text and entities of `source`, written in Telegram's HTML (or the HTML models write)."""
     parser = _TelegramHTML()
-    parser.feed(source)
+    # `<!` other than a comment is a declaration, nothing Telegram's HTML has; html.parser fails on some.
+    parser.feed(_DECLARATION.sub("&lt;!", source))
     return parser.finish()
+
+
+_DECLARATION = re.compile(r"<!(?!--)")

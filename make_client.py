@@ -49,15 +49,16 @@ Outcome = Delivered | RetryLater
 
 
 def parse_replies(body: Any) -> list[Any]:
-    """The reply items in Make's JSON answer, unread: `reply` (a string or an object) and then the items of
-    `replies`, blank strings left out (`replies.read_reply` reads each and says what is wrong with one)."""
+    """The reply items in Make's JSON answer, unread: those of `reply`, then those of `replies`, each a single
+    item or a list of them (a scenario mixes the two up easily), blank strings and nulls left out;
+    `replies.read_reply` reads each and says what is wrong with one."""
     if not isinstance(body, dict):
         return []
-    reply, replies = body.get("reply"), body.get("replies")
-    found = [reply] if isinstance(reply, (str, dict)) else []
-    if isinstance(replies, list):
-        found.extend(item for item in replies if item is not None)
-    return [item for item in found if not isinstance(item, str) or item.strip()]
+    found: list[Any] = []
+    for name in ("reply", "replies"):
+        value = body.get(name)
+        found.extend(value if isinstance(value, list) else [value])
+    return [item for item in found if item is not None and (not isinstance(item, str) or item.strip())]
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:

@@ -3,12 +3,14 @@ Telegram's limit, formatting as entities, buttons, a photo or document), and the
 
 from __future__ import annotations
 
+import json
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from formatting import CAPTION_LIMIT, FORMATS, PARSE_MODES, TEXT_LIMIT, Entity, split_entities, to_entities, trim
+from formatting import (CAPTION_LIMIT, FORMATS, PARSE_MODES, TEXT_LIMIT, Entity, head, split_entities, to_entities,
+                        trim)
 
 # json.loads joins an escaped surrogate pair into one character, so any surrogate left in a str is lone.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -49,16 +51,20 @@ class Reply:
     media: str | None = None  # "photo" or "document"
     file: str = ""  # the photo's or document's URL or file_id
     ignored: tuple[str, ...] = ()  # fields of the item that mean nothing here (a typo, most likely)
+    more_text: str = ""  # a photo's or document's `text` beside its `caption`: sent after it as a message
+    more_entities: list[Entity] = field(default_factory=list)
 
 
 def read_reply(item: Any, default_format: str = "plain") -> Reply:
     """A reply from Make's answer or `POST /reply`: a string (read in `default_format`), or an object with
     `text`, `format` or `parse_mode`, `reply_markup`, `link_preview`, or a `photo`/`document` with a
-    `caption`. Raises `ReplyError` for one that cannot be sent."""
+    `caption` (and a `text` sent after it). Raises `ReplyError` for one that cannot be sent."""
     if isinstance(item, str):
         item = {"text": item}
     elif not isinstance(item, dict):
         raise ReplyError(f"a reply must be a string or an object, not {type(item).__name__}")
+    if "chat_id" in item:
+        raise ReplyError("a reply goes to the event's chat and has no chat_id (POST /reply writes to any chat)")
     fmt = _format_of(item, default_format)
     for name in ("text", "caption"):
         if item.get(name) is not None and not isinstance(item[name], str):
@@ -70,24 +76,33 @@ def read_reply(item: Any, default_format: str = "plain") -> Reply:
         file = item[media[0]]
         if not isinstance(file, str) or not file.strip():
             raise ReplyError(f"{media[0]} must be a URL or a file_id")
-        source = item.get("caption") or item.get("text") or ""
+        # The caption goes with the file; a text beside it is sent after it.
+        source, more = (item["caption"], item.get("text") or "") if item.get("caption") else (item.get("text") or "", "")
     else:
-        file, source = "", item.get("text")
+        file, source, more = "", item.get("text"), ""
         if not isinstance(source, str) or not source.strip():
             raise ReplyError("text must be a non-empty string")
     markup = item.get("reply_markup")
     if markup is not None and not _is_markup(markup):
         raise ReplyError("reply_markup must be an object with inline_keyboard or keyboard (lists of rows of "
                          "buttons), remove_keyboard or force_reply")
+    try:
+        markup = clean_json(markup)
+        json.dumps(markup, allow_nan=False)
+    except RecursionError:
+        raise ReplyError("reply_markup is nested too deep") from None
+    except ValueError:
+        raise ReplyError("reply_markup holds a number JSON cannot carry (NaN, Infinity)") from None
     preview = item.get("link_preview")
     if preview is not None and not isinstance(preview, bool):
         raise ReplyError("link_preview must be true or false")
     text, entities = to_entities(clean_text(source[:MAX_SOURCE_CHARS]), fmt)
     if not media and not text.strip():
         raise ReplyError(f"text is empty once read as {fmt}")
+    more_text, more_entities = to_entities(clean_text(more[:MAX_SOURCE_CHARS]), fmt) if more.strip() else ("", [])
     ignored = tuple(sorted(str(key) for key in item if key not in _REPLY_FIELDS))
-    return Reply(text, entities, clean_json(markup), preview, media[0] if media else None,
-                 clean_text(file.strip()), ignored)
+    return Reply(text, entities, markup, preview, media[0] if media else None, clean_text(file.strip()), ignored,
+                 more_text, more_entities)
 
 
 def source_size(item: Any) -> int:
@@ -138,29 +153,33 @@ _MARKUPS = ("inline_keyboard", "keyboard", "remove_keyboard", "force_reply")
 
 
 def message_calls(reply: Reply, chat_id: int) -> list[tuple[str, dict[str, Any]]]:
-    """The Bot API calls that show `reply` in `chat_id`: its text split at Telegram's limit with the buttons on
-    the last part, or its photo or document with its caption (one too long for a caption follows it as text)."""
+    """The Bot API calls that show `reply` in `chat_id`: its text split at Telegram's limit, or its photo or
+    document with its caption (one too long for a caption follows it as text, as does a `text` beside the
+    caption); the buttons go on the last call. At most `MAX_REPLY_CHARS` of each text are sent."""
     calls: list[tuple[str, dict[str, Any]]] = []
+    texts: list[tuple[str, list[Entity]]] = []  # what goes as messages, in order
     if reply.media:
         method = "sendPhoto" if reply.media == "photo" else "sendDocument"
         params: dict[str, Any] = {"chat_id": chat_id, reply.media: reply.file}
-        caption = _parts(reply.text, reply.entities, CAPTION_LIMIT)
-        if len(caption) <= 1:
-            if caption:
-                params["caption"] = caption[0][0]
-                if caption[0][1]:
-                    params["caption_entities"] = caption[0][1]
-            if reply.reply_markup is not None:
-                params["reply_markup"] = reply.reply_markup
-            return [(method, params)]
+        caption = _parts(*head(reply.text, reply.entities, MAX_REPLY_CHARS), CAPTION_LIMIT)
+        if len(caption) == 1:
+            params["caption"] = caption[0][0]
+            if caption[0][1]:
+                params["caption_entities"] = caption[0][1]
+        elif caption:
+            texts.append((reply.text, reply.entities))
         calls.append((method, params))
-    for text, entities in _parts(reply.text, reply.entities, TEXT_LIMIT):
-        params = {"chat_id": chat_id, "text": text}
-        if entities:
-            params["entities"] = entities
-        if reply.link_preview is not None:
-            params["link_preview_options"] = {"is_disabled": not reply.link_preview}
-        calls.append(("sendMessage", params))
+        texts.append((reply.more_text, reply.more_entities))
+    else:
+        texts.append((reply.text, reply.entities))
+    for text, entities in texts:
+        for part, part_entities in _parts(*head(text, entities, MAX_REPLY_CHARS), TEXT_LIMIT):
+            params = {"chat_id": chat_id, "text": part}
+            if part_entities:
+                params["entities"] = part_entities
+            if reply.link_preview is not None:
+                params["link_preview_options"] = {"is_disabled": not reply.link_preview}
+            calls.append(("sendMessage", params))
     if reply.reply_markup is not None and calls:
         calls[-1][1]["reply_markup"] = reply.reply_markup
     return calls

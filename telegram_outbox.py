@@ -6,11 +6,12 @@ time (a chat's reply parts stay in order), without ever sleeping through a flood
 network error puts the row back with its next attempt time (never past the row's age limit). A
 `sendMessage` that may have reached Telegram is not sent again (the user would get it twice), nor is one
 a crash interrupted mid-call. A reply Telegram refuses with its formatting or buttons is sent once more
-without them, in its place in the chat's queue; content Telegram refuses even so becomes a dead letter, kept and visible (or, for
-a `POST /reply` still waiting, is told to its caller). A message to a user's chat that Telegram says
-is unreachable (blocked bot, deactivated user, chat gone) is counted and dropped, not kept. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the
-press, sent by a loop of its own; Make's `callback_answer` replaces it while it waits. It is never sent
-after Telegram's window for it; one refused for its content is followed by an empty answer.
+without them, in its place in the chat's queue; content Telegram refuses even so becomes a dead letter,
+kept and visible (or, for a `POST /reply` still waiting, is told to its caller). A message to a user's
+chat that Telegram says is unreachable (blocked bot, deactivated user, chat gone) is counted and
+dropped, not kept. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the press, sent
+by a loop of its own; Make's `callback_answer` replaces it while it waits. It is never sent after
+Telegram's window for it; one refused for its content is followed by an empty answer.
 """
 
 from __future__ import annotations

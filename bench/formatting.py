@@ -91,6 +91,9 @@ def main() -> None:
         ("hostile markdown: 10,000 nested quotes", ">" * 10_000 + " deep " * 20_000, "markdown"),
         ("hostile html: 10,000 nested <b>", "<b>" * 10_000 + "x" + "</b>" * 10_000, "html"),
         ("hostile html: 131,072 chars of '<'", "<" * MAX_SOURCE_CHARS, "html"),
+        ("hostile html: 16,000 <b>, 16,000 stray </i>", "<b>" * 16_000 + "</i>" * 16_000, "html"),
+        ("hostile html: 16,000 nested <ul><li>", "<ul><li>" * 16_000 + "x", "html"),
+        ("hostile markdown: '- ' x 65,000", "- " * 65_000 + "x", "markdown"),
         ("hostile MarkdownV2: openers", ("*_~||__[![" * 13_108)[:MAX_SOURCE_CHARS], "markdown_v2"),
         ("hostile MarkdownV2: unclosed links", ("[a](" * 32_768)[:MAX_SOURCE_CHARS], "markdown_v2"),
     ]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formatting import MAX_ENTITIES, TEXT_LIMIT, clean_entities, split_entities, to_entities, trim
+from formatting import MAX_ENTITIES, MAX_NESTING, TEXT_LIMIT, clean_entities, split_entities, to_entities, trim
 
 
 def units(text: str) -> int:
@@ -270,3 +270,25 @@ def test_ten_thousand_characters_of_html_split_at_words() -> None:
     assert_valid_parts(text, entities, parts, TEXT_LIMIT)
     for part, _ in parts[:-1]:
         assert part.endswith(" "), "cut at a space, not inside a word"
+
+
+@pytest.mark.parametrize("source,fmt", [
+    ("- " * 65_000 + "x", "markdown"), ("- 1. " * 26_000 + "x", "markdown"), ("> - " * 32_000 + "x", "markdown"),
+    ("<ul><li>" * 16_000 + "x", "html"), ("<ol><li>" * 16_000 + "x", "html"),
+])
+def test_deep_lists_cost_text_in_proportion_to_their_source(source: str, fmt: str) -> None:
+    """Each list level indents what is below it: 16,000 levels on one line once read into 256 MB of text.
+    Past MAX_NESTING levels no more indent is added, so the text stays within a few times its source."""
+    text, entities = to_entities(source, fmt)
+    assert text.endswith("x") and len(text) < 4 * len(source)
+    assert max(len(line) - len(line.lstrip()) for line in text.split("\n")) <= 2 * MAX_NESTING
+
+
+@pytest.mark.parametrize("source,text", [
+    ("if a <![ b", "if a <![ b"), ("<!DOCTYPE html><b>x</b>", "<!DOCTYPE html>x"), ("a<!-- note -->b", "ab"),
+    ("<b>" * 3 + "</i>" * 5 + "y", "y"),
+])
+def test_html_declarations_and_stray_end_tags(source: str, text: str) -> None:
+    """`<!` that is no comment stays text (html.parser used to fail on `<![`); comments are dropped; stray end
+    tags close nothing."""
+    assert to_entities(source, "html")[0] == text

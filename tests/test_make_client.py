@@ -122,19 +122,19 @@ def test_long_error_bodies_are_cut_in_the_reason() -> None:
 
 
 @pytest.mark.parametrize("body,replies", [
-    ({"reply": 5}, []),
+    ({"reply": 5}, [5]),
     ({"reply": None, "replies": None}, []),
     ({"reply": {"text": "rich", "format": "markdown"}}, [{"text": "rich", "format": "markdown"}]),
     ({"replies": ["a", 1, None, {"text": "b"}, ["c"], "d", "", "  "]}, ["a", 1, {"text": "b"}, ["c"], "d"]),
-    ({"replies": "not a list"}, []),
-    ({"reply": ["x"]}, []),
+    ({"replies": "one string"}, ["one string"]),
+    ({"reply": ["x", "y"], "replies": {"text": "z"}}, ["x", "y", {"text": "z"}]),
     ("just a string", []),
     (None, []),
     ([{"reply": "x"}], []),
 ])
 def test_parse_replies_takes_the_items_as_they_are(body: Any, replies: list[Any]) -> None:
-    """`reply` (a string or an object) and the items of `replies` are taken unread, in order, blank strings
-    and nulls left out: reading each (and logging a bad one) is the delivery's work."""
+    """The items of `reply` and then of `replies`, each one item or a list of them, are taken unread, in
+    order, blank strings and nulls left out: reading each (and logging a bad one) is the delivery's work."""
     assert parse_replies(body) == replies
 
 

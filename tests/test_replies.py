@@ -148,3 +148,44 @@ def test_emoji_straddling_the_limit_moves_to_the_next_part() -> None:
     """When an emoji's two units would cross the limit, the whole emoji goes to the next part."""
     sent = calls("a" + "😀" * 2048)
     assert [p["text"] for _, p in sent] == ["a" + "😀" * 2047, "😀"]
+
+
+def deep(levels: int) -> dict[str, Any]:
+    """An object nested `levels` deep."""
+    node: dict[str, Any] = {}
+    for _ in range(levels):
+        node = {"n": node}
+    return node
+
+
+@pytest.mark.parametrize("button,problem", [
+    ({"text": "x", "callback_data": "y", "n": float("nan")}, "a number JSON cannot carry"),
+    ({"text": "x", "callback_data": "y", "n": deep(5000)}, "nested too deep"),
+])
+def test_markup_that_cannot_be_stored_is_refused(button: dict[str, Any], problem: str) -> None:
+    """A reply_markup with NaN (Make's JSON may carry it) or nested past the recursion limit is a bad item,
+    not a failure that costs the answer's other replies."""
+    with pytest.raises(ReplyError, match=problem):
+        read_reply({"text": "x", "reply_markup": {"inline_keyboard": [[button]]}})
+
+
+def test_a_reply_from_make_names_no_chat() -> None:
+    """A reply goes to the event's chat: one naming a chat_id is refused, not sent to the wrong person."""
+    with pytest.raises(ReplyError, match="has no chat_id"):
+        read_reply({"chat_id": 999, "text": "Admin: new order"})
+
+
+def test_a_photo_with_caption_and_text_sends_the_text_after_it() -> None:
+    """`caption` goes with the photo, `text` beside it follows as a message, and the buttons go last."""
+    sent = calls({"photo": "AgAC", "caption": "Кот", "text": "**Подробнее** ниже", "format": "markdown",
+                  "reply_markup": BUTTONS})
+    assert [m for m, _ in sent] == ["sendPhoto", "sendMessage"]
+    assert sent[0][1] == {"chat_id": 7, "photo": "AgAC", "caption": "Кот"}
+    assert sent[1][1]["text"] == "Подробнее ниже" and sent[1][1]["reply_markup"] == BUTTONS
+    assert sent[1][1]["entities"] == [{"type": "bold", "offset": 0, "length": 9}]
+
+
+def test_only_the_first_32768_characters_of_a_reply_are_read_into_messages() -> None:
+    """A reply is cut at MAX_REPLY_CHARS before it is split, so a huge one costs no more than that."""
+    sent = calls("word " * 20_000)
+    assert sum(len(p["text"]) for _, p in sent) <= 32768 and len(sent) == 9

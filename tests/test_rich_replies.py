@@ -189,3 +189,23 @@ def test_an_answer_of_only_bad_items_still_stops_typing(start_service, telegram:
     assert sent_replies(telegram) == [] and len(make.accepted()) == 1
     assert "reply 0 skipped: photo must be a URL or a file_id" in service.text
     assert "reply 1 skipped: text is empty once read as html" in service.text
+
+
+def test_one_odd_item_costs_no_other_reply(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """NaN in a button, a chat_id (a reply goes to the event's chat only), `<![` in HTML: the odd items are
+    skipped or read leniently, and every other reply of the answer is sent, in order; `replies` given as one
+    string instead of a list is sent too."""
+    raw = ('{"replies": ["first", {"text": "x", "reply_markup": {"inline_keyboard": [[{"text": "b", "n": NaN}]]}},'
+           ' {"chat_id": 9, "text": "to someone else"}, {"text": "if a <![ b", "format": "html"}, "third"]}')
+    make.script((200, raw), (200, {"replies": "одна строка"}))
+    service = start_service()
+    telegram.push_update(text_update("вопрос", user_id=38))
+    wait_until(lambda: len(sent_replies(telegram)) >= 3, what="the usable replies")
+    telegram.push_update(text_update("ещё", user_id=38))
+    wait_until(lambda: len(sent_replies(telegram)) >= 4, what="the next answer")
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")
+    assert [(p["chat_id"], p["text"]) for _, p in sent_replies(telegram)] == [
+        (38, "first"), (38, "if a <![ b"), (38, "third"), (38, "одна строка")]
+    assert "reply 1 skipped: reply_markup holds a number JSON cannot carry" in service.text
+    assert "reply 2 skipped: a reply goes to the event's chat and has no chat_id" in service.text
+    assert len(make.accepted()) == 2
