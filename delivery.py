@@ -244,6 +244,8 @@ def reply_calls(event_id: str, chat_id: int, replies: list[Any], default_format:
             if len(kept) == MAX_REPLY_MESSAGES or chars + size > MAX_REPLY_CHARS:
                 log.warning("Make's answer to %s holds more than %d messages or %d characters of replies; the "
                             "rest is dropped", event_id, MAX_REPLY_MESSAGES, MAX_REPLY_CHARS)
+                if j > 0 and reply.reply_markup is not None:  # the buttons stay, under the last part sent
+                    kept[-1].payload["params"]["reply_markup"] = reply.reply_markup
                 return kept
             kept.append(bot_call(f"reply-{event_id}-{i}-{j}", f"{USER_CHAT_PREFIX}{chat_id}", method, params))
             chars += size

@@ -10,20 +10,25 @@ Telegram's do. The parsers are lenient: markup they cannot make sense of stays a
 from __future__ import annotations
 
 import re
-from bisect import bisect_left, bisect_right
-from html.parser import HTMLParser
+from bisect import bisect_right
 from typing import Any
 
 from telegramify_markdown import RenderConfig
 from telegramify_markdown import convert as _convert_markdown
 
 from markdown_v2 import parse_markdown_v2
+from telegram_html import parse_html
 
 FORMATS = ("plain", "markdown", "html")
-PARSE_MODES = {"HTML": "html", "MarkdownV2": "markdown_v2"}  # `parse_mode` values, read as formats
+# `parse_mode` values, read as formats; legacy Markdown is read as MarkdownV2, nearly a superset of it.
+PARSE_MODES = {"HTML": "html", "html": "html", "MarkdownV2": "markdown_v2", "markdownv2": "markdown_v2",
+               "Markdown": "markdown_v2", "markdown": "markdown_v2"}
 TEXT_LIMIT = 4096  # a message's text, in UTF-16 code units after entity parsing
 CAPTION_LIMIT = 1024  # a photo's or document's caption
 MAX_ENTITIES = 100  # Telegram keeps the first 100 entities of a message and silently drops the rest
+# telegramify-markdown takes time quadratic in the number of empty blocks (`$$` or ``` repeated), so a
+# Markdown source is read only up to a little more than the most text a reply may show.
+MAX_MARKDOWN_CHARS = 40_000
 
 Entity = dict[str, Any]
 
@@ -35,15 +40,29 @@ for _level in range(1, 7):
 _NO_NESTING = {"code", "pre"}  # they contain no other entity
 _QUOTES = {"blockquote", "expandable_blockquote"}  # they cannot be nested in each other
 _LINKS = {"text_link", "text_mention", "custom_emoji"}  # cannot contain each other
-_SAFE_URL = re.compile(r"(?i)(https?|tg|ton|mailto):\S+")
-_BARE_DOMAIN = re.compile(r"(?i)[\w-]+(\.[\w-]+)*\.[a-z]{2,}(/\S*)?")
+# On a tie (one range), the entity that may contain the other comes first: a link around code keeps its
+# link (the code goes), a quote around bold keeps both.
+_RANK = {"blockquote": 0, "expandable_blockquote": 0, "text_link": 1, "custom_emoji": 1, "text_mention": 1,
+         "code": 3, "pre": 3}
+# Web links need a host with a dot (Telegram refuses `http://localhost`); `tg:`, `mailto:` and `ton:` as they are.
+_SAFE_URL = re.compile(r"(?i)https?://[^/\s?#]*[^/\s?#.]\.[^/\s?#.][^\s]*|(tg|ton|mailto):\S+")
 _LANGUAGE = re.compile(r"[\w#+.-]{1,32}")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins escaped pairs: any left is lone
 MAX_NESTING = 10  # list and quote levels read; each level indents every line below it, so depth costs size
 # A line that opens list items or quotes one after another (`- - - x`, `> 1. > - x`): every marker is a
-# level, and the converter indents by the level, so 16,000 markers would read into 256 MB of text.
-_MARKER = r"[ \t]*(?:>|[-*+](?=[ \t])|\d{1,9}[.)](?=[ \t]))[ \t]*"
-_DEEP_LINE = re.compile(rf"(?m)^(?:{_MARKER}){{{MAX_NESTING + 1},}}")
+# level, and the converter indents by the level, so 16,000 markers would read into 256 MB of text. The
+# markers cannot share characters (atomic groups), so matching them never backtracks.
+_MARKER = r"(?>[ \t]*)(?:>|[-*+](?=[ \t])|\d{1,9}[.)](?=[ \t]))"
+_DEEP_LINE = re.compile(rf"(?m)^(?>(?:{_MARKER}){{{MAX_NESTING + 1},}})")
 _ONE_MARKER = re.compile(_MARKER)
+# Characters that belong to the one before them: a cut just before one would split what the user sees.
+_JOINERS = re.compile("[\u0300-\u036f\u200c\u200d\ufe00-\ufe0f\U0001f3fb-\U0001f3ff\U000e0020-\U000e007f]")
+_REGIONAL = re.compile("[\U0001f1e6-\U0001f1ff]")  # flags are pairs of these
+
+
+def clean_text(text: str) -> str:
+    """`text` with each lone surrogate (half an emoji, not encodable as UTF-8) replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def utf16_len(text: str) -> int:
@@ -56,6 +75,7 @@ def utf16_len(text: str) -> int:
 def to_entities(source: str, fmt: str) -> tuple[str, list[Entity]]:
     """The visible text and entities of `source` written in `fmt` (`plain`, `markdown`, `html` or
     `markdown_v2`), cleaned so that Telegram accepts them: see `clean_entities`."""
+    source = clean_text(source)
     if fmt == "markdown":
         text, found = _markdown(source)
     elif fmt == "html":
@@ -71,7 +91,9 @@ def to_entities(source: str, fmt: str) -> tuple[str, list[Entity]]:
 
 
 def _markdown(source: str) -> tuple[str, list[Entity]]:
-    text, found = _convert_markdown(_DEEP_LINE.sub(_shallower, source), config=_MARKDOWN)
+    # LaTeX conversion is off: its pattern is quadratic on unclosed `\(` and it changes text that is no math.
+    text, found = _convert_markdown(_DEEP_LINE.sub(_shallower, source[:MAX_MARKDOWN_CHARS]), config=_MARKDOWN,
+                                    latex_escape=False)
     return text, [entity.to_dict() for entity in found]
 
 
@@ -86,7 +108,7 @@ def _shallower(line_start: re.Match[str]) -> str:
 def clean_entities(text: str, entities: list[Entity]) -> list[Entity]:
     """`entities` sorted, clipped to `text`, and without what Telegram would refuse or misread: empty ones,
     partial overlaps, anything inside code, a quote in a quote, a link in a link, a link to no web
-    address (`javascript:`, a relative path); a bare domain gets `https://`."""
+    address (`javascript:`, a relative path, a host with no dot); `www.…` gets `https://`."""
     size = utf16_len(text)
     candidates = []
     for entity in entities:
@@ -94,7 +116,7 @@ def clean_entities(text: str, entities: list[Entity]) -> list[Entity]:
         entity = _usable(entity)
         if entity is not None and end > start:
             candidates.append({**entity, "offset": start, "length": end - start})
-    candidates.sort(key=lambda e: (e["offset"], -e["length"]))
+    candidates.sort(key=lambda e: (e["offset"], -e["length"], _RANK.get(e["type"], 2)))
     kept: list[Entity] = []
     open_: list[Entity] = []  # the kept entities that contain the current position, outermost first
     for entity in candidates:
@@ -105,7 +127,7 @@ def clean_entities(text: str, entities: list[Entity]) -> list[Entity]:
             continue  # overlaps its neighbour partially: Telegram has no way to show that
         kinds = {e["type"] for e in open_}
         if (kinds & _NO_NESTING or (entity["type"] in _QUOTES and kinds & _QUOTES)
-                or (entity["type"] in _NO_NESTING | _LINKS and kinds & _LINKS)
+                or (entity["type"] in _NO_NESTING | _LINKS | _QUOTES and kinds & _LINKS)
                 or any(e["type"] == entity["type"] for e in open_)):  # bold in bold says nothing more
             continue
         kept.append(entity)
@@ -114,11 +136,11 @@ def clean_entities(text: str, entities: list[Entity]) -> list[Entity]:
 
 
 def _usable(entity: Entity) -> Entity | None:
-    """`entity` made acceptable to Telegram (a bare domain as an https link, a bad language dropped), or None."""
+    """`entity` made acceptable to Telegram (`www.` as an https link, a bad language dropped), or None."""
     kind = entity.get("type")
     if kind == "text_link":
         url = str(entity.get("url") or "").strip()
-        if _BARE_DOMAIN.fullmatch(url):
+        if url.lower().startswith("www."):
             url = "https://" + url
         return {**entity, "url": url} if _SAFE_URL.fullmatch(url) else None
     if kind == "custom_emoji":
@@ -132,9 +154,10 @@ def _usable(entity: Entity) -> Entity | None:
 
 def split_entities(text: str, entities: list[Entity], limit: int = TEXT_LIMIT,
                    max_entities: int = MAX_ENTITIES) -> list[tuple[str, list[Entity]]]:
-    """Split `text` into parts of at most `limit` UTF-16 units, each with at most `max_entities` entities,
-    cut after a paragraph break, else a line break, else a space (never in the first half of a part),
-    else hard. The parts' texts joined are `text` exactly; an entity across a cut is in both parts."""
+    """Split `text` into parts of at most `limit` UTF-16 units, cut after a paragraph break, else a line
+    break, else a space (never in the first half of a part), else between two characters the user sees as
+    two. The parts' texts joined are `text` exactly; an entity across a cut is in both parts. A part keeps
+    its first `max_entities` entities (Telegram ignores any more): their text is never dropped for them."""
     starts = _unit_offsets(text)
     entities = sorted(entities, key=lambda e: (e["offset"], -e["length"]))
     parts: list[tuple[str, list[Entity]]] = []
@@ -143,24 +166,28 @@ def split_entities(text: str, entities: list[Entity], limit: int = TEXT_LIMIT,
     while True:
         low = starts[begin]
         end = bisect_right(starts, low + limit) - 1  # the most characters that fit
-        room = max_entities - len(crossing)
-        if 0 < room and first + room < len(entities):  # cut before the first entity that would not fit
-            cut = bisect_left(starts, entities[first + room]["offset"])
-            end = min(end, cut) if cut > begin else end
-        if end < len(text):
-            end = _boundary(text, begin, end)
-        else:
-            end = len(text)
+        end = len(text) if end >= len(text) else _boundary(text, begin, end)
         high = starts[end]
         last = first
         while last < len(entities) and entities[last]["offset"] < high:
             last += 1
         inside = crossing + entities[first:last]
-        parts.append((text[begin:end], [_clip(e, low, high) for e in inside if e["offset"] + e["length"] > low]))
+        parts.append((text[begin:end], _fewest([e for e in inside if e["offset"] + e["length"] > low], low, high,
+                                               max_entities)))
         if end == len(text):
             return parts
         crossing = [e for e in inside if e["offset"] + e["length"] > high]
         begin, first = end, last
+
+
+def _fewest(entities: list[Entity], low: int, high: int, most: int) -> list[Entity]:
+    """The entities of the part from UTF-16 offset `low` to `high`, clipped to it; when there are more than
+    `most`, those that run across either cut first (a style goes on across a cut), then the earliest."""
+    if len(entities) > most:
+        across = [e for e in entities if e["offset"] < low or e["offset"] + e["length"] > high]
+        entities = sorted((across + [e for e in entities if low <= e["offset"] and e["offset"] + e["length"] <= high]
+                           )[:most], key=lambda e: (e["offset"], -e["length"]))
+    return [_clip(e, low, high) for e in entities]
 
 
 def _unit_offsets(text: str) -> list[int]:
@@ -174,17 +201,27 @@ def _unit_offsets(text: str) -> list[int]:
 
 
 def _boundary(text: str, begin: int, end: int) -> int:
-    """Where to cut `text[begin:end]`: after the last paragraph break, line break or whitespace run in its
-    second half, or at `end`. The next part then starts with what follows the separator."""
+    """Where to cut `text[begin:end]`: after the last paragraph break, line break or space run in its second
+    half (the next part starts with the next line, its indentation kept, or the next word), else at `end`
+    moved back off a joiner, a combining mark or the middle of a flag."""
     half = begin + (end - begin) // 2
     for separator in ("\n\n", "\n", " "):
         at = text.rfind(separator, half, end)
         if at > begin:
             cut = at + len(separator)
-            while cut < end and text[cut].isspace():
+            while cut < end and text[cut] == separator[0]:
                 cut += 1
             return cut
-    return max(end, begin + 1)
+    cut = end
+    for _ in range(32):  # a longer cluster is no text a user reads; cut it anywhere
+        flags = 0
+        while _REGIONAL.match(text, cut) and cut - flags - 1 > begin and _REGIONAL.match(text, cut - flags - 1):
+            flags += 1
+        if cut - 1 > begin and (_JOINERS.match(text, cut) or text[cut - 1] == "\u200d" or flags % 2):
+            cut -= 1
+        else:
+            break
+    return cut
 
 
 def _clip(entity: Entity, low: int, high: int) -> Entity:
@@ -206,129 +243,3 @@ def head(text: str, entities: list[Entity], chars: int) -> tuple[str, list[Entit
 def trim(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:
     """`text` without trailing whitespace (Telegram drops it), its entities clipped to what is left."""
     return head(text, entities, len(text.rstrip()))
-
-
-class _TelegramHTML(HTMLParser):
-    """Telegram's HTML (b, i, u, s, tg-spoiler, a, tg-emoji, code, pre, blockquote) to text and entities,
-    and leniently the HTML models write: p and div as paragraphs, br, headings as bold, lists as bullets.
-    Other tags are ignored with their text kept; an unclosed tag ends where the text does."""
-
-    _STYLES = {"b": "bold", "strong": "bold", "i": "italic", "em": "italic", "u": "underline", "ins": "underline",
-               "s": "strikethrough", "strike": "strikethrough", "del": "strikethrough", "tg-spoiler": "spoiler",
-               "code": "code", "pre": "pre", **{f"h{n}": "bold" for n in range(1, 7)}}
-    _BLOCKS = {"p", "div", "pre", "blockquote", "ul", "ol", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "tr"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.pieces: list[str] = []
-        self.entities: list[Entity] = []
-        self._units = 0
-        self._open: list[tuple[str, Entity | None]] = []  # (tag, its entity, offset still to be set by close)
-        self._lists: list[list[int]] = []  # for each open list: [next number] (ol) or [] (ul)
-        self._open_count: dict[str, int] = {}  # how many of each tag are open: a stray end tag is found at once
-        self._skip = 0  # inside <script> or <style>
-
-    def _write(self, text: str) -> None:
-        if text and not self._skip:
-            self.pieces.append(text)
-            self._units += utf16_len(text)
-
-    def _ends_with(self, suffix: str) -> bool:
-        tail = "".join(self.pieces[-2:])
-        return not self.pieces or tail.endswith(suffix)
-
-    def _break(self, blank_line: bool = False) -> None:
-        """Start a new line (or leave a blank line) unless the text is empty or already does."""
-        if self.pieces:
-            for wanted in ("\n", "\n\n") if blank_line else ("\n",):
-                if not self._ends_with(wanted):
-                    self._write("\n")
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        attributes = {name: value or "" for name, value in attrs}
-        if tag in ("script", "style"):
-            self._skip += 1
-        elif tag == "br":
-            self._write("\n")
-            return
-        elif tag == "hr":
-            self._break()
-            self._write("————————")
-            self._break()
-            return
-        if tag in self._BLOCKS:
-            self._break(blank_line=tag in ("p", "h1", "h2", "h3", "h4", "h5", "h6"))
-        if tag in ("ul", "ol"):
-            self._lists.append([1] if tag == "ol" else [])
-        elif tag == "li":
-            numbering = self._lists[-1] if self._lists else []
-            indent = "  " * min(MAX_NESTING, max(0, len(self._lists) - 1))
-            self._write(f"{indent}{numbering[0]}. " if numbering else f"{indent}• ")
-            if numbering:
-                numbering[0] += 1
-        self._open.append((tag, self._entity_for(tag, attributes)))
-        self._open_count[tag] = self._open_count.get(tag, 0) + 1
-
-    def _entity_for(self, tag: str, attributes: dict[str, str]) -> Entity | None:
-        kind = self._STYLES.get(tag)
-        if tag == "span" and "tg-spoiler" in attributes.get("class", "").split():
-            kind = "spoiler"
-        elif tag == "a" and attributes.get("href"):
-            return {"type": "text_link", "offset": self._units, "url": attributes["href"]}
-        elif tag == "tg-emoji" and attributes.get("emoji-id"):
-            return {"type": "custom_emoji", "offset": self._units, "custom_emoji_id": attributes["emoji-id"]}
-        elif tag == "blockquote":
-            kind = "expandable_blockquote" if "expandable" in attributes else "blockquote"
-        elif tag == "code" and self._open and self._open[-1][0] == "pre":
-            language = attributes.get("class", "").removeprefix("language-")
-            pre = self._open[-1][1]
-            if pre is not None and language and attributes.get("class", "").startswith("language-"):
-                pre["language"] = language
-            return None  # <pre><code>: one pre entity
-        return {"type": kind, "offset": self._units} if kind else None
-
-    def handle_endtag(self, tag: str) -> None:
-        if not self._open_count.get(tag):
-            return  # a stray end tag closes nothing
-        while self._open:
-            open_tag, entity = self._open.pop()
-            self._open_count[open_tag] -= 1
-            self._close(open_tag, entity)
-            if open_tag == tag:
-                break
-
-    def _close(self, tag: str, entity: Entity | None) -> None:
-        if tag in ("script", "style"):
-            self._skip = max(0, self._skip - 1)
-        if entity is not None:
-            entity["length"] = self._units - entity["offset"]
-            self.entities.append(entity)
-        if tag in ("ul", "ol") and self._lists:
-            self._lists.pop()
-        if tag in self._BLOCKS:
-            self._break()
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        self.handle_starttag(tag, attrs)
-        if tag not in ("br", "hr"):
-            self.handle_endtag(tag)
-
-    def handle_data(self, data: str) -> None:
-        self._write(data)
-
-    def finish(self) -> tuple[str, list[Entity]]:
-        self.close()
-        while self._open:
-            self._close(*self._open.pop())
-        return "".join(self.pieces), self.entities
-
-
-def parse_html(source: str) -> tuple[str, list[Entity]]:
-    """The visible text and entities of `source`, written in Telegram's HTML (or the HTML models write)."""
-    parser = _TelegramHTML()
-    # `<!` other than a comment is a declaration, nothing Telegram's HTML has; html.parser fails on some.
-    parser.feed(_DECLARATION.sub("&lt;!", source))
-    return parser.finish()
-
-
-_DECLARATION = re.compile(r"<!(?!--)")

@@ -4,25 +4,17 @@ Telegram's limit, formatting as entities, buttons, a photo or document), and the
 from __future__ import annotations
 
 import json
-import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from formatting import (CAPTION_LIMIT, FORMATS, PARSE_MODES, TEXT_LIMIT, Entity, head, split_entities, to_entities,
-                        trim)
+from formatting import (CAPTION_LIMIT, FORMATS, PARSE_MODES, TEXT_LIMIT, Entity, clean_text, head, split_entities,
+                        to_entities, trim)
 
-# json.loads joins an escaped surrogate pair into one character, so any surrogate left in a str is lone.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_REPLY_CHARS = 32768  # eight full Telegram messages; more is almost certainly a scenario's mistake
 MAX_REPLY_MESSAGES = 20  # messages one answer from Make may send: a list of 100,000 "a" is a mistake too
 MAX_SOURCE_CHARS = 4 * MAX_REPLY_CHARS  # a reply's source with its markup; the rest is cut before it is read
 REPLY_METHODS = ("sendMessage", "sendPhoto", "sendDocument")  # the calls that answer a user
-
-
-def clean_text(text: str) -> str:
-    """`text` with each lone surrogate (half an emoji, not encodable as UTF-8) replaced by U+FFFD."""
-    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def clean_json(value: Any) -> Any:

@@ -21,7 +21,8 @@ import time
 from typing import Any, Callable
 
 from outbox import OutboxWorkers
-from replies import REPLY_METHODS, PartOutcome, ReplyResults, bare, clean_text
+from formatting import clean_text
+from replies import REPLY_METHODS, PartOutcome, ReplyResults, bare
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore, StoreError
 from telegram_api import (BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError,

@@ -44,7 +44,10 @@ def assert_valid_parts(text: str, entities: list[dict[str, Any]], parts: list[tu
             assert any(e["type"] == entity["type"] and e["offset"] <= absolute[0]
                        and absolute[1] <= e["offset"] + e["length"] for e in entities), entity
         start += units(part)
-    # Every styled character of the whole text is styled in its part too (nothing lost at a cut).
+    # Every styled character of the whole text is styled in its part too (nothing lost at a cut), unless a
+    # part had more entities than Telegram keeps.
+    if any(len(part_entities) == MAX_ENTITIES for _, part_entities in parts):
+        return
     for entity in entities:
         begin, end, offset = entity["offset"], entity["offset"] + entity["length"], 0
         for part, part_entities in parts:
@@ -79,12 +82,13 @@ def test_markdown_keeps_emoji_offsets_in_utf16() -> None:
 
 
 def test_markdown_drops_links_telegram_would_refuse_and_keeps_their_text() -> None:
-    """A relative or `javascript:` link keeps its text but loses its link; a bare domain gets https."""
-    text, entities = to_entities("[a](/rel) [b](javascript:alert(1)) [c](example.com) [d](tg://user?id=1)",
-                                 "markdown")
-    assert text == "a b c d"
-    assert [(e["type"], e.get("url")) for e in entities] == [("text_link", "https://example.com"),
-                                                             ("text_link", "tg://user?id=1")]
+    """A relative, `javascript:` or dotless-host link keeps its text but loses its link (`README.md` is a file,
+    not the domain of Moldova); `www.` gets https."""
+    text, entities = to_entities("[a](/rel) [b](javascript:alert(1)) [c](README.md) [d](tg://user?id=1) "
+                                 "[e](www.example.com) [f](http://localhost:8080/x) [g](https://t.me/x)", "markdown")
+    assert text == "a b c d e f g"
+    assert [(covered(text, e), e.get("url")) for e in entities] == [
+        ("d", "tg://user?id=1"), ("e", "https://www.example.com"), ("g", "https://t.me/x")]
 
 
 def test_plain_is_sent_as_written() -> None:
@@ -111,9 +115,43 @@ def test_html_of_telegram() -> None:
 def test_html_as_models_write_it() -> None:
     """Paragraphs, line breaks, headings and lists read as Telegram would show them; unknown tags keep their text."""
     text, entities = to_entities("<h2>Title</h2><p>One<br>two</p><ul><li>a</li><li>b</li></ul>"
-                                 "<ol><li>x</li><li>y</li></ol><custom>kept</custom><script>gone()</script>", "html")
-    assert text == "Title\n\nOne\ntwo\n• a\n• b\n1. x\n2. y\nkept"
+                                 "<ol><li>x</li><li>y</li></ol><span>kept</span> List<String>", "html")
+    assert text == "Title\n\nOne\ntwo\n• a\n• b\n1. x\n2. y\nkept List<String>"
     assert spans(text, entities) == [("bold", "Title")]
+
+
+def test_pretty_printed_html_reads_as_it_looks() -> None:
+    """The indentation and newlines of pretty-printed HTML are layout: bullets and cells come out tight; a
+    paragraph in a list item stays beside its bullet; whitespace inside pre is kept."""
+    source = """
+    <p>Your order is confirmed.</p>
+    <ul>
+      <li>
+        <p>Item: <b>Book</b></p>
+      </li>
+      <li>Price: 10 €</li>
+    </ul>
+    <table><tr><th>Name</th><th>Qty</th></tr>
+      <tr><td>Book</td> <td>1</td></tr></table>
+    <pre>  indented
+    code</pre>
+    """
+    text, entities = to_entities(source, "html")
+    assert text == ("Your order is confirmed.\n• Item: Book\n• Price: 10 €\nName | Qty\nBook | 1\n"
+                    "  indented\n    code")
+    assert ("bold", "Book") in spans(text, entities)
+    assert ("pre", "  indented\n    code") in spans(text, entities)
+
+
+@pytest.mark.parametrize("source,text", [
+    ("Put it in a <code><script></code> tag, then <style> it", "Put it in a <script> tag, then <style> it"),
+    ("<script>alert(1)</script>", "<script>alert(1)</script>"),
+    ("#include <iostream>", "#include <iostream>"),
+])
+def test_tags_html_has_no_use_for_here_are_text(source: str, text: str) -> None:
+    """`<script>` or `<style>` in a message is something the user wrote about, not a block to hide: it is
+    text, and the rest of the message stays."""
+    assert to_entities(source, "html")[0] == text
 
 
 @pytest.mark.parametrize("source,text", [
@@ -173,15 +211,35 @@ def test_prefers_a_paragraph_then_a_line_then_a_space() -> None:
 
 
 def test_a_part_holds_at_most_a_hundred_entities() -> None:
-    """300 bold words in a short text go into parts of at most 100 entities, as Telegram keeps no more."""
+    """300 bold words in a short text stay one message (text is never dropped for formatting), with the
+    first 100 of them bold, as Telegram would keep no more."""
     text = " ".join(f"w{i}" for i in range(300))
     entities, offset = [], 0
     for word in text.split(" "):
         entities.append({"type": "bold", "offset": offset, "length": len(word)})
         offset += len(word) + 1
+    [(part, kept)] = split_entities(text, entities)
+    assert part == text and kept == entities[:MAX_ENTITIES]
+
+
+def test_entities_across_a_cut_are_kept_first() -> None:
+    """When a part has more entities than Telegram keeps, a style that runs across a cut is kept before
+    the others, so it shows on both sides."""
+    text = "x " * 3000
+    entities = [{"type": "italic", "offset": 2 * i, "length": 1} for i in range(1000)]
+    entities.append({"type": "bold", "offset": 3000, "length": 2000})  # across the cut at about 4096
     parts = split_entities(text, entities)
-    assert len(parts) == 3
-    assert_valid_parts(text, entities, parts, TEXT_LIMIT)
+    assert [any(e["type"] == "bold" for e in kept) for _, kept in parts] == [True, True]
+    assert len(parts[0][1]) == MAX_ENTITIES
+
+
+def test_a_densely_formatted_answer_keeps_all_its_text() -> None:
+    """700 lines of `- **T**: `code` [doc](url)` (2,100 entities): three messages with all of the text, not
+    thirty of which the last ten would be dropped."""
+    source = "\n".join(f"- **T{i}**: `c{i}` [doc](https://ex.com/{i})" for i in range(700))
+    text, entities = to_entities(source, "markdown")
+    parts = split_entities(text, entities)
+    assert len(parts) == 3 and "".join(p for p, _ in parts) == text and "T699" in parts[-1][0]
 
 
 def test_emoji_is_never_cut_in_half() -> None:
@@ -273,9 +331,9 @@ def test_ten_thousand_characters_of_html_split_at_words() -> None:
 
 
 @pytest.mark.parametrize("source,fmt", [
-    ("- " * 65_000 + "x", "markdown"), ("- 1. " * 26_000 + "x", "markdown"), ("> - " * 32_000 + "x", "markdown"),
+    ("- " * 19_000 + "x", "markdown"), ("- 1. " * 7_900 + "x", "markdown"), ("> - " * 9_900 + "x", "markdown"),
     ("<ul><li>" * 16_000 + "x", "html"), ("<ol><li>" * 16_000 + "x", "html"),
-])
+], ids=["dashes", "dash-numbers", "quote-dashes", "ul", "ol"])
 def test_deep_lists_cost_text_in_proportion_to_their_source(source: str, fmt: str) -> None:
     """Each list level indents what is below it: 16,000 levels on one line once read into 256 MB of text.
     Past MAX_NESTING levels no more indent is added, so the text stays within a few times its source."""
@@ -286,7 +344,7 @@ def test_deep_lists_cost_text_in_proportion_to_their_source(source: str, fmt: st
 
 @pytest.mark.parametrize("source,text", [
     ("if a <![ b", "if a <![ b"), ("<!DOCTYPE html><b>x</b>", "<!DOCTYPE html>x"), ("a<!-- note -->b", "ab"),
-    ("<b>" * 3 + "</i>" * 5 + "y", "y"),
+    ("<b>" * 3 + "</i>" * 5 + "y", "y"), ("x<y " * 3, "x<y x<y x<y"), ("<b " * 3, "<b <b <b"),
 ])
 def test_html_declarations_and_stray_end_tags(source: str, text: str) -> None:
     """`<!` that is no comment stays text (html.parser used to fail on `<![`); comments are dropped; stray end

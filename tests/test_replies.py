@@ -98,7 +98,7 @@ def test_a_caption_too_long_for_one_follows_the_photo_as_text() -> None:
     ({}, "text must be a non-empty string"),
     ({"text": "  "}, "text must be a non-empty string"),
     ({"text": "x", "format": "rtf"}, "format must be one of plain, markdown, html"),
-    ({"text": "x", "parse_mode": "Markdown"}, "parse_mode must be HTML or MarkdownV2"),
+    ({"text": "x", "parse_mode": "BBCode"}, "parse_mode must be HTML or MarkdownV2"),
     ({"text": "x", "format": "html", "parse_mode": "HTML"}, "give format or parse_mode, not both"),
     ({"text": "x", "reply_markup": "buttons"}, "reply_markup must be an object"),
     ({"text": "x", "reply_markup": {"inline_keyboard": [{"text": "flat"}]}}, "reply_markup must be an object"),
