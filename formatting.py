@@ -10,8 +10,10 @@ Telegram's do. The parsers are lenient: markup they cannot make sense of stays a
 from __future__ import annotations
 
 import re
+import unicodedata
 from bisect import bisect_right
 from typing import Any
+from urllib.parse import urlsplit
 
 from telegramify_markdown import RenderConfig
 from telegramify_markdown import convert as _convert_markdown
@@ -20,9 +22,9 @@ from markdown_v2 import parse_markdown_v2
 from telegram_html import parse_html
 
 FORMATS = ("plain", "markdown", "html")
-# `parse_mode` values, read as formats; legacy Markdown is read as MarkdownV2, nearly a superset of it.
-PARSE_MODES = {"HTML": "html", "html": "html", "MarkdownV2": "markdown_v2", "markdownv2": "markdown_v2",
-               "Markdown": "markdown_v2", "markdown": "markdown_v2"}
+# `parse_mode` values (any case, as Telegram reads them), read as formats. Legacy Markdown is not among them:
+# its rules differ from MarkdownV2's in escapes and styles; `format: markdown` reads what models write.
+PARSE_MODES = {"html": "html", "markdownv2": "markdown_v2"}
 TEXT_LIMIT = 4096  # a message's text, in UTF-16 code units after entity parsing
 CAPTION_LIMIT = 1024  # a photo's or document's caption
 MAX_ENTITIES = 100  # Telegram keeps the first 100 entities of a message and silently drops the rest
@@ -44,8 +46,7 @@ _LINKS = {"text_link", "text_mention", "custom_emoji"}  # cannot contain each ot
 # link (the code goes), a quote around bold keeps both.
 _RANK = {"blockquote": 0, "expandable_blockquote": 0, "text_link": 1, "custom_emoji": 1, "text_mention": 1,
          "code": 3, "pre": 3}
-# Web links need a host with a dot (Telegram refuses `http://localhost`); `tg:`, `mailto:` and `ton:` as they are.
-_SAFE_URL = re.compile(r"(?i)https?://[^/\s?#]*[^/\s?#.]\.[^/\s?#.][^\s]*|(tg|ton|mailto):\S+")
+MAX_URL_CHARS = 2048  # a link longer than this is no address a user follows
 _LANGUAGE = re.compile(r"[\w#+.-]{1,32}")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins escaped pairs: any left is lone
 MAX_NESTING = 10  # list and quote levels read; each level indents every line below it, so depth costs size
@@ -55,8 +56,9 @@ MAX_NESTING = 10  # list and quote levels read; each level indents every line be
 _MARKER = r"(?>[ \t]*)(?:>|[-*+](?=[ \t])|\d{1,9}[.)](?=[ \t]))"
 _DEEP_LINE = re.compile(rf"(?m)^(?>(?:{_MARKER}){{{MAX_NESTING + 1},}})")
 _ONE_MARKER = re.compile(_MARKER)
-# Characters that belong to the one before them: a cut just before one would split what the user sees.
-_JOINERS = re.compile("[\u0300-\u036f\u200c\u200d\ufe00-\ufe0f\U0001f3fb-\U0001f3ff\U000e0020-\U000e007f]")
+# Characters that belong to the one before them (besides combining marks): a cut just before one would
+# split what the user sees as one character.
+_JOINERS = re.compile("[\u200c\u200d\u1160-\u11ff\ufe00-\ufe0f\U0001f3fb-\U0001f3ff\U000e0020-\U000e007f]")
 _REGIONAL = re.compile("[\U0001f1e6-\U0001f1ff]")  # flags are pairs of these
 
 
@@ -92,8 +94,9 @@ def to_entities(source: str, fmt: str) -> tuple[str, list[Entity]]:
 
 def _markdown(source: str) -> tuple[str, list[Entity]]:
     # LaTeX conversion is off: its pattern is quadratic on unclosed `\(` and it changes text that is no math.
-    text, found = _convert_markdown(_DEEP_LINE.sub(_shallower, source[:MAX_MARKDOWN_CHARS]), config=_MARKDOWN,
-                                    latex_escape=False)
+    # A bare `\r` ends a line too: the nesting cap must see every line.
+    source = source[:MAX_MARKDOWN_CHARS].replace("\r\n", "\n").replace("\r", "\n")
+    text, found = _convert_markdown(_DEEP_LINE.sub(_shallower, source), config=_MARKDOWN, latex_escape=False)
     return text, [entity.to_dict() for entity in found]
 
 
@@ -142,7 +145,7 @@ def _usable(entity: Entity) -> Entity | None:
         url = str(entity.get("url") or "").strip()
         if url.lower().startswith("www."):
             url = "https://" + url
-        return {**entity, "url": url} if _SAFE_URL.fullmatch(url) else None
+        return {**entity, "url": url} if _safe_url(url) else None
     if kind == "custom_emoji":
         return entity if str(entity.get("custom_emoji_id", "")).isdigit() else None
     if kind == "pre" and "language" in entity and not _LANGUAGE.fullmatch(str(entity["language"])):
@@ -150,6 +153,21 @@ def _usable(entity: Entity) -> Entity | None:
     if kind == "text_mention":
         return None  # needs a User object; nothing in our inputs can supply one
     return entity if isinstance(kind, str) else None
+
+
+def _safe_url(url: str) -> bool:
+    """Whether Telegram takes `url` as a link: http(s) to a host with a dot (it refuses `http://localhost`),
+    or `tg:`, `ton:`, `mailto:`; no whitespace, at most `MAX_URL_CHARS`."""
+    if len(url) > MAX_URL_CHARS or any(char.isspace() for char in url):
+        return False
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+    except ValueError:  # a malformed port or IPv6 address
+        return False
+    if parts.scheme.lower() in ("http", "https"):
+        return "." in host.strip(".") and ".." not in host
+    return parts.scheme.lower() in ("tg", "ton", "mailto") and len(url) > len(parts.scheme) + 1
 
 
 def split_entities(text: str, entities: list[Entity], limit: int = TEXT_LIMIT,
@@ -213,15 +231,23 @@ def _boundary(text: str, begin: int, end: int) -> int:
                 cut += 1
             return cut
     cut = end
+    flags = 0  # the regional indicators just before the cut, counted from the start of their run
+    while cut - flags - 1 >= 0 and flags < 4096 and _REGIONAL.match(text, cut - flags - 1):
+        flags += 1
+    if flags % 2 and _REGIONAL.match(text, cut) and cut - 1 > begin:
+        cut -= 1
     for _ in range(32):  # a longer cluster is no text a user reads; cut it anywhere
-        flags = 0
-        while _REGIONAL.match(text, cut) and cut - flags - 1 > begin and _REGIONAL.match(text, cut - flags - 1):
-            flags += 1
-        if cut - 1 > begin and (_JOINERS.match(text, cut) or text[cut - 1] == "\u200d" or flags % 2):
+        if cut - 1 > begin and (_joins_previous(text[cut]) or text[cut - 1] == "\u200d"):
             cut -= 1
         else:
             break
     return cut
+
+
+def _joins_previous(char: str) -> bool:
+    """Whether `char` is shown as part of the character before it (a combining mark, a joiner, a variation
+    selector, a skin tone, a keycap, a tag, a Hangul vowel or final)."""
+    return unicodedata.category(char) in ("Mn", "Mc", "Me") or bool(_JOINERS.match(char))
 
 
 def _clip(entity: Entity, low: int, high: int) -> Entity:

@@ -114,9 +114,10 @@ def _format_of(item: dict[str, Any], default_format: str) -> str:
     if fmt is not None and parse_mode is not None:
         raise ReplyError("give format or parse_mode, not both")
     if parse_mode is not None:
-        if not isinstance(parse_mode, str) or parse_mode not in PARSE_MODES:
-            raise ReplyError("parse_mode must be HTML or MarkdownV2")
-        return PARSE_MODES[parse_mode]
+        if not isinstance(parse_mode, str) or parse_mode.strip().lower() not in PARSE_MODES:
+            raise ReplyError("parse_mode must be HTML or MarkdownV2 (for Markdown as models write it, use "
+                             "format: markdown)")
+        return PARSE_MODES[parse_mode.strip().lower()]
     if fmt is not None and (not isinstance(fmt, str) or fmt not in FORMATS):
         raise ReplyError(f"format must be one of {', '.join(FORMATS)}")
     return fmt or default_format

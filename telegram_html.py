@@ -72,6 +72,7 @@ class _TelegramHTML(HTMLParser):
         self._edge = True  # just after a block's edge: source whitespace here is layout, not text
         self._after_bullet = False  # a list item's bullet was the last thing written
         self._cells = 0  # cells so far in the current table row
+        self._in_cell = 0  # open td/th: a paragraph in a cell stays on the row's line
 
     def _write(self, text: str, from_source: bool = False) -> None:
         if text:
@@ -105,7 +106,7 @@ class _TelegramHTML(HTMLParser):
     def _break(self, blank_line: bool = False) -> None:
         """Start a new line (or leave a blank line) unless the text is empty, already does, or a bullet
         was just written (`<li><p>` keeps its text beside the bullet)."""
-        if not self.pieces or self._after_bullet:
+        if not self.pieces or self._after_bullet or self._in_cell:
             return
         tail = "".join(self.pieces[-2:])
         wanted = "\n\n" if blank_line else "\n"
@@ -143,6 +144,7 @@ class _TelegramHTML(HTMLParser):
             if self._cells:
                 self._write(" | ")
             self._cells += 1
+            self._in_cell += 1
         elif tag == "pre":
             self._pre += 1
         entity = self._entity_for(tag, attributes)
@@ -182,6 +184,8 @@ class _TelegramHTML(HTMLParser):
     def _close(self, tag: str, entity: Entity | None) -> None:
         if tag == "pre":
             self._pre = max(0, self._pre - 1)
+        elif tag in ("td", "th"):
+            self._in_cell = max(0, self._in_cell - 1)
         if tag in _TRIMS and not self._pre:
             self._trim()
         if entity is not None:

@@ -95,6 +95,7 @@ def main() -> None:
         ("hostile html: 16,000 nested <ul><li>", "<ul><li>" * 16_000 + "x", "html"),
         ("hostile html: 14,000 nested <ul><li>x + space", "<ul><li>x " * 14_000, "html"),
         ("hostile html: 'x<y ' x 32,768", "x<y " * 32_768, "html"),
+        ("hostile html: a link to 60,000 'a.' and a space", '<a href="https://' + "a." * 60_000 + ' x">l</a>', "html"),
         ("hostile markdown: '$$' x 20,000", "$$" * 20_000, "markdown"),
         ("hostile markdown: '```\\n' x 10,000", "```\n" * 10_000, "markdown"),
         ("hostile markdown: '- ' x 65,000", "- " * 65_000 + "x", "markdown"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import unicodedata
 from typing import Any
 
 import pytest
@@ -332,8 +333,8 @@ def test_ten_thousand_characters_of_html_split_at_words() -> None:
 
 @pytest.mark.parametrize("source,fmt", [
     ("- " * 19_000 + "x", "markdown"), ("- 1. " * 7_900 + "x", "markdown"), ("> - " * 9_900 + "x", "markdown"),
-    ("<ul><li>" * 16_000 + "x", "html"), ("<ol><li>" * 16_000 + "x", "html"),
-], ids=["dashes", "dash-numbers", "quote-dashes", "ul", "ol"])
+    ("x\r" + "- " * 19_000 + "x", "markdown"), ("<ul><li>" * 16_000 + "x", "html"), ("<ol><li>" * 16_000 + "x", "html"),
+], ids=["dashes", "dash-numbers", "quote-dashes", "after-a-bare-cr", "ul", "ol"])
 def test_deep_lists_cost_text_in_proportion_to_their_source(source: str, fmt: str) -> None:
     """Each list level indents what is below it: 16,000 levels on one line once read into 256 MB of text.
     Past MAX_NESTING levels no more indent is added, so the text stays within a few times its source."""
@@ -350,3 +351,29 @@ def test_html_declarations_and_stray_end_tags(source: str, text: str) -> None:
     """`<!` that is no comment stays text (html.parser used to fail on `<![`); comments are dropped; stray end
     tags close nothing."""
     assert to_entities(source, "html")[0] == text
+
+
+def test_a_link_of_many_dots_is_checked_in_linear_time() -> None:
+    """An address of 60,000 `a.` and a space is no link; checking it must not backtrack (a regular expression
+    once held the GIL for 37 s on it, freezing every thread)."""
+    source = '<a href="https://' + "a." * 60_000 + ' x">link</a>'
+    assert to_entities(source, "html") == ("link", [])
+
+
+@pytest.mark.parametrize("text", ["🇺🇸" * 3000, "a" + "🇺🇸" * 3000, "b" + "ก\u0e34" * 5000, "ب\u0650" * 5000,
+                                  "1\ufe0f\u20e3" * 3000], ids=["flags", "flags-after-a", "thai", "arabic", "keycaps"])
+def test_a_hard_cut_keeps_what_the_user_sees_as_one_character(text: str) -> None:
+    """Without a space to cut at, no part starts with the second half of a flag or with a mark that belongs to
+    the character before it."""
+    parts = [part for part, _ in split_entities(text, [])]
+    assert "".join(parts) == text and len(parts) > 1
+    for part in parts[1:]:
+        assert not (part[0] == "🇸" or unicodedata.category(part[0]) in ("Mn", "Mc", "Me") or part[0] == "\u20e3"
+                    or part[0] == "\ufe0f"), repr(part[:3])
+
+
+def test_a_paragraph_in_a_table_cell_stays_on_its_row() -> None:
+    """`<td><p>Name</p></td>` reads as a cell of its row, not as a paragraph of its own."""
+    text, _ = to_entities("<table><tr><td><p>Name</p></td><td><p>Qty</p></td></tr>"
+                          "<tr><td>Apple</td><td>3</td></tr></table>", "html")
+    assert text == "Name | Qty\nApple | 3"

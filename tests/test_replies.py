@@ -189,3 +189,14 @@ def test_only_the_first_32768_characters_of_a_reply_are_read_into_messages() -> 
     """A reply is cut at MAX_REPLY_CHARS before it is split, so a huge one costs no more than that."""
     sent = calls("word " * 20_000)
     assert sum(len(p["text"]) for _, p in sent) <= 32768 and len(sent) == 9
+
+
+@pytest.mark.parametrize("mode,fmt", [("HTML", "html"), ("Html", "html"), (" html ", "html"), ("MARKDOWNV2", "mdv2")])
+def test_parse_mode_is_read_in_any_case(mode: str, fmt: str) -> None:
+    """Telegram reads parse_mode in any case and trimmed; so does the gateway. Legacy Markdown is refused with
+    a pointer to format: markdown."""
+    source = "<b>x</b>" if fmt == "html" else "*x*"
+    [(_, params)] = calls({"text": source, "parse_mode": mode})
+    assert params["text"] == "x" and params["entities"][0]["type"] == "bold"
+    with pytest.raises(ReplyError, match="use format: markdown"):
+        read_reply({"text": "*x*", "parse_mode": "Markdown"})
