@@ -132,6 +132,9 @@ class DeliveryWorkers(OutboxWorkers):
     def _accepted(self, row: OutboxRow, outcome: Delivered, elapsed: float) -> None:
         """Make took the event: it leaves the outbox, and the calls its answer asks for enter it, in one step."""
         now = self._clock()
+        if outcome.problem:
+            log.warning("Make's answer to %s: %s; no reply sent. Build the Webhook response body with a JSON "
+                        "module rather than by hand", row.event_id, outcome.problem)
         try:
             followups = answer_calls(row, outcome, self._reply_format)
         except Exception:  # Make accepted it: trouble with its answer must not post the event again
@@ -157,7 +160,7 @@ class DeliveryWorkers(OutboxWorkers):
             self.health.last_error_permanent = False
         log.info("event %s delivered to Make (HTTP %s, attempt %d, %d reply part(s))", row.event_id,
                  outcome.status, row.attempts, replies)
-        if outcome.replies and not replies and is_int(row.payload.get("chat_id")):
+        if (outcome.replies or outcome.problem) and not replies and is_int(row.payload.get("chat_id")):
             # The scenario answered, but nothing in it could be sent: nothing else would end "typing…".
             self._typing.stop(row.payload["chat_id"])
 

@@ -33,6 +33,7 @@ class Delivered:
     status: int
     replies: list[Any] = field(default_factory=list)
     body: Any = None
+    problem: str = ""  # what was wrong with an answer that looked meant to be read, for the log
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,11 @@ def classify(status: int, headers: Mapping[str, str], text: str) -> Outcome:
     if 200 <= status < 300:
         try:
             body = json.loads(text) if text else None
-        except (ValueError, RecursionError):  # Make's plain "Accepted", or JSON nested too deep to read
+        except (ValueError, RecursionError) as err:  # Make's plain "Accepted", or JSON that cannot be read
+            if text.lstrip().startswith(("{", "[")):
+                # Most often a model's text, quotes or newlines and all, mapped into a hand-written JSON body.
+                problem = f"it looks like JSON but is not ({err.__class__.__name__}: {str(err)[:120]})"
+                return Delivered(status, [], None, problem)
             body = None
         return Delivered(status, parse_replies(body), body)
     snippet = " ".join(text.split())[:200]

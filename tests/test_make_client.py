@@ -213,3 +213,11 @@ def test_make_over_its_rate_limit_throttles_the_whole_webhook() -> None:
     assert classify(429, {"Retry-After": "2"}, "Too many requests").throttled
     assert classify(400, {}, "Queue is full.").throttled
     assert not classify(500, {}, "Scenario failed to complete.").throttled
+
+
+def test_an_answer_that_looks_like_json_but_is_not_says_so() -> None:
+    """A model's text with quotes mapped into a hand-written JSON body: delivered (Make ran the scenario),
+    no replies, and a problem for the log; a plain `Accepted` has none."""
+    outcome = classify(200, headers(), '{"reply": "He said "yes""}')
+    assert isinstance(outcome, Delivered) and outcome.replies == [] and "looks like JSON but is not" in outcome.problem
+    assert classify(200, headers(), "Accepted") == Delivered(200, [], None)

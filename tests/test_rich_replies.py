@@ -178,9 +178,10 @@ def test_post_reply_says_what_is_wrong_with_a_bad_body(start_service, telegram: 
 
 def test_an_answer_of_only_bad_items_still_stops_typing(start_service, telegram: TelegramDouble,
                                                         make: MakeDouble) -> None:
-    """The scenario answered, but nothing in its answer can be sent: typing stops all the same, the event is
-    delivered once, and the log says what was wrong with each item."""
-    make.script((200, {"replies": [{"photo": ""}, {"text": "<i></i>", "format": "html"}]}, {}, 1.0))
+    """The scenario answered, but nothing in its answer can be sent (bad items, or a body that looks like JSON
+    but is not): typing stops all the same, each event is delivered once, and the log says what was wrong."""
+    make.script((200, {"replies": [{"photo": ""}, {"text": "<i></i>", "format": "html"}]}, {}, 1.0),
+                (200, '{"reply": "Он сказал "да"\n"}', {}, 1.0))
     service = start_service(TYPING_MODE="until_reply", TYPING_INTERVAL_SECONDS="0.5", TYPING_MAX_SECONDS="120")
     telegram.push_update(text_update("привет", user_id=37))
     wait_until(lambda: telegram.calls_of("sendChatAction"), what="typing while Make works")
@@ -189,6 +190,12 @@ def test_an_answer_of_only_bad_items_still_stops_typing(start_service, telegram:
     assert sent_replies(telegram) == [] and len(make.accepted()) == 1
     assert "reply 0 skipped: photo must be a URL or a file_id" in service.text
     assert "reply 1 skipped: text is empty once read as html" in service.text
+    # A model's text mapped into a hand-written JSON body breaks it: said in the log, and typing stops too.
+    telegram.push_update(text_update("ещё раз", user_id=37))
+    wait_until(lambda: len(make.accepted()) == 2, what="the second answer")
+    wait_until(lambda: "looks like JSON but is not" in service.text, what="the warning")
+    wait_until(lambda: service.health()["typing_chats"] == 0, what="typing to stop")
+    assert sent_replies(telegram) == [] and "Build the Webhook response body with a JSON module" in service.text
 
 
 def test_one_odd_item_costs_no_other_reply(start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
