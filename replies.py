@@ -68,8 +68,9 @@ def read_reply(item: Any, default_format: str = "plain") -> Reply:
         file = item[media[0]]
         if not isinstance(file, str) or not file.strip():
             raise ReplyError(f"{media[0]} must be a URL or a file_id")
-        # The caption goes with the file; a text beside it is sent after it.
-        source, more = (item["caption"], item.get("text") or "") if item.get("caption") else (item.get("text") or "", "")
+        source, more = item.get("caption") or "", item.get("text") or ""
+        if not source:  # without a caption, the text is the caption; beside one, it follows the file
+            source, more = more, ""
     else:
         file, source, more = "", item.get("text"), ""
         if not isinstance(source, str) or not source.strip():
@@ -88,10 +89,10 @@ def read_reply(item: Any, default_format: str = "plain") -> Reply:
     preview = item.get("link_preview")
     if preview is not None and not isinstance(preview, bool):
         raise ReplyError("link_preview must be true or false")
-    text, entities = to_entities(clean_text(source[:MAX_SOURCE_CHARS]), fmt)
+    text, entities = to_entities(source[:MAX_SOURCE_CHARS], fmt)  # lone surrogates cleaned there
     if not media and not text.strip():
         raise ReplyError(f"text is empty once read as {fmt}")
-    more_text, more_entities = to_entities(clean_text(more[:MAX_SOURCE_CHARS]), fmt) if more.strip() else ("", [])
+    more_text, more_entities = to_entities(more[:MAX_SOURCE_CHARS], fmt) if more.strip() else ("", [])
     ignored = tuple(sorted(str(key) for key in item if key not in _REPLY_FIELDS))
     return Reply(text, entities, markup, preview, media[0] if media else None, clean_text(file.strip()), ignored,
                  more_text, more_entities)
@@ -129,10 +130,8 @@ def _is_markup(markup: Any) -> bool:
     least one of them (the buttons' own fields are Telegram's to check)."""
     if not isinstance(markup, dict) or not any(name in markup for name in _MARKUPS):
         return False
-    for name in _MARKUPS:
-        value = markup.get(name)
-        if name not in markup:
-            continue
+    for name in (name for name in _MARKUPS if name in markup):
+        value = markup[name]
         if name in ("inline_keyboard", "keyboard"):
             if not (isinstance(value, list) and value
                     and all(isinstance(row, list) and all(isinstance(b, dict) for b in row) for row in value)):
