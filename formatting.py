@@ -262,8 +262,7 @@ def head(text: str, entities: list[Entity], chars: int) -> tuple[str, list[Entit
         return text, entities
     kept = text[:chars]
     size = utf16_len(kept)
-    clipped = [{**e, "length": min(e["length"], size - e["offset"])} for e in entities if e["offset"] < size]
-    return kept, [e for e in clipped if e["length"] > 0]
+    return kept, [_clip(e, 0, size) for e in entities if e["offset"] < size and e["length"] > 0]
 
 
 def trim(text: str, entities: list[Entity]) -> tuple[str, list[Entity]]:

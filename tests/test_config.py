@@ -249,3 +249,10 @@ def test_renewal_notice_title_is_a_setting_in_russian_by_default() -> None:
     assert load().text_admin_renewal == "🔁 Продление подписки"
     assert load(TEXT_ADMIN_RENEWAL=" Renewal ").text_admin_renewal == "Renewal"
     assert load(TEXT_ADMIN_RENEWAL="").text_admin_renewal == "🔁 Продление подписки"
+
+
+def test_reply_formats_are_the_formats_the_gateway_reads() -> None:
+    """REPLY_FORMAT's choices (config.py stays free of the converters) are exactly what formatting.py reads."""
+    from formatting import FORMATS
+    from config import REPLY_FORMATS
+    assert REPLY_FORMATS == FORMATS
