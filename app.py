@@ -6,6 +6,7 @@
     python app.py delete-webhook  remove the webhook (pending updates are kept)
     python app.py dead-letters    list events Make never accepted
     python app.py replay-dead     queue every dead letter for delivery again
+    python app.py sandbox         try it with no accounts: emulated Telegram, stand-in Make, a chat page
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import threading
 import time
 import uuid
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 
@@ -429,10 +430,14 @@ def configure_logging(config: Config) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def serve(config: Config) -> int:
-    """Run the service until SIGTERM or Ctrl-C; return the exit status."""
+def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
+          on_listening: Callable[[str], None] | None = None) -> int:
+    """Run the service until SIGTERM or Ctrl-C; return the exit status. `setup` may add routes before it
+    serves (the sandbox's page); `on_listening` gets the base URL once it listens."""
     app = create_app(config)
     gateway: Gateway = app.extensions["gateway"]
+    if setup is not None:
+        setup(app, gateway)
     server = create_http_server(app, config)
 
     def on_sigterm(signum: int, frame: Any) -> None:
@@ -448,6 +453,8 @@ def serve(config: Config) -> int:
     gateway.start()
     host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
     log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)
+    if on_listening is not None:
+        on_listening(f"http://{host}:{port}")
     try:
         server.run()  # waitress stops its request threads on KeyboardInterrupt
     except KeyboardInterrupt:
@@ -472,6 +479,13 @@ def _cli(argv: list[str] | None = None) -> argparse.Namespace:
     dw.add_argument("--drop-pending-updates", action="store_true", help="discard updates Telegram holds")
     sub.add_parser("dead-letters", help="list events Make never accepted, e.g. `python app.py dead-letters`")
     sub.add_parser("replay-dead", help="queue every dead letter again, e.g. `python app.py replay-dead`")
+    sb = sub.add_parser("sandbox", help="try the gateway with no bot and no Make account: an emulated Telegram, "
+                                        "a stand-in Make and a chat page, all on 127.0.0.1")
+    sb.add_argument("--make-url", help="send events to this real Make webhook instead of the stand-in")
+    sb.add_argument("--make-delay", type=float, default=2.0,
+                    help="seconds the stand-in Make 'thinks' before answering (default 2)")
+    sb.add_argument("--port", type=int, default=None,
+                    help="port of the chat page and the gateway (default 8000, or any free one if taken)")
     return parser.parse_args(argv)
 
 
@@ -514,6 +528,9 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Read the settings, then serve or run the CLI command; exit status 2 on bad settings."""
     args = _cli(argv)
+    if args.command == "sandbox":
+        import sandbox  # only the sandbox needs the emulator and the page
+        return sandbox.run(args)
     try:
         config = Config.from_env()
     except ConfigError as err:

@@ -1,4 +1,5 @@
-"""Test doubles serving real HTTP on 127.0.0.1: a Bot API server, a Make webhook, and the service itself.
+"""Test doubles serving real HTTP on 127.0.0.1: the Bot API (the project's own emulator), a Make webhook,
+raw TCP misbehaviour, and the service itself.
 
 Each double records the requests it got, plays scripted answers, and keeps any error raised in its
 own threads so `check()` re-raises it at teardown.
@@ -15,11 +16,12 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
 import httpx
+
+from emulator import BotApiEmulator, LocalServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9"
@@ -37,191 +39,14 @@ def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = 
         time.sleep(0.02)
 
 
-class _Server:
-    """A threaded HTTP server on 127.0.0.1 (port 0: any free one) whose handler calls `self.handle`."""
+class TelegramDouble(BotApiEmulator):
+    """The project's Bot API emulator with the tests' token."""
 
-    def __init__(self, port: int = 0) -> None:
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # Headers and body go out in two writes: without this, Nagle's algorithm holds the body
-            # until the client's delayed ACK (40 ms), and every call looks 40 ms slow.
-            disable_nagle_algorithm = True
-
-            def _any(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                try:
-                    status, headers, payload = double.handle(self.command, self.path, dict(self.headers), body)
-                except Exception as err:  # kept for check(); the client sees a 500
-                    double.errors.append(err)
-                    status, headers, payload = 500, {}, b"double failed"
-                try:
-                    self.send_response(status)
-                    for name, value in headers.items():
-                        self.send_header(name, value)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (its timeout); nothing to report
-
-            do_POST = do_GET = _any
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.errors: list[Exception] = []
-        self.lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._thread.start()
-
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
-        raise NotImplementedError
-
-    def check(self) -> None:
-        """Re-raise the first error the double's threads hit."""
-        if self.errors:
-            raise self.errors[0]
-
-    def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+    def __init__(self, token: str = TOKEN, deliver_webhooks_to: str | None = None, port: int = 0) -> None:
+        super().__init__(token, deliver_webhooks_to=deliver_webhooks_to, port=port)
 
 
-def _json(status: int, obj: Any) -> tuple[int, dict, bytes]:
-    return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
-
-
-def _units(text: str) -> int:
-    return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def telegram_refusal(name: str, params: dict[str, Any]) -> str | None:
-    """The description of Telegram's 400 for a message it would refuse for its form (empty or too long text,
-    a caption too long, entities outside the text), or None."""
-    if name == "sendMessage":
-        text, entities, limit = params.get("text"), params.get("entities") or [], 4096
-        if not isinstance(text, str) or not text.strip():
-            return "Bad Request: message text is empty"
-    elif name in ("sendPhoto", "sendDocument"):
-        text, entities, limit = params.get("caption") or "", params.get("caption_entities") or [], 1024
-        if not params.get(name.removeprefix("send").lower()):
-            return "Bad Request: there is no photo in the request"
-    else:
-        return None
-    if _units(text) > limit:
-        return "Bad Request: message is too long" if name == "sendMessage" else "Bad Request: message caption is too long"
-    if params.get("parse_mode") not in (None, "HTML", "MarkdownV2", "Markdown"):
-        return "Bad Request: unsupported parse_mode"
-    for entity in entities:
-        if not (isinstance(entity, dict) and isinstance(entity.get("offset"), int) and entity.get("length", 0) > 0
-                and entity["offset"] + entity["length"] <= _units(text)):
-            return f"Bad Request: can't parse entities: entity {entity!r} is outside the text"
-    return None
-
-
-class TelegramDouble(_Server):
-    """A Bot API server: records calls, long-polls `getUpdates` from a queue, plays scripted replies."""
-
-    def __init__(self, token: str = TOKEN) -> None:
-        self.token = token
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.call_times: list[float] = []  # time.monotonic() of each call, parallel to `calls`
-        self._scripts: dict[str, list[tuple]] = {}
-        self._pending: list[dict[str, Any]] = []  # updates not yet confirmed by an offset
-        self._cond = threading.Condition()
-        self._message_id = 1000
-        self.webhook: dict[str, Any] | None = None
-        # When set, a call no scripted reply answers gets the (status, JSON body) pair it returns for the
-        # method name and parameters, if any: e.g. to refuse some content as Telegram would.
-        self.reject_if: Callable[[str, dict[str, Any]], tuple[int, Any] | None] | None = None
-        super().__init__()
-
-    def push_update(self, update: dict[str, Any]) -> None:
-        """Make `update` available to `getUpdates`, as Telegram would."""
-        with self._cond:
-            self._pending.append(update)
-            self._cond.notify_all()
-
-    def script(self, method: str, *replies: tuple) -> None:
-        """Answer the next calls of `method` with these (status, JSON body[, delay]), in order; the delay is
-        seconds, or a `threading.Event` the answer waits for (a Bot API held until the test lets it go)."""
-        with self.lock:
-            self._scripts.setdefault(method, []).extend(replies)
-
-    def times_of(self, method: str) -> list[float]:
-        """When (time.monotonic()) each call of `method` arrived."""
-        with self.lock:
-            return [t for (name, _), t in zip(self.calls, self.call_times) if name == method]
-
-    def calls_of(self, method: str) -> list[dict[str, Any]]:
-        """The parameters of every call of `method` so far."""
-        with self.lock:
-            return [params for name, params in self.calls if name == method]
-
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict, bytes]:
-        found = re.fullmatch(r"/bot([^/]+)/(\w+)", path)
-        if not found:
-            return _json(404, {"ok": False, "error_code": 404, "description": "Not Found"})
-        token, name = found.groups()
-        if token != self.token:
-            return _json(401, {"ok": False, "error_code": 401, "description": "Unauthorized"})
-        params = json.loads(body) if body else {}
-        with self.lock:
-            self.calls.append((name, params))
-            self.call_times.append(time.monotonic())
-            scripted = self._scripts.get(name)
-            reply = scripted.pop(0) if scripted else None
-        if reply is None and self.reject_if is not None:
-            reply = self.reject_if(name, params)
-        if reply is None:
-            problem = telegram_refusal(name, params)
-            reply = (400, {"ok": False, "error_code": 400, "description": problem}) if problem else None
-        if reply is not None:
-            if len(reply) > 2 and isinstance(reply[2], threading.Event):
-                reply[2].wait(60)
-            elif len(reply) > 2:
-                time.sleep(reply[2])  # a slow Bot API, on the double's own thread
-            return _json(reply[0], reply[1])
-        return _json(200, {"ok": True, "result": self._default(name, params)})
-
-    def _default(self, name: str, params: dict[str, Any]) -> Any:
-        if name == "getUpdates":
-            return self._get_updates(params)
-        if name in ("sendMessage", "sendPhoto", "sendDocument"):
-            with self.lock:
-                self._message_id += 1
-                message_id = self._message_id
-            return {"message_id": message_id, "date": int(time.time()), "chat": {"id": params.get("chat_id")},
-                    "text": params.get("text")}
-        if name == "setWebhook":
-            self.webhook = params
-        if name == "deleteWebhook":
-            self.webhook = None
-        if name == "getWebhookInfo":
-            return {"url": (self.webhook or {}).get("url", ""), "pending_update_count": 0}
-        return True
-
-    def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
-        offset = params.get("offset")
-        limit = params.get("limit", 100)
-        deadline = time.monotonic() + min(float(params.get("timeout", 0)), 2.0)
-        with self._cond:
-            if offset is not None:
-                self._pending = [u for u in self._pending if u["update_id"] >= offset]
-            while not self._pending and time.monotonic() < deadline:
-                self._cond.wait(deadline - time.monotonic())
-            return list(self._pending[:limit])
-
-
-class MakeDouble(_Server):
+class MakeDouble(LocalServer):
     """A Make custom webhook: records events, plays scripted answers (status, body, headers, delay)."""
 
     def __init__(self, port: int = 0) -> None:
