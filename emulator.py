@@ -326,9 +326,10 @@ class BotApiEmulator(LocalServer):
         message: dict[str, Any] = {"message_id": next(self._message_ids), "from": self.bot,
                                    "chat": {"id": params.get("chat_id"), "type": "private"}, "date": int(time.time())}
         if name == "sendMessage":
-            message["text"] = params.get("text")
-            if params.get("entities"):
-                message["entities"] = params["entities"]
+            text, entities = _parsed(params.get("text"), params.get("parse_mode"), params.get("entities"))
+            message["text"] = text
+            if entities:
+                message["entities"] = entities
         elif name == "sendInvoice":
             message["invoice"] = {"title": params.get("title", ""), "description": params.get("description", ""),
                                   "currency": params.get("currency", ""),
@@ -338,9 +339,10 @@ class BotApiEmulator(LocalServer):
             kind = name.removeprefix("send").lower()
             message[kind] = params.get(kind)
             if params.get("caption"):
-                message["caption"] = params["caption"]
-                if params.get("caption_entities"):
-                    message["caption_entities"] = params["caption_entities"]
+                caption, entities = _parsed(params["caption"], params.get("parse_mode"), params.get("caption_entities"))
+                message["caption"] = caption
+                if entities:
+                    message["caption_entities"] = entities
         if params.get("reply_markup"):
             message["reply_markup"] = params["reply_markup"]
         with self.lock:
@@ -445,6 +447,15 @@ class BotApiEmulator(LocalServer):
                     self.webhook_error = (time.time(), problem)
                     failures += 1
                     self._cond.wait(min(0.1 * 2 ** failures, 5.0))
+
+
+def _parsed(text: Any, parse_mode: Any, entities: Any) -> tuple[Any, Any]:
+    """A sent text as Telegram stores it: `parse_mode` markup read into plain text and entities."""
+    if not isinstance(text, str) or parse_mode not in ("HTML", "MarkdownV2"):
+        return text, entities
+    from markdown_v2 import parse_markdown_v2  # the gateway's own readers, lenient where Telegram would refuse
+    from telegram_html import parse_html
+    return parse_html(text) if parse_mode == "HTML" else parse_markdown_v2(text)
 
 
 def _person(user: dict[str, Any]) -> dict[str, Any]:
