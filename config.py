@@ -93,12 +93,15 @@ class Config:
     log_level: str = "INFO"
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> "Config":
-        """Read settings from `.env` (if present) overlaid by the environment; raise `ConfigError` listing every problem."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env",
+                 overrides: Mapping[str, str] | None = None) -> "Config":
+        """Read settings from `.env` (if present) overlaid by the environment, then by `overrides` (the sandbox's
+        wiring); raise `ConfigError` listing every problem."""
         values: dict[str, str] = {}
         if dotenv_path and os.path.exists(dotenv_path):
             values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         values.update(os.environ if environ is None else environ)
+        values.update(overrides or {})
         return _parse(values)
 
     def deprecations(self) -> list[str]:
