@@ -176,9 +176,10 @@ def free_port() -> int:
 class Service:
     """The real gateway (`python app.py`) in a subprocess, in its own working directory."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], args: tuple[str, ...] = ()) -> None:
         self.workdir = workdir
         self.env = env
+        self.args = args
         self.output: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
@@ -187,7 +188,7 @@ class Service:
         """Start the service and wait until it listens."""
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
         env = {**base, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=self.workdir, env=env,
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *self.args], cwd=self.workdir, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         started = len(self.output)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
