@@ -47,6 +47,7 @@ FIRST_USERS = ({"id": 111111111, "first_name": "Anna", "username": "anna_sandbox
                {"id": 222222222, "first_name": "Boris", "username": "boris_sandbox", "language_code": "en"})
 KEPT_EVENTS = 200  # the events the page can show
 TEST_PRICE = 10000  # minor units: 100.00 RUB
+FAILABLE_METHODS = ("sendMessage", "sendChatAction", "getUpdates", "answerCallbackQuery")
 _FORWARDED_HEADERS = ("Content-Type", "X-Event-Id", "User-Agent")
 
 
@@ -206,7 +207,8 @@ class Sandbox:
         @bp.get("/api/state")
         def state() -> Response:
             user_id = _int(request.args.get("user"), FIRST_USERS[0]["id"])
-            return jsonify(self.state(user_id))
+            # json.dumps keeps each event's keys in the order Make gets them (jsonify would sort them).
+            return Response(json.dumps(self.state(user_id), ensure_ascii=False), mimetype="application/json")
 
         @bp.post("/api/users")
         def add_user() -> tuple[Response, int]:
@@ -241,8 +243,10 @@ class Sandbox:
         @bp.post("/api/fail")
         def fail() -> tuple[Response, int]:
             body = _body()
-            self.telegram.fail(str(body.get("method", "sendMessage")), _int(body.get("status"), 429),
-                               retry_after=3)
+            method = str(body.get("method", "sendMessage"))
+            if method not in FAILABLE_METHODS:
+                raise ValueError(f"method must be one of {', '.join(FAILABLE_METHODS)}")
+            self.telegram.fail(method, _int(body.get("status"), 429), retry_after=3)
             return jsonify(ok=True), 200
 
         @bp.errorhandler(ValueError)

@@ -213,3 +213,16 @@ def test_the_chat_page_in_headless_chromium(start_sandbox, tmp_path: Path) -> No
         assert logs == [], json.dumps(logs)
     finally:
         browser.quit()
+
+
+def test_injected_flood_control_delays_the_reply_but_loses_nothing(start_sandbox) -> None:
+    """The page's "flood-control the next reply": Telegram answers the reply with 429, the gateway waits as told
+    and sends it; a method the page does not offer is refused."""
+    sandbox = start_sandbox("--make-delay", "0")
+    sandbox.post("fail", method="sendMessage", status=429)
+    sandbox.post("say", user=ANNA, text="are you there?")
+    replies = wait_until(lambda: sandbox.bot_messages(), timeout=20, what="the reply after the 429")
+    assert len(replies) == 1 and replies[0]["text"].startswith("Got 1 message")
+    assert "Too Many Requests: retry after 3" in sandbox.service.text
+    refused = httpx.post(sandbox.api + "fail", json={"method": "deleteWebhook", "status": 429}, timeout=10)
+    assert refused.status_code == 400 and "method must be one of" in refused.json()["error"]

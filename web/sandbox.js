@@ -242,4 +242,9 @@ $("invoice").addEventListener("click", async () => {
   await refresh();
 });
 
+$("trouble").addEventListener("click", async () => {
+  await api("fail", { method: "sendMessage", status: 429 });
+  toast("Telegram will answer the bot's next message with 429 (retry after 3 s)");
+});
+
 poll();
