@@ -115,11 +115,15 @@ def telegram_refusal(name: str, params: dict[str, Any]) -> str | None:
     """The description of Telegram's 400 for a message it would refuse for its form (empty or too long text,
     a caption too long, entities outside the text), or None."""
     if name == "sendMessage":
-        text, entities, limit = params.get("text"), params.get("entities") or [], 4096
+        # Telegram checks the text after parse_mode is read: the markup itself counts for nothing.
+        text, entities = _parsed(params.get("text"), params.get("parse_mode"), params.get("entities") or [])
+        limit = 4096
         if not isinstance(text, str) or not text.strip():
             return "Bad Request: message text is empty"
     elif name in ("sendPhoto", "sendDocument"):
-        text, entities, limit = params.get("caption") or "", params.get("caption_entities") or [], 1024
+        text, entities = _parsed(params.get("caption") or "", params.get("parse_mode"),
+                                 params.get("caption_entities") or [])
+        limit = 1024
         if not params.get(name.removeprefix("send").lower()):
             return "Bad Request: there is no photo in the request"
     else:
