@@ -6,48 +6,58 @@
     python app.py delete-webhook  remove the webhook (pending updates are kept)
     python app.py dead-letters    list events Make never accepted
     python app.py replay-dead     queue every dead letter for delivery again
+    python app.py send-sample     post a sample message_batch to Make (--all: one event of each type)
     python app.py sandbox         try it with no accounts: emulated Telegram, stand-in Make, a chat page
 """
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import hmac
 import json
 import logging
 import math
+import os
+import secrets
 import signal
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, request
 
-from batching import BatchManager
+from batching import BatchManager, build_batch_event
 from config import Config, ConfigError
 from debounce import DebounceManager, DebounceSettings
-from http_server import MAX_BODY_BYTES, create_http_server
-from delivery import DeliveryWorkers
-from make_client import MakeClient
+from http_server import MAX_BODY_BYTES, create_http_server, listen_problem
+from delivery import DeliveryWorkers, answer_calls
+from make_client import Delivered, MakeClient, RetryLater
 from metrics import GatewayMetrics
-from payments import PaymentProcessor, PaymentTexts
+from payments import PaymentProcessor, PaymentTexts, checkout_answer, payment_event, pre_checkout_event, refund_event
 from polling import Poller
-from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, PartOutcome, Reply, ReplyError, ReplyResults, message_calls,
-                     read_reply)
+from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, REPLY_METHODS, PartOutcome, Reply, ReplyError, ReplyResults,
+                     message_calls, read_reply)
 from retry import BackoffPolicy, backoff
-from router import UpdateRouter
-from store import BatchRow, SQLiteStore, StoreError
-from telegram_api import BadRequest, RedactingFilter, TelegramClient, TelegramError, redact
+from router import UpdateRouter, forward_event
+from store import BatchRow, NewEvent, OutboxRow, SQLiteStore, StoreError, StorePathError
+from telegram_api import (BadRequest, InvalidToken, RedactingFilter, RetryAfter, TelegramClient, TelegramError,
+                          redact)
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
 from typing_keepalive import TypingKeepAlive
-from updates import is_int
+from updates import is_int, message_item, user_summary
 
 log = logging.getLogger("gateway")
 
 REPLY_WAIT_SECONDS = 4.0  # how long `POST /reply` waits for Telegram before answering 202 (queued)
+# How long the first getMe may take before the service starts without it (asking again in the background).
+IDENTIFY_TIMEOUT_SECONDS = 5.0
+# The background getMe: soon at first (Telegram is usually back in seconds), never more than 30 s apart.
+IDENTIFY_POLICY = BackoffPolicy(initial=1.0, maximum=30.0)
 # Kinds the gateway always asks Telegram for; the forwarded ones are added from the settings.
 HANDLED_KINDS = ("message", "callback_query", "pre_checkout_query")
 
@@ -55,6 +65,26 @@ HANDLED_KINDS = ("message", "callback_query", "pre_checkout_query")
 def allowed_updates(config: Config) -> list[str]:
     """The update kinds to ask Telegram for: those handled plus those forwarded to Make."""
     return sorted(set(HANDLED_KINDS) | set(config.forward_update_kinds))
+
+
+class StartError(Exception):
+    """The service cannot start; the message is the one line that says why and what to change (exit status 2)."""
+
+
+def bot_name(bot: dict[str, Any]) -> str:
+    """The bot as the log names it: `@username (id 123)`."""
+    username = bot.get("username")
+    name = f"@{username}" if isinstance(username, str) and username else "a bot without a username"
+    return f"{name} (id {bot.get('id')})"
+
+
+def token_refused(err: InvalidToken, config: Config) -> str:
+    """The one line for a BOT_TOKEN that Telegram refuses (401, or 404 for a malformed one); never the token."""
+    line = (f"Telegram refused BOT_TOKEN ({err.error_code} {err.description[:100]}): check the token from "
+            "@BotFather")
+    if err.error_code == 404 and config.telegram_api_url != Config.telegram_api_url:
+        line += f" (and that TELEGRAM_API_URL={config.telegram_api_url} is a Bot API server)"
+    return line
 
 
 class Gateway:
@@ -102,9 +132,54 @@ class Gateway:
                                    payments=self.payments, callback_answer_seconds=config.callback_answer_seconds)
         self.poller: Poller | None = None
         self.webhook_registered = False
+        # Telegram's getMe answer once it has accepted BOT_TOKEN; until then `/ready` says why not.
+        self.bot: dict[str, Any] | None = None
+        self.identify_error: str | None = None  # why the last getMe got no answer
+        self.fatal: str | None = None  # why the service must stop (Telegram refused BOT_TOKEN): exit status 2
+        self.on_fatal: Callable[[], None] = lambda: None  # serve() sets it to end its server loop
         self._stopping = threading.Event()
         self._registrar: threading.Thread | None = None
+        self._identifier: threading.Thread | None = None
         self._register_metrics()
+
+    def identify(self, read_timeout: float = IDENTIFY_TIMEOUT_SECONDS) -> dict[str, Any]:
+        """Ask Telegram who the bot is (`getMe`, one attempt), keep and log the answer, and return it. Raises
+        `TelegramError`: `InvalidToken` when Telegram refuses BOT_TOKEN, else no answer yet."""
+        try:
+            bot = self.telegram.get_me(read_timeout=read_timeout, attempts=1)
+        except TelegramError as err:
+            self.identify_error = str(err)
+            raise
+        self.bot, self.identify_error = bot, None
+        log.info("running as %s", bot_name(bot))
+        return bot
+
+    def _identify_until_answered(self) -> None:
+        """The `telegram-getme` thread, started when the first `getMe` got no answer: ask again, with backoff,
+        until Telegram answers; if it refuses BOT_TOKEN, stop the service (exit status 2)."""
+        failures = 1
+        delay = backoff(failures, IDENTIFY_POLICY) if self.identify_error else 0.0
+        while not self._stopping.wait(delay):
+            try:
+                self.identify()
+                return
+            except InvalidToken as err:
+                if self._stopping.is_set():  # stopping anyway: the answer came too late to matter
+                    return
+                self.fatal = token_refused(err, self.config)
+                log.error("%s; stopping", self.fatal)
+                self.on_fatal()
+                return
+            except RetryAfter as err:
+                delay = err.retry_after
+            except Exception as err:  # TelegramError, or anything else: keep asking, never die silently
+                failures += 1
+                delay = backoff(failures, IDENTIFY_POLICY)
+                if not isinstance(err, TelegramError):
+                    log.error("getMe failed in the gateway", exc_info=err)
+                    self.identify_error = f"{type(err).__name__} in the gateway"
+            log.warning("Telegram has not answered getMe yet (%s); asking again in %.1f s (GET /ready answers 503 "
+                        "until it does)", self.identify_error, delay)
 
     def start(self) -> None:
         """Reload open batches, then start the threads of the configured mode."""
@@ -127,6 +202,10 @@ class Gateway:
         else:
             self._registrar = threading.Thread(target=self._register_webhook, name="webhook-register", daemon=True)
             self._registrar.start()
+        if self.bot is None:
+            self._identifier = threading.Thread(target=self._identify_until_answered, name="telegram-getme",
+                                                daemon=True)
+            self._identifier.start()
 
     def stop(self) -> None:
         """Stop taking updates, stop every thread within a bounded time, close clients; safe to call twice."""
@@ -143,6 +222,11 @@ class Gateway:
         self.make.close()
         if self.make_check is not None:
             self.make_check.close()
+
+    def close(self) -> None:
+        """Stop (see `stop`), then close the state database; safe to call twice."""
+        self.stop()
+        self.store.close()
 
     def health(self) -> tuple[dict[str, Any], int]:
         """The `GET /` report and its HTTP status (503 once a thread the service needs has died)."""
@@ -166,6 +250,8 @@ class Gateway:
             problems.append(f"Telegram: {self.poller.last_error}")
         elif self.telegram.network_error:
             problems.append(f"Telegram unreachable: {self.telegram.network_error}")
+        elif self.bot is None:
+            problems.append(f"Telegram has not answered getMe yet: {self.identify_error or 'asking'}")
         if self.config.mode == "webhook" and not self.webhook_registered:
             problems.append("webhook not registered with Telegram yet")
         oldest = outbox["outbox_oldest_age_seconds"]
@@ -201,6 +287,8 @@ class Gateway:
     def ready(self) -> tuple[dict[str, Any], int]:
         """The `GET /ready` answer: 200 when updates can be taken now (state writable, threads alive)."""
         reasons = [f"thread {name} is not running" for name, alive in self._threads_alive().items() if not alive]
+        if self.bot is None:  # the token is not known to work yet: nothing could be answered
+            reasons.append(f"Telegram has not answered getMe yet: {self.identify_error or 'asking'}")
         try:
             self.store.check_writable(time.time())
         except StoreError as err:
@@ -216,6 +304,8 @@ class Gateway:
                  "typing-keepalive": self.typing.is_alive()}
         if self._registrar is not None and not self.webhook_registered:
             alive["webhook-register"] = self._registrar.is_alive()
+        if self._identifier is not None and self.bot is None and self.fatal is None:
+            alive["telegram-getme"] = self._identifier.is_alive()
         if self.poller is not None:
             alive["telegram-poller"] = self.poller.is_alive()
         return alive
@@ -432,40 +522,96 @@ def configure_logging(config: Config) -> None:
 
 def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
           on_listening: Callable[[str], None] | None = None) -> int:
-    """Run the service until SIGTERM or Ctrl-C; return the exit status. `setup` may add routes before it
-    serves (the sandbox's page); `on_listening` gets the base URL once it listens."""
-    app = create_app(config)
+    """Run the service until SIGTERM or Ctrl-C; return the exit status (2 if Telegram refused BOT_TOKEN while it
+    ran). Raises `StartError` when it cannot start (state folder, port, token). `setup` may add routes before
+    it serves (the sandbox's page); `on_listening` gets the base URL once it listens."""
+    try:
+        app = create_app(config)
+    except StorePathError as err:
+        raise StartError(f"STATE_DB={config.state_db}: {err}; set STATE_DB to a file in a folder you can "
+                         "write") from None
     gateway: Gateway = app.extensions["gateway"]
     if setup is not None:
         setup(app, gateway)
-    server = create_http_server(app, config)
+    try:
+        server = create_http_server(app, config)
+    except OSError as err:
+        gateway.close()
+        raise StartError(listen_problem(err, config.host, config.port)) from None
+
+    stopping = False  # read and written on the main thread only (signal handlers run there)
 
     def on_sigterm(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        nonlocal stopping
+        if not stopping:  # once: a second SIGTERM must not break into the shutdown itself
+            stopping = True
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    for line in config.deprecations():
-        log.warning("%s", line)
-    if config.admin_chat_id is None:
-        log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
-    if not config.make_webhook_url.startswith("https://"):
-        log.warning("MAKE_WEBHOOK_URL is not https://: events (users' messages) travel unencrypted")
-    gateway.start()
-    host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
-    log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)
-    if on_listening is not None:
-        on_listening(f"http://{host}:{port}")
+    # A token refused later (on the telegram-getme thread) ends the server loop the way SIGTERM does.
+    gateway.on_fatal = lambda: _thread.interrupt_main(signal.SIGTERM)
     try:
+        gateway.identify()
+    except InvalidToken as err:  # nothing would ever work: say so before listening, and stop
+        _close_unrun(server, gateway)
+        raise StartError(token_refused(err, config)) from None
+    except TelegramError as err:
+        log.warning("Telegram did not answer getMe (%s); starting anyway and asking again in the background "
+                    "(GET /ready answers 503 until it answers)", err)
+    except KeyboardInterrupt:
+        _close_unrun(server, gateway)
+        return 0
+    try:
+        for line in config.deprecations():
+            log.warning("%s", line)
+        if config.admin_chat_id is None:
+            log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
+        if not config.make_webhook_url.startswith("https://"):
+            log.warning("MAKE_WEBHOOK_URL is not https://: events (users' messages) travel unencrypted")
+        gateway.start()
+        host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
+        log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)
+        if on_listening is not None:
+            on_listening(f"http://{host}:{port}")
         server.run()  # waitress stops its request threads on KeyboardInterrupt
     except KeyboardInterrupt:
         pass
     finally:
+        stopping = True
         log.info("stopping")
         server.close()
-        gateway.stop()
-        gateway.store.close()
+        gateway.close()
         log.info("stopped")
-    return 0
+    return 2 if gateway.fatal else 0
+
+
+def _close_unrun(server: Any, gateway: Gateway) -> None:
+    """Close a server whose loop never ran (and the request threads waitress started for it), and the gateway."""
+    server.task_dispatcher.shutdown()
+    server.close()
+    gateway.close()
+
+
+@dataclass(frozen=True)
+class CommandNeeds:
+    """The settings a CLI command reads (`uses`; LOG_LEVEL for all, since every command logs) and those it
+    cannot do without (`requires`): a setting it does not read can neither be missing nor stop it."""
+
+    uses: tuple[str, ...]
+    requires: tuple[str, ...] = ()
+
+
+_BOT_API = ("BOT_TOKEN", "TELEGRAM_API_URL", "LOG_LEVEL")
+COMMAND_NEEDS = {
+    "dead-letters": CommandNeeds(("STATE_DB", "LOG_LEVEL")),
+    "replay-dead": CommandNeeds(("STATE_DB", "LOG_LEVEL")),
+    "webhook-info": CommandNeeds(_BOT_API, ("BOT_TOKEN",)),
+    "delete-webhook": CommandNeeds(_BOT_API, ("BOT_TOKEN",)),
+    "set-webhook": CommandNeeds(_BOT_API + ("WEBHOOK_URL", "WEBHOOK_SECRET", "FORWARD_UPDATE_KINDS"),
+                                ("BOT_TOKEN", "WEBHOOK_URL")),
+    "send-sample": CommandNeeds(("MAKE_WEBHOOK_URL", "MAKE_TIMEOUT_SECONDS", "REPLY_FORMAT", "LOG_LEVEL"),
+                                ("MAKE_WEBHOOK_URL",)),
+}
 
 
 def _cli(argv: list[str] | None = None) -> argparse.Namespace:
@@ -479,6 +625,11 @@ def _cli(argv: list[str] | None = None) -> argparse.Namespace:
     dw.add_argument("--drop-pending-updates", action="store_true", help="discard updates Telegram holds")
     sub.add_parser("dead-letters", help="list events Make never accepted, e.g. `python app.py dead-letters`")
     sub.add_parser("replay-dead", help="queue every dead letter again, e.g. `python app.py replay-dead`")
+    ss = sub.add_parser("send-sample", help="post a sample message_batch event (marked \"sample\": true) to "
+                                            "MAKE_WEBHOOK_URL, for Make's \"Redetermine data structure\", e.g. "
+                                            "`python app.py send-sample --all`")
+    ss.add_argument("--all", action="store_true",
+                    help="one event of each type: message_batch, update, payment, payment_refunded, pre_checkout")
     sb = sub.add_parser("sandbox", help="try the gateway with no bot and no Make account: an emulated Telegram, "
                                         "a stand-in Make and a chat page, all on 127.0.0.1")
     sb.add_argument("--make-url", help="send events to this real Make webhook instead of the stand-in")
@@ -493,22 +644,12 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     """Run one CLI command other than `serve`; a `TelegramError` prints one line and returns 1."""
     try:
         if args.command in ("dead-letters", "replay-dead"):
-            store = SQLiteStore(config.state_db)
-            try:
-                if args.command == "dead-letters":
-                    for row in store.dead_events():
-                        print(f"{row.event_id}\t{row.event_type}\tattempts={row.attempts}\t{row.last_error}")
-                else:
-                    print(f"{store.replay_dead(time.time())} dead letter(s) queued again")
-            finally:
-                store.close()
-            return 0
+            return _dead_letters(config, replay=args.command == "replay-dead")
+        if args.command == "send-sample":
+            return send_samples(config, every_type=args.all)
         client = TelegramClient(config.bot_token, config.telegram_api_url)
         try:
             if args.command == "set-webhook":
-                if not config.webhook_url:
-                    print("error: WEBHOOK_URL is not set", file=sys.stderr)
-                    return 2
                 client.set_webhook(config.webhook_url, config.webhook_secret, allowed_updates(config),
                                    args.drop_pending_updates)
                 print(f"webhook set to {config.webhook_url}")
@@ -525,15 +666,133 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _dead_letters(config: Config, replay: bool) -> int:
+    """`dead-letters` (list them) or `replay-dead` (queue them again), on an existing state database only:
+    a command that finds nothing must not leave an empty database behind."""
+    if config.state_db == ":memory:" or not os.path.isfile(config.state_db):
+        where = ("STATE_DB is :memory:, which nothing outlives" if config.state_db == ":memory:" else
+                 f"no state database at {os.path.abspath(config.state_db)} (STATE_DB)")
+        print(f"{where}: no gateway has stored anything there; run this where the gateway runs, with its "
+              "STATE_DB", file=sys.stderr)
+        return 1
+    store = SQLiteStore(config.state_db)
+    try:
+        if replay:
+            count = store.replay_dead(time.time())
+            print(f"{count} dead letter(s) queued again" if count else "no dead letters")
+            return 0
+        rows = store.dead_events()
+        for row in rows:
+            print(f"{row.event_id}\t{row.event_type}\tattempts={row.attempts}\t{row.last_error}")
+        if not rows:
+            print("no dead letters")
+    finally:
+        store.close()
+    return 0
+
+
+def sample_events(now: float) -> list[NewEvent]:
+    """One event of each type the gateway posts to Make, built by the gateway's own code from realistic
+    updates, each marked `"sample": true`; the message_batch first. Ids are new on every call, so a scenario
+    that drops repeated event ids still takes them."""
+    run = secrets.token_hex(4)
+    update_id = 700000000 + secrets.randbelow(100000000)
+    date = int(now)
+    user = {"id": 512345678, "is_bot": False, "first_name": "Anna", "last_name": "Petrova", "username": "anna_p",
+            "language_code": "ru"}
+    chat = {"id": user["id"], "first_name": "Anna", "last_name": "Petrova", "username": "anna_p", "type": "private"}
+    text = {"message_id": 2041, "from": user, "chat": chat, "date": date - 3,
+            "text": "Hi! The lamp I ordered last week arrived broken"}
+    photo = {"message_id": 2042, "from": user, "chat": chat, "date": date, "caption": "this is how it looks",
+             "photo": [{"file_id": "AgACAgIAAxkBAAIH-sample-small", "file_unique_id": "AQADsmall", "file_size": 1480,
+                        "width": 90, "height": 67},
+                       {"file_id": "AgACAgIAAxkBAAIH-sample-large", "file_unique_id": "AQADlarge",
+                        "file_size": 98321, "width": 1280, "height": 960}],
+             "reply_to_message": {"message_id": 2041, "from": user, "chat": chat, "date": date - 3}}
+    items = [message_item(update_id, text), message_item(update_id + 1, photo)]
+    batch = BatchRow(f"sample-{run}", chat["id"], user["id"], user_summary(user), now - 3, now, len(items), items)
+    bot = {"id": 7000000001, "is_bot": True, "first_name": "Shop bot", "username": "shop_bot"}
+    press = {"update_id": update_id + 2, "callback_query": {
+        "id": f"sample-{run}", "from": user, "chat_instance": "-4583929210093", "data": "refund:order-1042",
+        "message": {"message_id": 2043, "from": bot, "chat": chat, "date": date, "text": "Would you like a refund?",
+                    "reply_markup": {"inline_keyboard": [[{"text": "Yes, refund", "callback_data": "refund:order-1042"},
+                                                          {"text": "No", "callback_data": "keep:order-1042"}]]}}}}
+    paid = {"message_id": 2044, "from": user, "chat": chat, "date": date, "successful_payment": {
+        "currency": "RUB", "total_amount": 149000, "invoice_payload": "order-1042",
+        "telegram_payment_charge_id": f"sample-{run}", "provider_payment_charge_id": f"sample-provider-{run}",
+        "order_info": {"name": "Anna Petrova", "phone_number": "+79991234567", "email": "anna@example.com"}}}
+    refunded = {"message_id": 2045, "from": user, "chat": chat, "date": date, "refunded_payment": {
+        "currency": "XTR", "total_amount": 50, "invoice_payload": "stars-pack-50",
+        "telegram_payment_charge_id": f"sample-stars-{run}"}}
+    checkout = {"id": f"sample-{run}", "from": user, "currency": "RUB", "total_amount": 149000,
+                "invoice_payload": "order-1043", "order_info": {"name": "Anna Petrova"}}
+    events = [build_batch_event(batch, "quiet"), forward_event(press["update_id"], "callback_query", press)]
+    for kind, payload in (("payment", payment_event(paid, duplicate=False)),
+                          ("payment_refunded", refund_event(refunded)), ("pre_checkout", pre_checkout_event(checkout))):
+        events.append(NewEvent(payload["event_id"], f"chat:{chat['id']}", kind, payload))
+    return [NewEvent(e.event_id, e.order_key, e.event_type, {**e.payload, "sample": True}) for e in events]
+
+
+def describe_answer(event: NewEvent, outcome: Delivered, reply_format: str) -> str:
+    """What the gateway would do with Make's answer to `event`, read by the same code the gateway uses."""
+    if event.event_type == "pre_checkout":
+        ok, text = checkout_answer(outcome)
+        if ok:
+            return "the checkout would be approved"
+        return f"the checkout would be refused with {text!r}" if text else \
+            "the checkout would be refused with TEXT_PAYMENT_REFUSED"
+    if outcome.problem:
+        return f"no reply would be sent: its answer {outcome.problem}"
+    row = OutboxRow(0, event.event_id, event.order_key, event.event_type, event.payload, time.time(), 1, None)
+    calls = answer_calls(row, outcome, reply_format)
+    messages = sum(1 for call in calls if call.event_type in REPLY_METHODS)
+    said = []
+    if messages:
+        said.append(f"its answer holds a reply: the gateway would send {messages} message(s)")
+    elif outcome.replies:
+        said.append("its answer holds a reply that cannot be sent (see the warnings above)")
+    if any(call.event_type == "answerCallbackQuery" for call in calls):
+        said.append("its callback_answer would answer the button")
+    return "; ".join(said) if said else "no reply in its answer (the gateway would send nothing)"
+
+
+def send_samples(config: Config, every_type: bool) -> int:
+    """`send-sample`: post sample events to MAKE_WEBHOOK_URL as the gateway would, one line each saying what
+    Make answered; 1 (one line) if Make did not take one."""
+    events = sample_events(time.time())
+    make = MakeClient(config.make_webhook_url, timeout=config.make_timeout_seconds, max_connections=1)
+    try:
+        for event in events if every_type else events[:1]:
+            outcome = make.deliver(event.event_id, event.payload)
+            if isinstance(outcome, RetryLater):
+                print(f"error: Make did not take the sample {event.event_type} event: {outcome.reason}",
+                      file=sys.stderr)
+                return 1
+            print(f"{event.event_type}: Make answered HTTP {outcome.status}; "
+                  f"{describe_answer(event, outcome, config.reply_format)}")
+    finally:
+        make.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Read the settings, then serve or run the CLI command; exit status 2 on bad settings."""
+    """Read the settings (only those the command uses), then serve or run the CLI command; exit status 2 on
+    bad settings or a start that cannot be."""
     args = _cli(argv)
     if args.command == "sandbox":
         import sandbox  # only the sandbox needs the emulator and the page
-        return sandbox.run(args)
+        try:
+            return sandbox.run(args)
+        except StartError as err:  # its serve() could not start (e.g. --port taken): one line, as for the service
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    needs = COMMAND_NEEDS.get(args.command)
     try:
-        config = Config.from_env()
+        config = Config.from_env(uses=needs.uses, requires=needs.requires) if needs else Config.from_env()
     except ConfigError as err:
+        if err.no_dotenv:
+            print(f"error: {err.no_dotenv}", file=sys.stderr)
+            return 2
         print(f"configuration error: {len(err.problems)} problem(s):", file=sys.stderr)
         for problem in err.problems:
             print(f"  - {problem}", file=sys.stderr)
@@ -542,6 +801,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in (None, "serve"):
         try:
             return serve(config)
+        except StartError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         except StoreError as err:
             log.error("%s", err)
             return 1
@@ -549,4 +811,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable copy of this module: `sandbox` imports `app`, and a second copy (this `__main__`)
+    # would have classes of its own, so its StartError would not be the one `main()` catches.
+    import app
+    sys.exit(app.main())

@@ -11,7 +11,8 @@ import hmac
 import os
 import re
 from dataclasses import dataclass, fields
-from typing import Callable, Mapping
+from pathlib import Path
+from typing import Callable, Collection, Mapping
 from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
@@ -30,15 +31,30 @@ FORWARDABLE_KINDS = (
     "chat_member", "chat_join_request", "chat_boost", "removed_chat_boost",
 )
 
-_TOKEN_RE = re.compile(r"^\d{3,15}:[A-Za-z0-9_-]{30,64}$")
+# A bot token as @BotFather issues it: the bot's id (digits; 8-10 today, room to grow), ':', then a secret of
+# letters, digits, '_' and '-' (35 today). telegram_api.redact() masks this same shape wherever it appears.
+BOT_TOKEN_SHAPE = r"\d{3,20}:[A-Za-z0-9_-]{30,64}"
+_TOKEN_RE = re.compile(rf"^{BOT_TOKEN_SHAPE}$")
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+# What the service needs set; a CLI command may need less (`Config.from_env(requires=...)`).
+REQUIRED = ("BOT_TOKEN", "MAKE_WEBHOOK_URL")
+_REQUIRED_HINTS = {
+    "BOT_TOKEN": "the token from @BotFather",
+    "MAKE_WEBHOOK_URL": "your Make custom webhook URL",
+    "WEBHOOK_URL": "the public https:// URL of POST /webhook",
+}
+_PROJECT = Path(__file__).resolve().parent
 
 
 class ConfigError(Exception):
-    """One or more settings are missing or invalid; `problems` lists each, naming its variable."""
+    """One or more settings are missing or invalid; `problems` lists each, naming its variable.
 
-    def __init__(self, problems: list[str]) -> None:
+    `no_dotenv` is set instead when nothing required was set and no `.env` file was found: one line saying
+    where it looked and what to do, which is all a first run needs to read."""
+
+    def __init__(self, problems: list[str], no_dotenv: str | None = None) -> None:
         self.problems = problems
+        self.no_dotenv = no_dotenv
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
@@ -94,15 +110,24 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env",
-                 overrides: Mapping[str, str] | None = None) -> "Config":
+                 overrides: Mapping[str, str] | None = None, *, uses: Collection[str] | None = None,
+                 requires: Collection[str] = REQUIRED) -> "Config":
         """Read settings from `.env` (if present) overlaid by the environment, then by `overrides` (the sandbox's
-        wiring); raise `ConfigError` listing every problem."""
+        wiring); raise `ConfigError` listing every problem. A command that reads only some settings names them
+        in `uses` (None: all), so a setting it does not read can neither be missing nor stop it; `requires`
+        are those that must be set."""
         values: dict[str, str] = {}
-        if dotenv_path and os.path.exists(dotenv_path):
+        found = bool(dotenv_path) and os.path.isfile(str(dotenv_path))
+        if found:
             values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         values.update(os.environ if environ is None else environ)
         values.update(overrides or {})
-        return _parse(values)
+        try:
+            return _parse(values, uses, tuple(requires))
+        except ConfigError as err:
+            if dotenv_path and not found and requires and not any(values.get(n, "").strip() for n in requires):
+                raise ConfigError(err.problems, no_dotenv_line(str(dotenv_path), tuple(requires))) from None
+            raise
 
     def deprecations(self) -> list[str]:
         """One line per deprecated setting in use, for the log at start."""
@@ -133,8 +158,41 @@ def derive_webhook_secret(bot_token: str) -> str:
     return hmac.new(bot_token.encode(), b"telegram-make-gateway webhook secret", hashlib.sha256).hexdigest()
 
 
-def _parse(env: Mapping[str, str]) -> Config:
-    problems: list[str] = []
+def no_dotenv_line(dotenv_path: str, requires: tuple[str, ...]) -> str:
+    """The one line for a start with nothing set and no `.env`: where it looked, and what to do."""
+    looked = Path(dotenv_path).resolve()
+    names = " and ".join(requires)
+    example = _PROJECT / ".env.example"
+    copy = ".env.example" if example.parent == looked.parent else str(example)
+    line = (f"no .env file at {looked}, and {names} {'is' if len(requires) == 1 else 'are'} not set: copy {copy} "
+            f"to {looked} and fill in {names} (or set {'it' if len(requires) == 1 else 'them'} in the environment)")
+    beside = _PROJECT / ".env"
+    if beside != looked and beside.is_file():
+        line += f"; a .env is at {beside}: run python app.py from {_PROJECT}, where it is read"
+    return line
+
+
+def token_problem(token: str) -> str | None:
+    """What is wrong with `token` as a bot token, or None; never repeats the token."""
+    if _TOKEN_RE.match(token):
+        return None
+    expected = ("expected what @BotFather gives: the bot's id (digits), ':', then 30-64 letters, digits, "
+                "'_' or '-', e.g. 123456789:AAH...")
+    if len(token) > 1 and token[0] in "\"'" and token[-1] == token[0]:
+        return f"BOT_TOKEN is wrapped in quotes; give the token alone ({expected})"
+    if token.lower().startswith("bot") and _TOKEN_RE.match(token[3:]):
+        return f"BOT_TOKEN starts with 'bot' (that belongs to the API URL); give the token alone ({expected})"
+    if any(c.isspace() for c in token):
+        return f"BOT_TOKEN contains spaces; {expected}"
+    return f"BOT_TOKEN does not look like a bot token: {expected}"
+
+
+def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
+           requires: tuple[str, ...] = REQUIRED) -> Config:
+    found: list[tuple[str, str]] = []  # (variable, problem): only those of variables in `uses` are reported
+
+    def problem(name: str, text: str) -> None:
+        found.append((name, text))
 
     def get(name: str, default: str = "") -> str:
         return env.get(name, default).strip()
@@ -145,7 +203,7 @@ def _parse(env: Mapping[str, str]) -> Config:
             return False
         if raw in ("1", "true", "yes", "on"):
             return True
-        problems.append(f"{name}={raw!r} must be true or false")
+        problem(name, f"{name}={raw!r} must be true or false")
         return False
 
     def number(name: str, default: float, kind: Callable[[str], float], low: float, high: float) -> float:
@@ -155,24 +213,26 @@ def _parse(env: Mapping[str, str]) -> Config:
         try:
             value = kind(raw)
         except ValueError:
-            problems.append(f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number")
+            problem(name, f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number")
             return default
         if not low <= value <= high:
-            problems.append(f"{name}={raw!r} must be between {low:g} and {high:g}")
+            problem(name, f"{name}={raw!r} must be between {low:g} and {high:g}")
             return default
         return value
 
+    for name in requires:
+        if not get(name):
+            problem(name, f"{name} is required ({_REQUIRED_HINTS.get(name, 'see .env.example')})")
+
     token = get("BOT_TOKEN")
-    if not token:
-        problems.append("BOT_TOKEN is required (the token from @BotFather)")
-    elif not _TOKEN_RE.match(token):
-        problems.append("BOT_TOKEN does not look like a bot token (expected digits, ':', then 30+ letters)")
+    bad_token = token_problem(token) if token else None
+    if bad_token:
+        problem("BOT_TOKEN", bad_token)
+        token = ""  # a command that does not use it must not use it by accident either
 
     make_url = get("MAKE_WEBHOOK_URL")
-    if not make_url:
-        problems.append("MAKE_WEBHOOK_URL is required (your Make custom webhook URL)")
-    elif not _is_http_url(make_url):
-        problems.append(f"MAKE_WEBHOOK_URL={make_url!r} is not an http(s) URL")
+    if make_url and not _is_http_url(make_url):
+        problem("MAKE_WEBHOOK_URL", f"MAKE_WEBHOOK_URL={make_url!r} is not an http(s) URL")
 
     admin_raw = get("ADMIN_CHAT_ID")
     admin_chat_id: int | None = None
@@ -180,27 +240,27 @@ def _parse(env: Mapping[str, str]) -> Config:
         try:
             admin_chat_id = int(admin_raw)
         except ValueError:
-            problems.append(f"ADMIN_CHAT_ID={admin_raw!r} is not a chat id (an integer)")
+            problem("ADMIN_CHAT_ID", f"ADMIN_CHAT_ID={admin_raw!r} is not a chat id (an integer)")
 
     api_url = (get("TELEGRAM_API_URL") or Config.telegram_api_url).rstrip("/")
     if not _is_http_url(api_url):
-        problems.append(f"TELEGRAM_API_URL={api_url!r} is not an http(s) URL")
+        problem("TELEGRAM_API_URL", f"TELEGRAM_API_URL={api_url!r} is not an http(s) URL")
 
     webhook_url = get("WEBHOOK_URL")
     if webhook_url and urlsplit(webhook_url).scheme != "https":
-        problems.append(f"WEBHOOK_URL={webhook_url!r} must be an https:// URL (Telegram calls only HTTPS)")
+        problem("WEBHOOK_URL", f"WEBHOOK_URL={webhook_url!r} must be an https:// URL (Telegram calls only HTTPS)")
     elif webhook_url and not urlsplit(webhook_url).hostname:
-        problems.append(f"WEBHOOK_URL={webhook_url!r} has no host")
+        problem("WEBHOOK_URL", f"WEBHOOK_URL={webhook_url!r} has no host")
 
     mode = get("MODE").lower() or ("webhook" if webhook_url else "polling")
     if mode not in MODES:
-        problems.append(f"MODE={mode!r} must be one of {', '.join(MODES)}")
+        problem("MODE", f"MODE={mode!r} must be one of {', '.join(MODES)}")
     elif mode == "webhook" and not webhook_url:
-        problems.append("MODE=webhook needs WEBHOOK_URL (the public https:// URL of POST /webhook)")
+        problem("MODE", "MODE=webhook needs WEBHOOK_URL (the public https:// URL of POST /webhook)")
 
     secret = get("WEBHOOK_SECRET")
     if secret and not _SECRET_RE.match(secret):
-        problems.append("WEBHOOK_SECRET must be 1-256 characters of A-Z a-z 0-9 _ - (Telegram's rule)")
+        problem("WEBHOOK_SECRET", "WEBHOOK_SECRET must be 1-256 characters of A-Z a-z 0-9 _ - (Telegram's rule)")
     if not secret and token:
         secret = derive_webhook_secret(token)
 
@@ -209,18 +269,19 @@ def _parse(env: Mapping[str, str]) -> Config:
     http_threads = int(number("HTTP_THREADS", Config.http_threads, int, 1, 256))
     http_connections = int(number("HTTP_MAX_CONNECTIONS", Config.http_max_connections, int, 1, 100000))
     http_request_timeout = number("HTTP_REQUEST_TIMEOUT_SECONDS", Config.http_request_timeout_seconds, float, 0.1, 300)
-    before = len(problems)
+    before = len(found)
     debounce = number("DEBOUNCE_SECONDS", Config.debounce_seconds, float, 0.01, 3600)
     max_wait = number("MAX_WAIT_SECONDS", Config.max_wait_seconds, float, 0.01, 86400)
-    if len(problems) == before and max_wait < debounce:
-        problems.append(f"MAX_WAIT_SECONDS ({max_wait:g}) must not be shorter than DEBOUNCE_SECONDS ({debounce:g})")
+    if len(found) == before and max_wait < debounce:
+        problem("MAX_WAIT_SECONDS",
+                f"MAX_WAIT_SECONDS ({max_wait:g}) must not be shorter than DEBOUNCE_SECONDS ({debounce:g})")
     max_batch = int(number("MAX_BATCH_MESSAGES", Config.max_batch_messages, int, 1, 1000))
     flood_max = int(number("FLOOD_MAX_MESSAGES", Config.flood_max_messages, int, 1, 100000))
     flood_window = number("FLOOD_WINDOW_SECONDS", Config.flood_window_seconds, float, 0.1, 86400)
 
     typing_mode = get("TYPING_MODE").lower() or Config.typing_mode
     if typing_mode not in TYPING_MODES:
-        problems.append(f"TYPING_MODE={typing_mode!r} must be one of {', '.join(TYPING_MODES)}")
+        problem("TYPING_MODE", f"TYPING_MODE={typing_mode!r} must be one of {', '.join(TYPING_MODES)}")
     typing_interval = number("TYPING_INTERVAL_SECONDS", Config.typing_interval_seconds, float, 0.5, 5.0)
     typing_max = number("TYPING_MAX_SECONDS", Config.typing_max_seconds, float, 1, 3600)
 
@@ -228,7 +289,7 @@ def _parse(env: Mapping[str, str]) -> Config:
     kinds = tuple(k.strip() for k in kinds_raw.split(",") if k.strip())
     unknown = [k for k in kinds if k not in FORWARDABLE_KINDS]
     if unknown:
-        problems.append(f"FORWARD_UPDATE_KINDS has unknown kinds: {', '.join(unknown)}")
+        problem("FORWARD_UPDATE_KINDS", f"FORWARD_UPDATE_KINDS has unknown kinds: {', '.join(unknown)}")
 
     make_timeout = number("MAKE_TIMEOUT_SECONDS", Config.make_timeout_seconds, float, 1, 600)
     retry_max = number("MAKE_RETRY_MAX_SECONDS", Config.make_retry_max_seconds, float, 0.1, 3600)
@@ -241,7 +302,7 @@ def _parse(env: Mapping[str, str]) -> Config:
             concurrency = workers
     max_rate = number("MAKE_MAX_RATE", Config.make_max_rate, float, 0, 1000)
     if 0 < max_rate < 0.1:
-        problems.append(f"MAKE_MAX_RATE={max_rate:g} is below 0.1 calls a second; 0 turns pacing off")
+        problem("MAKE_MAX_RATE", f"MAKE_MAX_RATE={max_rate:g} is below 0.1 calls a second; 0 turns pacing off")
     # Telegram refuses an answer to a button press 10-15 s after the press: a later fallback would be refused.
     callback_answer_seconds = number("CALLBACK_ANSWER_SECONDS", Config.callback_answer_seconds, float, 0, 10)
     poll_timeout = int(number("POLL_TIMEOUT_SECONDS", Config.poll_timeout_seconds, int, 1, 50))
@@ -261,7 +322,7 @@ def _parse(env: Mapping[str, str]) -> Config:
     texts = {name: value or getattr(Config, name) for name, value in texts.items()}
     for name in ("text_already_paid", "text_payment_in_progress", "text_payment_refused"):
         if len(texts[name]) > 255:
-            problems.append(f"{name.upper()} is too long for Telegram's error_message (255 characters at most)")
+            problem(name.upper(), f"{name.upper()} is too long for Telegram's error_message (255 characters at most)")
 
     outbox_age_alert = number("HEALTH_MAX_OUTBOX_AGE_SECONDS", Config.health_max_outbox_age_seconds, float, 1,
                               7 * 86400)
@@ -269,11 +330,13 @@ def _parse(env: Mapping[str, str]) -> Config:
     reply_token = get("REPLY_TOKEN")
     reply_format = get("REPLY_FORMAT").lower() or Config.reply_format
     if reply_format not in REPLY_FORMATS:
-        problems.append(f"REPLY_FORMAT={reply_format!r} must be one of {', '.join(REPLY_FORMATS)}")
+        problem("REPLY_FORMAT", f"REPLY_FORMAT={reply_format!r} must be one of {', '.join(REPLY_FORMATS)}")
     log_level = get("LOG_LEVEL").upper() or Config.log_level
     if log_level not in LOG_LEVELS:
-        problems.append(f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        problem("LOG_LEVEL", f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        log_level = Config.log_level  # every command logs: a level logging refuses must never reach it
 
+    problems = [text for name, text in found if uses is None or name in uses]
     if problems:
         raise ConfigError(problems)
     return Config(

@@ -11,9 +11,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import select
+import socket
 import time
 from typing import Any
 
@@ -56,8 +58,34 @@ def connection_limit(config: Config) -> int:
     return wanted
 
 
+# Windows reports socket errors with its own numbers.
+_IN_USE = {errno.EADDRINUSE, getattr(errno, "WSAEADDRINUSE", errno.EADDRINUSE)}
+_DENIED = {errno.EACCES, errno.EPERM, getattr(errno, "WSAEACCES", errno.EACCES)}
+_NOT_HERE = {errno.EADDRNOTAVAIL, getattr(errno, "WSAEADDRNOTAVAIL", errno.EADDRNOTAVAIL)}
+
+
+def listen_problem(err: OSError, host: str, port: int) -> str:
+    """One line saying why the server cannot listen on `host`:`port`, naming the settings to change."""
+    where = f"HOST={host} PORT={port}"
+    if isinstance(err, socket.gaierror):
+        return f"cannot listen on {where}: HOST is not a name or address of this machine ({err.strerror or err})"
+    if err.errno in _IN_USE:
+        line = f"cannot listen on {where}: the port is in use by another program; set PORT to a free port"
+        if port == 5000:
+            line += (" (on macOS, the AirPlay Receiver listens on port 5000: set PORT=8000, say, or turn AirPlay "
+                     "Receiver off in System Settings > General > AirDrop & Handoff)")
+        return line
+    if err.errno in _DENIED:
+        hint = " (ports below 1024 need administrator rights: use 1024 or above)" if 0 < port < 1024 else ""
+        return f"cannot listen on {where}: permission denied{hint}; set PORT to another port"
+    if err.errno in _NOT_HERE:
+        return f"cannot listen on {where}: {host} is not an address of this machine; set HOST (0.0.0.0: all)"
+    return f"cannot listen on {where}: {err.strerror or err}"
+
+
 def create_http_server(app: Any, config: Config) -> Any:
-    """The waitress server for the WSGI `app`, with the limits above."""
+    """The waitress server for the WSGI `app`, with the limits above, bound and listening; raises `OSError` if it
+    cannot listen (see `listen_problem`)."""
     from waitress import create_server
     from waitress.channel import HTTPChannel
 
@@ -102,6 +130,8 @@ def create_http_server(app: Any, config: Config) -> Any:
         def _peer(self) -> str:
             return str(self.addr[0]) if self.addr else "?"
 
+    # waitress turns a HOST that does not resolve into a bare ValueError: resolve it first, for a clear error.
+    socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     idle_seconds = max(1, math.ceil(request_timeout))  # waitress takes whole seconds
     connections = connection_limit(config)
     server = create_server(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
 
-from make_client import Delivered, MakeClient
+from make_client import Delivered, MakeClient, Outcome
 from store import NewEvent, SQLiteStore
 from telegram_api import BadRequest, TelegramClient, TelegramError
 from telegram_outbox import bot_call
@@ -85,6 +85,50 @@ def subscription_kind(payment: dict[str, Any]) -> str | None:
     if payment.get("is_recurring") is True:
         return "renewal"
     return None
+
+
+def payment_event(message: dict[str, Any], duplicate: bool) -> dict[str, Any]:
+    """The `payment` event for Make of a message whose `successful_payment` has a charge id, payload, currency
+    and integer amount (checked by the caller)."""
+    payment = message["successful_payment"]
+    sender = message.get("from") if isinstance(message.get("from"), dict) else None
+    chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
+    return {"event_type": "payment", "event_id": f"payment-{payment['telegram_payment_charge_id']}",
+            "chat_id": chat.get("id") if is_int(chat.get("id")) else None,
+            "user_id": sender.get("id") if sender and is_int(sender.get("id")) else None,
+            "user": user_summary(sender),
+            "payment": {**payment, "amount": format_amount(payment["total_amount"], payment["currency"])},
+            "duplicate": duplicate, "subscription": subscription_kind(payment)}
+
+
+def refund_event(message: dict[str, Any]) -> dict[str, Any]:
+    """The `payment_refunded` event for Make of a message whose `refunded_payment` has a charge id (checked by
+    the caller)."""
+    refund = message["refunded_payment"]
+    sender = message.get("from") if isinstance(message.get("from"), dict) else None
+    chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
+    amount, currency = refund.get("total_amount"), str(refund.get("currency", ""))
+    body = {**refund, "amount": format_amount(amount, currency)} if is_int(amount) else dict(refund)
+    return {"event_type": "payment_refunded", "event_id": f"refund-{refund['telegram_payment_charge_id']}",
+            "chat_id": chat.get("id") if is_int(chat.get("id")) else None,
+            "user_id": sender.get("id") if sender else None, "user": user_summary(sender), "refund": body}
+
+
+def pre_checkout_event(query: dict[str, Any]) -> dict[str, Any]:
+    """The `pre_checkout` event that asks Make whether to approve a checkout (`PAYMENT_CHECK_WITH_MAKE`)."""
+    sender = query.get("from") if isinstance(query.get("from"), dict) else None
+    return {"event_type": "pre_checkout", "event_id": f"pre-checkout-{query['id']}",
+            "user_id": sender.get("id") if sender else None, "user": user_summary(sender),
+            "pre_checkout_query": query}
+
+
+def checkout_answer(outcome: Outcome) -> tuple[bool, str | None]:
+    """What Make's answer to a `pre_checkout` event says: approve or not, and its refusal text when fit to show
+    (see `refusal_text`). Only an answer that says `"ok": false` refuses."""
+    body = outcome.body if isinstance(outcome, Delivered) else None
+    if isinstance(body, dict) and body.get("ok") is False:
+        return False, refusal_text(body.get("error_message"))
+    return True, None
 
 
 @dataclass(frozen=True)
@@ -202,10 +246,7 @@ class PaymentProcessor:
         subscription = subscription_kind(payment)
 
         def build(duplicate: bool) -> list[NewEvent]:
-            event = {"event_type": "payment", "event_id": f"payment-{charge_id}", "chat_id": chat_id,
-                     "user_id": user_id, "user": user_summary(sender),
-                     "payment": {**payment, "amount": format_amount(amount, currency)}, "duplicate": duplicate,
-                     "subscription": subscription}
+            event = payment_event(message, duplicate)
             events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment", event)]
             refund = duplicate and self._auto_refund and currency == "XTR" and user_id is not None
             if refund:
@@ -238,13 +279,8 @@ class PaymentProcessor:
             log.error("refunded_payment in update %s lacks a charge id or payload; dropped", update_id)
             return self._store.record_update(update_id, self._clock())
         sender = message.get("from") if isinstance(message.get("from"), dict) else None
-        chat = message.get("chat") if isinstance(message.get("chat"), dict) else {}
-        chat_id = chat.get("id") if is_int(chat.get("id")) else None
-        amount, currency = refund.get("total_amount"), str(refund.get("currency", ""))
-        body = {**refund, "amount": format_amount(amount, currency)} if is_int(amount) else dict(refund)
-        event = {"event_type": "payment_refunded", "event_id": f"refund-{charge_id}", "chat_id": chat_id,
-                 "user_id": sender.get("id") if sender else None, "user": user_summary(sender), "refund": body}
-        events = [NewEvent(event["event_id"], f"chat:{chat_id}", "payment_refunded", event)]
+        event = refund_event(message)
+        events = [NewEvent(event["event_id"], f"chat:{event['chat_id']}", "payment_refunded", event)]
         if self._admin is not None:
             events.append(bot_call(f"admin-refund-{charge_id}", "admin", "sendMessage", {
                 "chat_id": self._admin, "parse_mode": "HTML",
@@ -329,18 +365,14 @@ class PaymentProcessor:
         """Ask Make to approve; any answer but an explicit refusal in time approves (the local rules passed).
         A refusal comes with Make's `error_message` when it is fit to show (see `refusal_text`), else None."""
         assert self._make_check is not None
-        sender = query.get("from") if isinstance(query.get("from"), dict) else None
-        event = {"event_type": "pre_checkout", "event_id": f"pre-checkout-{query['id']}",
-                 "user_id": sender.get("id") if sender else None, "user": user_summary(sender),
-                 "pre_checkout_query": query}
+        event = pre_checkout_event(query)
         outcome = self._make_check.deliver(event["event_id"], event)
         if time.monotonic() > deadline - 1.0:
             log.warning("Make's pre-checkout answer came too late; using the local decision")
             return True, None
-        if isinstance(outcome, Delivered) and isinstance(outcome.body, dict) and outcome.body.get("ok") is False:
-            message = refusal_text(outcome.body.get("error_message"))
-            if message is None and outcome.body.get("error_message") is not None:
-                log.warning("pre-checkout %s: Make's error_message is not fit to show (empty, too long or "
-                            "unprintable); refused with TEXT_PAYMENT_REFUSED", query["id"])
-            return False, message
-        return True, None
+        ok, message = checkout_answer(outcome)
+        if not ok and message is None and isinstance(outcome, Delivered) and isinstance(outcome.body, dict) \
+                and outcome.body.get("error_message") is not None:
+            log.warning("pre-checkout %s: Make's error_message is not fit to show (empty, too long or "
+                        "unprintable); refused with TEXT_PAYMENT_REFUSED", query["id"])
+        return ok, message

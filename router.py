@@ -67,6 +67,7 @@ class UpdateRouter:
         """Store and route one update; a malformed one is `invalid`, a repeat `duplicate`. Raises `StoreError` only."""
         if not isinstance(update, dict) or not is_int(update.get("update_id")) or update["update_id"] < 0:
             self._metrics.updates.labels("unknown", "invalid").inc()
+            log.info("an update without a valid update_id: refused")
             return Routed("invalid", detail="not a JSON object with an integer update_id (0 or more)")
         update_id = update["update_id"]
         kind = update_kind(update)
@@ -92,10 +93,7 @@ class UpdateRouter:
             with self._lock:
                 if self.last_update_id is None or update_id > self.last_update_id:
                     self.last_update_id = update_id
-        if routed.outcome == "duplicate":
-            log.info("update %s (%s) is a repeat; ignored", update_id, kind)
-        elif routed.outcome == "ignored":
-            log.info("update %s (%s) acknowledged and dropped: %s", update_id, kind, routed.detail)
+        _log_received(update_id, kind, update, routed)
         return routed
 
     def _route(self, update_id: int, kind: str, update: dict[str, Any]) -> Routed:
@@ -161,6 +159,26 @@ class UpdateRouter:
         pruned = self._store.prune_seen(self._clock() - DEDUP_SECONDS)
         if pruned:
             log.info("forgot %d update id(s) older than %d h", pruned, DEDUP_SECONDS // 3600)
+
+
+_OUTCOMES = {"stored": "stored", "duplicate": "a repeat; ignored", "held": "held back by flood control",
+             "ignored": "acknowledged and dropped", "quarantined": "could not be routed; forwarded to Make as it is"}
+
+
+def _log_received(update_id: int, kind: str, update: dict[str, Any], routed: Routed) -> None:
+    """One line per update received: its id, kind, chat and fate; never its content (users' words stay out
+    of the log)."""
+    if routed.outcome == "held":
+        # Flood control warns once per run of held messages: a line each would let one user flood the log.
+        log.debug("update %s (message): held back by flood control", update_id)
+        return
+    chat_id, user_id = _chat_and_user(update.get(kind))
+    source = (f" from chat {chat_id}" if chat_id is not None else
+              f" from user {user_id}" if user_id is not None else "")
+    shown = kind if kind in KNOWN_KINDS else f"unknown kind {kind[:40]!r}"  # a key anyone could have written
+    detail = f": {routed.detail}" if routed.detail else ""
+    log.info("update %s (%s)%s: %s%s", update_id, shown, source, _OUTCOMES.get(routed.outcome, routed.outcome),
+             detail)
 
 
 def forward_event(update_id: int, kind: str, update: dict[str, Any]) -> NewEvent:

@@ -255,6 +255,10 @@ class StoreError(Exception):
     """The state could not be read or written (locked, read-only, disk full); nothing was half-written."""
 
 
+class StorePathError(StoreError):
+    """The state database's folder does not exist and cannot be created (a file in the way, no permission)."""
+
+
 class SQLiteStore:
     """The gateway's durable state in one SQLite database."""
 
@@ -264,7 +268,7 @@ class SQLiteStore:
         self.path = path
         self._instance_lock = None
         if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            _make_folder(os.path.dirname(os.path.abspath(path)))
             if exclusive:
                 self._instance_lock = _lock_instance(path)
         try:
@@ -735,6 +739,19 @@ class SQLiteStore:
         r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error "
                         "FROM outbox WHERE id=?", (row_id,)).fetchone()
         return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+
+
+def _make_folder(folder: str) -> None:
+    """Create `folder` and its parents if missing; `StorePathError` says why it cannot be."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        blocker = folder
+        while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
+            blocker = os.path.dirname(blocker)
+        if os.path.exists(blocker) and not os.path.isdir(blocker):
+            raise StorePathError(f"cannot create folder {folder}: {blocker} is a file, not a folder") from None
+        raise StorePathError(f"cannot create folder {folder}: {err.strerror or err}") from None
 
 
 def _lock_instance(path: str) -> IO[str]:

@@ -27,11 +27,13 @@ from typing import Any, Callable
 
 import httpx
 
+from config import BOT_TOKEN_SHAPE
 from retry import BackoffPolicy, backoff
 
 log = logging.getLogger("gateway.telegram")
 
-_TOKEN_SHAPE = re.compile(r"\d{3,15}:[A-Za-z0-9_-]{30,64}")
+# The shape config.py accepts as BOT_TOKEN, so every token the gateway can run with is masked.
+_TOKEN_SHAPE = re.compile(BOT_TOKEN_SHAPE)
 _RETRY_AFTER_TEXT = re.compile(r"retry after (\d+)", re.IGNORECASE)
 
 # Methods that do the same thing when repeated, so a request that may have been sent can be retried.
@@ -300,6 +302,11 @@ class TelegramClient:
         return response.status_code, body
 
     # The methods the gateway uses, named as in the Bot API.
+
+    def get_me(self, read_timeout: float | None = None, attempts: int | None = None) -> dict[str, Any]:
+        """Who the bot is (its `User`: id, username...); `InvalidToken` if Telegram refuses the token."""
+        result = self.call("getMe", read_timeout=read_timeout, attempts=attempts)
+        return result if isinstance(result, dict) else {}
 
     def get_updates(self, offset: int | None, timeout: int, limit: int = 100,
                     allowed_updates: list[str] | None = None) -> list[dict[str, Any]]:

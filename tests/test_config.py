@@ -256,3 +256,91 @@ def test_reply_formats_are_the_formats_the_gateway_reads() -> None:
     from formatting import FORMATS
     from config import REPLY_FORMATS
     assert REPLY_FORMATS == FORMATS
+
+
+# BotFather's tokens: the bot's id (8-10 digits today), ':', then 35 letters, digits, '_' and '-'.
+GOOD_TOKENS = [
+    TOKEN,
+    "110201543:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw",  # the Bot API documentation's example
+    "7000000001:AAE-_x9ZzYy8Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0",  # a 10-digit id; '-' and '_' in the secret
+    "8123456789:AAF4h2-0123456789_abcdefghijklmnopqr",
+    "12345678:-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",  # a secret may start with '-'
+    "12345678:012345678901234567890123456789012345",  # or be all digits
+]
+BAD_TOKENS = [
+    ("123:short", "does not look like a bot token"),
+    ("abc:AAHk3x-TESTtokenTESTtokenTESTtoken_x9", "does not look like a bot token"),
+    ("123456789AAHk3x-TESTtokenTESTtokenTESTtoken_x9", "does not look like a bot token"),  # no ':'
+    ("123456789:AAHk3x.TESTtokenTESTtokenTESTtoken_x9", "does not look like a bot token"),  # '.' is not issued
+    ("5512345678:", "does not look like a bot token"),  # the id alone
+    ("bot123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9", "starts with 'bot'"),
+    ('"123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9"', "wrapped in quotes"),
+    ("123456789:AAHk3x TESTtokenTESTtokenTESTtoken_x9", "contains spaces"),
+]
+
+
+@pytest.mark.parametrize("token", GOOD_TOKENS)
+def test_bot_tokens_as_botfather_issues_them_are_accepted_and_masked(token: str) -> None:
+    """Every token of BotFather's shape is accepted, and `redact()` masks each wherever it appears (a Bot API URL)."""
+    from telegram_api import redact
+    assert load(BOT_TOKEN=token).bot_token == token
+    masked = redact(f"POST https://api.telegram.org/bot{token}/getMe failed")
+    assert token.split(":")[1] not in masked and "<redacted-token>" in masked
+
+
+@pytest.mark.parametrize("token,why", BAD_TOKENS)
+def test_malformed_tokens_are_refused_saying_the_expected_shape(token: str, why: str) -> None:
+    """A token not of BotFather's shape is refused with one problem naming BOT_TOKEN, saying what was expected
+    and, where it is a common slip, what is wrong; never repeating the token."""
+    problems = problems_of({**REQUIRED, "BOT_TOKEN": token})
+    assert len(problems) == 1
+    assert problems[0].startswith("BOT_TOKEN") and why in problems[0]
+    assert "(digits), ':', then 30-64 letters, digits, '_' or '-'" in problems[0]
+    secret = token.split(":")[-1].strip('"')
+    assert token not in problems[0] and (len(secret) < 8 or secret not in problems[0])
+
+
+def test_a_command_checks_only_the_settings_it_uses() -> None:
+    """With `uses`, settings outside it can be missing or bad; those inside are checked and, if `requires`
+    says so, must be set."""
+    config = Config.from_env(environ={"STATE_DB": "x.sqlite3", "DEBOUNCE_SECONDS": "-1", "MODE": "carrier-pigeon",
+                                      "BOT_TOKEN": "not-a-token", "LOG_LEVEL": "LOUD"},
+                             dotenv_path=None, uses=("STATE_DB",), requires=())
+    assert config.state_db == "x.sqlite3" and config.bot_token == ""  # a bad token is never carried along
+    assert config.log_level == "INFO"  # every command logs: a bad level is never handed to logging
+    problems = problems_of_command({"TELEGRAM_API_URL": "ftp://x", "DEBOUNCE_SECONDS": "-1"},
+                                   uses=("BOT_TOKEN", "TELEGRAM_API_URL"), requires=("BOT_TOKEN",))
+    assert len(problems) == 2
+    assert problems[0].startswith("BOT_TOKEN is required") and problems[1].startswith("TELEGRAM_API_URL=")
+    problems = problems_of_command({"BOT_TOKEN": TOKEN}, uses=("BOT_TOKEN", "WEBHOOK_URL"),
+                                   requires=("BOT_TOKEN", "WEBHOOK_URL"))
+    assert problems == ["WEBHOOK_URL is required (the public https:// URL of POST /webhook)"]
+
+
+def problems_of_command(env: dict[str, str], **needs: tuple[str, ...]) -> list[str]:
+    """The problems `ConfigError` lists for `env` read for a command with these `uses` and `requires`."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ=env, dotenv_path=None, **needs)  # type: ignore[arg-type]
+    return caught.value.problems
+
+
+def test_nothing_set_and_no_dotenv_is_one_line_saying_where_it_looked(tmp_path: Path) -> None:
+    """No `.env` and none of the required settings: `no_dotenv` is one line with the absolute path looked at,
+    what to copy and what to set. With a `.env`, or a required setting in the environment, problems are listed."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ={}, dotenv_path=str(tmp_path / ".env"))
+    line = caught.value.no_dotenv
+    assert line is not None and "\n" not in line
+    assert str((tmp_path / ".env").resolve()) in line and ".env.example" in line
+    assert "BOT_TOKEN and MAKE_WEBHOOK_URL" in line and "environment" in line
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ={}, dotenv_path=str(tmp_path / ".env"), uses=("BOT_TOKEN",), requires=("BOT_TOKEN",))
+    assert caught.value.no_dotenv is not None and "MAKE_WEBHOOK_URL" not in caught.value.no_dotenv
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ={"BOT_TOKEN": TOKEN}, dotenv_path=str(tmp_path / ".env"))
+    assert caught.value.no_dotenv is None and caught.value.problems == [
+        "MAKE_WEBHOOK_URL is required (your Make custom webhook URL)"]
+    (tmp_path / ".env").write_text("DEBOUNCE_SECONDS=2\n")
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ={}, dotenv_path=str(tmp_path / ".env"))
+    assert caught.value.no_dotenv is None and len(caught.value.problems) == 2

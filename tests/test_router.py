@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -80,3 +81,24 @@ def test_update_ids_are_remembered_for_at_least_a_day() -> None:
     assert router_at(49 * hours).handle({"update_id": 2, "x": {}}).outcome == "ignored"  # prunes
     assert not store.seen(1) and store.seen(2)
     store.close()
+
+
+def test_each_update_gets_one_info_line_without_its_content(parts, caplog) -> None:
+    """One INFO line per update received: id, kind, chat and what became of it; a repeat and a dropped kind
+    say so on their own line; the text is never logged."""
+    _, _, router = parts
+    with caplog.at_level(logging.INFO, logger="gateway.router"):
+        router.handle(text_update("secret words", user_id=5, update_id=31))
+        router.handle(text_update("secret words", user_id=5, update_id=31))
+        router.handle({"update_id": 32, "edited_message": {"chat": {"id": 5}, "from": {"id": 5}, "text": "secret"}})
+        router.handle({"update_id": 33, "new\nkind": {}})
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines == [
+        "update 31 (message) from chat 5: stored",
+        "update 31 (message) from chat 5: a repeat; ignored",
+        "update 32 (edited_message) from chat 5: acknowledged and dropped: kind not forwarded (see "
+        "FORWARD_UPDATE_KINDS)",
+        "update 33 (unknown kind 'new\\nkind'): acknowledged and dropped: kind not forwarded (see "
+        "FORWARD_UPDATE_KINDS)",
+    ]
+    assert "secret" not in caplog.text

@@ -140,7 +140,7 @@ def test_flood_control_waits_retry_after_then_succeeds(telegram: TelegramDouble,
     telegram.script("getMe", (429, err(429, "Too Many Requests: retry after 1", retry_after=1)))
     client = clients(telegram.url)
     started = time.monotonic()
-    assert client.call("getMe") is True
+    assert client.call("getMe")["id"] == 123456789  # the bot user, as Telegram answers
     assert time.monotonic() - started >= 0.95
     assert len(telegram.calls_of("getMe")) == 2
 
@@ -292,3 +292,11 @@ def test_refusal_after_an_attempt_that_may_have_landed_keeps_the_maybe_sent_mark
     finally:
         client.close()
         server.close()
+
+
+def test_get_me_names_the_bot_and_refuses_a_wrong_token(telegram: TelegramDouble, clients) -> None:
+    """`get_me()` returns the bot's User; a token Telegram does not know raises InvalidToken, without the token."""
+    assert clients(telegram.url).get_me()["username"] == "sandbox_gateway_bot"
+    with pytest.raises(InvalidToken) as caught:
+        clients(telegram.url, token=TOKEN.replace("AAH", "BBH")).get_me()
+    assert caught.value.error_code == 401 and "BBH" not in str(caught.value)
