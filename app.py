@@ -28,6 +28,7 @@ import uuid
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request
 
@@ -566,7 +567,7 @@ def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
             log.warning("%s", line)
         if config.admin_chat_id is None:
             log.warning("ADMIN_CHAT_ID is empty: payment notifications will only be logged")
-        if not config.make_webhook_url.startswith("https://"):
+        if not config.make_webhook_url.startswith("https://") and not _loopback(config.make_webhook_url):
             log.warning("MAKE_WEBHOOK_URL is not https://: events (users' messages) travel unencrypted")
         gateway.start()
         host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
@@ -612,6 +613,11 @@ COMMAND_NEEDS = {
     "send-sample": CommandNeeds(("MAKE_WEBHOOK_URL", "MAKE_TIMEOUT_SECONDS", "REPLY_FORMAT", "LOG_LEVEL"),
                                 ("MAKE_WEBHOOK_URL",)),
 }
+
+
+def _loopback(url: str) -> bool:
+    """Whether `url` points at this machine (traffic that never leaves it needs no TLS)."""
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
 
 
 def _cli(argv: list[str] | None = None) -> argparse.Namespace:

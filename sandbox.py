@@ -330,14 +330,16 @@ def _int(value: Any, default: int) -> int:
 
 
 def choose_port(wanted: int | None) -> int:
-    """`wanted` if given; else 8000 when it is free on 127.0.0.1, else any free port."""
-    if wanted is not None:
-        return wanted
-    for port in (PREFERRED_PORT, 0):
+    """`wanted` if given; else 8000 when it is free on 127.0.0.1, else any free port. Raises `ValueError`
+    saying so when `wanted` is taken."""
+    for port in (PREFERRED_PORT, 0) if wanted is None else (wanted,):
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
-            except OSError:
+            except OSError as err:
+                if wanted is not None:
+                    raise ValueError(f"--port {wanted}: cannot listen there ({err.strerror or err}); choose "
+                                     "another port, or leave --port out to take any free one") from None
                 continue
             return port if port else probe.getsockname()[1]
     return 0
@@ -362,13 +364,18 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.make_delay <= 60:
         print("error: --make-delay must be between 0 and 60 seconds", file=sys.stderr)
         return 2
+    try:
+        port = choose_port(args.port)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     telegram = BotApiEmulator(random_token())
     make = MakeStandIn(telegram, delay=args.make_delay, forward_to=args.make_url)
     workdir = tempfile.mkdtemp(prefix="gateway-sandbox-")
     try:
         try:
             config = sandbox_config(telegram.token, f"{make.url}/hook", telegram.url,
-                                    str(Path(workdir) / "state.sqlite3"), choose_port(args.port))
+                                    str(Path(workdir) / "state.sqlite3"), port)
         except ConfigError as err:
             print("configuration error (from your environment or .env):", file=sys.stderr)
             for problem in err.problems:

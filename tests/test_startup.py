@@ -302,4 +302,4 @@ def test_sandbox_on_a_taken_port_is_one_line_too(tmp_path: Path) -> None:
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         line = one_line_exit(run_app(tmp_path, {}, "sandbox", "--port", str(port)))
-    assert f"PORT={port}" in line and "in use" in line
+    assert f"--port {port}" in line and "in use" in line.lower() and "leave --port out" in line
