@@ -522,10 +522,11 @@ def configure_logging(config: Config) -> None:
 
 
 def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
-          on_listening: Callable[[str], None] | None = None) -> int:
+          on_listening: Callable[[str], None] | None = None, on_stopping: Callable[[], None] | None = None) -> int:
     """Run the service until SIGTERM or Ctrl-C; return the exit status (2 if Telegram refused BOT_TOKEN while it
     ran). Raises `StartError` when it cannot start (state folder, port, token). `setup` may add routes before
-    it serves (the sandbox's page); `on_listening` gets the base URL once it listens."""
+    it serves (the sandbox's page); `on_listening` gets the base URL once it listens; `on_stopping` is called
+    when it stops taking requests, before the gateway's threads are stopped."""
     try:
         app = create_app(config)
     except StorePathError as err:
@@ -581,6 +582,8 @@ def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
         stopping = True
         log.info("stopping")
         server.close()
+        if on_stopping is not None:
+            on_stopping()
         gateway.close()
         log.info("stopped")
     return 2 if gateway.fatal else 0

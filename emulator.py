@@ -38,6 +38,13 @@ MAX_KEPT_MESSAGES = 5000  # the chat history the emulator keeps for the sandbox 
 Answer = tuple[int, dict[str, str], bytes]
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """A client that hangs up mid-request (a service stopping) is no error worth a traceback."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass
+
+
 class LocalServer:
     """A threaded HTTP server on 127.0.0.1 (port 0: any free one) whose handler calls `self.handle`.
 
@@ -78,7 +85,7 @@ class LocalServer:
 
         self.errors: list[Exception] = []
         self.lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._httpd = _QuietServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -103,7 +110,8 @@ class LocalServer:
 
 def json_answer(status: int, obj: Any) -> Answer:
     """An HTTP answer carrying `obj` as JSON."""
-    return status, {"Content-Type": "application/json"}, json.dumps(obj, ensure_ascii=False).encode()
+    # ASCII escapes: a lone surrogate (half an emoji) stays valid JSON instead of failing to encode.
+    return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
 
 
 def utf16_units(text: str) -> int:
@@ -128,6 +136,9 @@ def telegram_refusal(name: str, params: dict[str, Any]) -> str | None:
             return "Bad Request: there is no photo in the request"
     else:
         return None
+    markup_problem = _markup_refusal(params.get("reply_markup"))
+    if markup_problem:
+        return markup_problem
     if utf16_units(text) > limit:
         return "Bad Request: message is too long" if name == "sendMessage" else "Bad Request: message caption is too long"
     if params.get("parse_mode") not in (None, "HTML", "MarkdownV2", "Markdown"):
@@ -136,6 +147,35 @@ def telegram_refusal(name: str, params: dict[str, Any]) -> str | None:
         if not (isinstance(entity, dict) and isinstance(entity.get("offset"), int) and entity.get("length", 0) > 0
                 and entity["offset"] + entity["length"] <= utf16_units(text)):
             return f"Bad Request: can't parse entities: entity {entity!r} is outside the text"
+    return None
+
+
+_INLINE_ACTIONS = ("callback_data", "url", "switch_inline_query", "switch_inline_query_current_chat",
+                   "switch_inline_query_chosen_chat", "login_url", "web_app", "callback_game", "pay", "copy_text")
+
+
+def _markup_refusal(markup: Any) -> str | None:
+    """Telegram's 400 for an inline keyboard it cannot use, or None (other keyboards are not checked)."""
+    if markup is None:
+        return None
+    unreadable = "Bad Request: can't parse reply keyboard markup JSON object"
+    if not isinstance(markup, dict):
+        return unreadable
+    rows = markup.get("inline_keyboard")
+    if rows is None:
+        return None
+    if not isinstance(rows, list) or not all(isinstance(row, list) for row in rows):
+        return unreadable
+    for button in (b for row in rows for b in row):
+        if not isinstance(button, dict) or not isinstance(button.get("text"), str):
+            return "Bad Request: can't parse inline keyboard button: Field \"text\" must be of type String"
+        data = button.get("callback_data")
+        if "callback_data" in button and not (isinstance(data, str) and 1 <= len(data.encode()) <= 64):
+            return "Bad Request: BUTTON_DATA_INVALID"
+        if "url" in button and not (isinstance(button["url"], str) and re.match(r"(https?|tg)://", button["url"])):
+            return "Bad Request: BUTTON_URL_INVALID"
+        if not any(action in button for action in _INLINE_ACTIONS):
+            return "Bad Request: can't parse inline keyboard button: Text buttons are unallowed in the inline keyboard"
     return None
 
 
@@ -237,6 +277,9 @@ class BotApiEmulator(LocalServer):
     def press(self, user: dict[str, Any], message_id: int, data: str) -> dict[str, Any]:
         """The user presses the inline button with `data` under the bot's message `message_id`."""
         message = self._find(user["id"], message_id)
+        rows = (message.get("reply_markup") or {}).get("inline_keyboard") or []
+        if not any(isinstance(b, dict) and b.get("callback_data") == data for row in rows for b in row):
+            raise ValueError(f"message {message_id} has no button with callback_data {data!r}")
         query_id = f"{self.bot['id']}{next(self._query_ids):08d}"
         return self._push({"callback_query": {"id": query_id, "from": _person(user),
                                               "chat_instance": f"sandbox-{user['id']}", "data": data,
@@ -267,11 +310,16 @@ class BotApiEmulator(LocalServer):
             action = self.chat_actions.get(chat_id)
         return action is not None and time.monotonic() - action[1] < TYPING_SECONDS
 
-    def close(self) -> None:
-        """Stop serving, long polls and webhook delivery."""
+    def stop_waiting(self) -> None:
+        """End every long poll now, and webhook delivery, while other calls are still answered (a client
+        stopping need not wait out its poll)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop serving, long polls and webhook delivery."""
+        self.stop_waiting()
         super().close()
 
     # The Bot API side

@@ -31,11 +31,13 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from flask import Blueprint, Flask, Response, jsonify, request, send_from_directory
 
 from config import Config, ConfigError
+from formatting import clean_text
 from emulator import BotApiEmulator, LocalServer, json_answer, random_token
 
 log = logging.getLogger("gateway.sandbox")
@@ -46,6 +48,8 @@ ADMIN_CHAT_ID = 900000001  # the admin's chat: payment notices show in the page'
 FIRST_USERS = ({"id": 111111111, "first_name": "Anna", "username": "anna_sandbox", "language_code": "ru"},
                {"id": 222222222, "first_name": "Boris", "username": "boris_sandbox", "language_code": "en"})
 KEPT_EVENTS = 200  # the events the page can show
+SHOWN_ANSWER_BYTES = 20_000  # of each Make answer, on the page (the gateway gets it whole)
+KEPT_QUERIES = 50  # per user: the button presses and checkouts whose answers the page shows
 TEST_PRICE = 10000  # minor units: 100.00 RUB
 FAILABLE_METHODS = ("sendMessage", "sendChatAction", "getUpdates", "answerCallbackQuery")
 _FORWARDED_HEADERS = ("Content-Type", "X-Event-Id", "User-Agent")
@@ -63,6 +67,7 @@ class MakeStandIn(LocalServer):
         self.forward_to = forward_to
         self._client = httpx.Client(timeout=timeout) if forward_to else None
         self._numbers = itertools.count(1)
+        self._stopping = threading.Event()
         # `lock` (from LocalServer) guards `events`: dicts the handler fills in as Make answers.
         self.events: deque[dict[str, Any]] = deque(maxlen=KEPT_EVENTS)
         super().__init__()
@@ -79,10 +84,14 @@ class MakeStandIn(LocalServer):
         started = time.monotonic()
         status, reply_headers, payload = self._forward(headers, body) if self._client else self._answer(event)
         content_type = {k.lower(): v for k, v in reply_headers.items()}.get("content-type", "")
-        try:
-            shown: Any = json.loads(payload) if "json" in content_type else payload.decode("utf-8", "replace")
-        except ValueError:
-            shown = payload.decode("utf-8", "replace")
+        shown: Any = payload[:SHOWN_ANSWER_BYTES].decode("utf-8", "replace")
+        if len(payload) > SHOWN_ANSWER_BYTES:
+            shown += f"\n… ({len(payload):,} bytes in all; the gateway got them all)"
+        elif "json" in content_type:
+            try:
+                shown = json.loads(payload)
+            except ValueError:
+                pass
         with self.lock:
             record.update(status=status, answer=shown, seconds=round(time.monotonic() - started, 3))
         return status, reply_headers, payload
@@ -92,8 +101,13 @@ class MakeStandIn(LocalServer):
         with self.lock:
             return [dict(r) for r in list(self.events)[-count:]]
 
+    def stop_waiting(self) -> None:
+        """Answer every batch the stand-in is "thinking" about now: the sandbox is stopping."""
+        self._stopping.set()
+
     def close(self) -> None:
         """Stop serving; close the connection to the real Make."""
+        self.stop_waiting()
         super().close()
         if self._client is not None:
             self._client.close()
@@ -103,7 +117,7 @@ class MakeStandIn(LocalServer):
         sent = {name: headers[name] for name in _FORWARDED_HEADERS if name in headers}
         try:
             response = self._client.post(self.forward_to, content=body, headers=sent)
-        except httpx.HTTPError as err:
+        except Exception as err:  # any failure is Make's silence to the gateway, never a stuck record
             log.warning("the real Make webhook did not answer: %s", type(err).__name__)
             return 502, {"Content-Type": "text/plain"}, f"sandbox: Make did not answer ({type(err).__name__})".encode()
         kept = {"Content-Type": response.headers.get("Content-Type", "text/plain")}
@@ -115,7 +129,7 @@ class MakeStandIn(LocalServer):
         """What a small scenario answers: the batch it got, a button's answer, a thank-you for a payment."""
         kind = event.get("event_type")
         if kind == "message_batch":
-            time.sleep(self.delay)  # a scenario asking an AI model takes seconds: the chat shows "typing…"
+            self._stopping.wait(self.delay)  # a scenario asking an AI model takes seconds: the chat shows "typing…"
             return json_answer(200, {"reply": batch_reply(event)})
         if kind == "update" and event.get("update_type") == "callback_query":
             query = (event.get("update") or {}).get("callback_query") or {}
@@ -173,13 +187,20 @@ class Sandbox:
         self.make = make
         self.config = config
         self.make_url = make_url
-        # _lock guards `users`.
+        # _lock guards `users` and `_queries` (per user: ids of their latest presses and checkouts).
         self._lock = threading.Lock()
         self.users: dict[int, dict[str, Any]] = {user["id"]: dict(user) for user in FIRST_USERS}
+        self._queries: dict[int, deque[str]] = {}
+        self._hosts = {f"127.0.0.1:{config.port}", f"localhost:{config.port}"}
 
     def install(self, app: Flask, gateway: Any) -> None:
         """Add the page and its API to the gateway's Flask app."""
         app.register_blueprint(self.blueprint())
+
+    def stop_waiting(self) -> None:
+        """The gateway is stopping: end the emulator's long polls and the stand-in's thinking now."""
+        self.make.stop_waiting()
+        self.telegram.stop_waiting()
 
     def announce(self, base_url: str) -> None:
         """Tell the person at the terminal where to look."""
@@ -195,6 +216,16 @@ class Sandbox:
         """The routes under /sandbox."""
         bp = Blueprint("sandbox", __name__, url_prefix="/sandbox")
 
+        @bp.before_request
+        def local_only() -> tuple[Response, int] | None:
+            # A page elsewhere could make the browser post here, or rebind its own name to 127.0.0.1 and read
+            # the chats: only this address, and only JSON (which a plain form cannot send), are answered.
+            if request.host not in self._hosts:
+                return jsonify(ok=False, error="the sandbox answers only at 127.0.0.1 or localhost"), 403
+            if request.method == "POST" and not request.is_json:
+                return jsonify(ok=False, error="send JSON (Content-Type: application/json)"), 415
+            return None
+
         @bp.get("")
         @bp.get("/")
         def page() -> Response:
@@ -207,8 +238,9 @@ class Sandbox:
         @bp.get("/api/state")
         def state() -> Response:
             user_id = _int(request.args.get("user"), FIRST_USERS[0]["id"])
-            # json.dumps keeps each event's keys in the order Make gets them (jsonify would sort them).
-            return Response(json.dumps(self.state(user_id), ensure_ascii=False), mimetype="application/json")
+            # json.dumps keeps each event's keys in the order Make gets them (jsonify would sort them), and its
+            # ASCII escapes keep a lone surrogate (half an emoji, from a user or from Make) valid JSON.
+            return Response(json.dumps(self.state(user_id)), mimetype="application/json")
 
         @bp.post("/api/users")
         def add_user() -> tuple[Response, int]:
@@ -220,14 +252,17 @@ class Sandbox:
             text = body.get("text")
             if not isinstance(text, str) or not text.strip():
                 return jsonify(ok=False, error="text must be a non-empty string"), 400
-            update = self.telegram.user_says(self._user(body), text[:4096])
+            update = self.telegram.user_says(self._user(body), clean_text(text[:4096]))
             return jsonify(ok=True, update_id=update["update_id"]), 200
 
         @bp.post("/api/press")
         def press() -> tuple[Response, int]:
             body = _body()
-            update = self.telegram.press(self._user(body), _int(body.get("message_id"), 0), str(body.get("data")))
-            return jsonify(ok=True, query_id=update["callback_query"]["id"]), 200
+            if not isinstance(body.get("data"), str):
+                raise ValueError("data must be the button's callback_data (a string)")
+            user = self._user(body)
+            update = self.telegram.press(user, _int(body.get("message_id"), 0), body["data"])
+            return jsonify(ok=True, query_id=self._remember(user, update["callback_query"]["id"])), 200
 
         @bp.post("/api/invoice")
         def invoice() -> tuple[Response, int]:
@@ -237,8 +272,9 @@ class Sandbox:
         @bp.post("/api/pay")
         def pay() -> tuple[Response, int]:
             body = _body()
-            update = self.telegram.checkout(self._user(body), _int(body.get("message_id"), 0))
-            return jsonify(ok=True, query_id=update["pre_checkout_query"]["id"]), 200
+            user = self._user(body)
+            update = self.telegram.checkout(user, _int(body.get("message_id"), 0))
+            return jsonify(ok=True, query_id=self._remember(user, update["pre_checkout_query"]["id"])), 200
 
         @bp.post("/api/fail")
         def fail() -> tuple[Response, int]:
@@ -259,6 +295,7 @@ class Sandbox:
         """What the page shows: the user's chat, the admin's, "typing…", answers, and the events Make got."""
         with self._lock:
             users = list(self.users.values())
+            queries = list(self._queries.get(user_id, ()))
         return {
             "bot": self.telegram.bot,
             "make": {"real": bool(self.make_url), "url": _short(self.make_url) if self.make_url else None,
@@ -271,8 +308,10 @@ class Sandbox:
             "chat": [_shown(m, self.telegram.bot["id"]) for m in self.telegram.chat(user_id)[-200:]],
             "typing": self.telegram.typing(user_id),
             "admin": [_shown(m, self.telegram.bot["id"]) for m in self.telegram.chat(ADMIN_CHAT_ID)[-50:]],
-            "callback_answers": dict(self.telegram.callback_answers),
-            "checkout_answers": dict(self.telegram.checkout_answers),
+            "callback_answers": {q: self.telegram.callback_answers[q] for q in queries
+                                 if q in self.telegram.callback_answers},
+            "checkout_answers": {q: self.telegram.checkout_answers[q] for q in queries
+                                 if q in self.telegram.checkout_answers},
             "events": self.make.recent(),
         }
 
@@ -280,11 +319,17 @@ class Sandbox:
         """One more simulated user, with a chat of their own."""
         with self._lock:
             number = len(self.users) + 1
-            name = first_name.strip()[:64] if isinstance(first_name, str) and first_name.strip() else f"User {number}"
+            given = clean_text(first_name).strip()[:64] if isinstance(first_name, str) else ""
+            name = given or f"User {number}"
             user = {"id": 100000000 + number * 111, "first_name": name, "username": f"user{number}_sandbox",
                     "language_code": "en"}
             self.users[user["id"]] = user
         return user
+
+    def _remember(self, user: dict[str, Any], query_id: str) -> str:
+        with self._lock:
+            self._queries.setdefault(user["id"], deque(maxlen=KEPT_QUERIES)).append(query_id)
+        return query_id
 
     def _user(self, body: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
@@ -317,6 +362,16 @@ def _short(url: str | None) -> str:
     return f"{head}://{host}/…"
 
 
+def _is_web_url(url: str) -> bool:
+    """Whether `url` is an http(s) URL with a host that httpx can call."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (reading it checks it: a port out of range raises)
+    except ValueError:  # e.g. a bracketed host that is no IPv6 address
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _body() -> dict[str, Any]:
     body = request.get_json(silent=True)
     return body if isinstance(body, dict) else {}
@@ -325,13 +380,15 @@ def _body() -> dict[str, Any]:
 def _int(value: Any, default: int) -> int:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
 
 
 def choose_port(wanted: int | None) -> int:
     """`wanted` if given; else 8000 when it is free on 127.0.0.1, else any free port. Raises `ValueError`
     saying so when `wanted` is taken."""
+    if wanted is not None and not 0 <= wanted <= 65535:
+        raise ValueError(f"--port {wanted}: a port is a number from 1 to 65535 (0: any free one)")
     for port in (PREFERRED_PORT, 0) if wanted is None else (wanted,):
         with socket.socket() as probe:
             try:
@@ -357,8 +414,8 @@ def run(args: argparse.Namespace) -> int:
     """Start the sandbox and serve until Ctrl-C or SIGTERM; the exit status."""
     from app import configure_logging, serve  # app imports this module lazily, for this command only
 
-    if args.make_url and not args.make_url.startswith(("https://", "http://")):
-        print(f"error: --make-url {args.make_url!r} is not an http(s) URL (copy it from Make's Custom webhook)",
+    if args.make_url is not None and not _is_web_url(args.make_url):
+        print("error: --make-url is not an http(s) URL with a host (copy it from Make's Custom webhook)",
               file=sys.stderr)
         return 2
     if not 0 <= args.make_delay <= 60:
@@ -381,9 +438,13 @@ def run(args: argparse.Namespace) -> int:
             for problem in err.problems:
                 print(f"  - {problem}", file=sys.stderr)
             return 2
+        if not args.make_url and args.make_delay >= config.make_timeout_seconds:
+            print(f"error: --make-delay {args.make_delay:g} is not shorter than MAKE_TIMEOUT_SECONDS "
+                  f"({config.make_timeout_seconds:g}): the gateway would give up on every answer", file=sys.stderr)
+            return 2
         configure_logging(config)
         sandbox = Sandbox(telegram, make, config, args.make_url)
-        return serve(config, setup=sandbox.install, on_listening=sandbox.announce)
+        return serve(config, setup=sandbox.install, on_listening=sandbox.announce, on_stopping=sandbox.stop_waiting)
     finally:
         make.close()
         telegram.close()

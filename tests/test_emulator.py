@@ -433,7 +433,8 @@ def test_user_says_pushes_a_message_and_keeps_it_in_the_chat(bot: BotApiEmulator
 
 def test_update_ids_rise_across_kinds(bot: BotApiEmulator) -> None:
     said = bot.user_says(ALICE, "one")
-    sent = ok(bot, "sendMessage", chat_id=ALICE["id"], text="menu")
+    sent = ok(bot, "sendMessage", chat_id=ALICE["id"], text="menu",
+              reply_markup={"inline_keyboard": [[{"text": "X", "callback_data": "x"}]]})
     pressed = bot.press(ALICE, sent["message_id"], "x")
     other = bot.user_says(BOB, "two")
     got = ids(ok(bot, "getUpdates"))

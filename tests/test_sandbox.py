@@ -18,6 +18,7 @@ import pytest
 from doubles import ROOT, MakeDouble, Service, free_port, wait_until
 
 ANNA, BORIS = 111111111, 222222222
+JSON = {"Content-Type": "application/json"}
 
 
 class Sandbox:
@@ -31,7 +32,9 @@ class Sandbox:
         self.api = self.page + "/api/"
 
     def post(self, path: str, **body: Any) -> dict[str, Any]:
-        response = httpx.post(self.api + path, json=body, timeout=10)
+        # json.dumps escapes a lone surrogate, which httpx's own encoding refuses.
+        response = httpx.post(self.api + path, content=json.dumps(body), timeout=10,
+                              headers={"Content-Type": "application/json"})
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -226,3 +229,91 @@ def test_injected_flood_control_delays_the_reply_but_loses_nothing(start_sandbox
     assert "Too Many Requests: retry after 3" in sandbox.service.text
     refused = httpx.post(sandbox.api + "fail", json={"method": "deleteWebhook", "status": 429}, timeout=10)
     assert refused.status_code == 400 and "method must be one of" in refused.json()["error"]
+
+
+def test_half_an_emoji_from_a_user_or_from_make_breaks_nothing(start_sandbox, make: MakeDouble) -> None:
+    """A lone surrogate (half an emoji) typed by a user, in a user's name, or in Make's answer: every chat goes on
+    and the page's state still reads (it once made every getUpdates fail, and the page unreadable)."""
+    make.script((200, b'{"reply": "half \\ud83d of a smile"}', {"Content-Type": "application/json"}),
+                (200, {"reply": "whole"}))
+    sandbox = start_sandbox("--make-url", make.url + "/hook")
+    odd = sandbox.post("users", first_name="Eve\udfff")
+    assert odd["first_name"] == "Eve\ufffd"
+    sandbox.post("say", user=BORIS, text="lone \ud800 here")
+    reply = wait_until(lambda: sandbox.bot_messages(BORIS), what="the answer with half an emoji")[0]
+    assert reply["text"] == "half \ufffd of a smile"
+    assert make.events[0]["messages"][0]["text"] == "lone \ufffd here"
+    sandbox.post("say", user=ANNA, text="after")
+    wait_until(lambda: sandbox.bot_messages(ANNA), what="the next chat's answer")
+    assert all(r["status"] == 200 for r in sandbox.state()["events"])
+
+
+def test_a_button_telegram_would_refuse_costs_the_buttons_not_the_answer(start_sandbox, make: MakeDouble) -> None:
+    """Make answers with a button whose text is a number: the emulated Telegram refuses it as Telegram does, the
+    gateway sends the text without buttons, and the page still draws."""
+    make.script((200, {"reply": {"text": "pick one", "reply_markup": {"inline_keyboard": [[
+        {"text": 5, "callback_data": 7}]]}}}))
+    sandbox = start_sandbox("--make-url", make.url + "/hook")
+    sandbox.post("say", user=ANNA, text="menu?")
+    reply = wait_until(lambda: sandbox.bot_messages(ANNA), what="the answer without its buttons")[0]
+    assert reply["text"] == "pick one" and reply["buttons"] == []
+    assert "must be of type String" in sandbox.service.text  # Telegram's reason, logged by the gateway
+
+
+def test_the_page_api_refuses_odd_requests_with_json(start_sandbox) -> None:
+    """Every odd request gets a JSON 4xx saying why, never a 500: another Host (DNS rebinding), a form post from
+    another site, numbers out of range, a button that is not there."""
+    sandbox = start_sandbox("--make-delay", "0")
+    sandbox.post("say", user=ANNA, text="hi")
+    answer = wait_until(sandbox.bot_messages, what="the answer")[0]
+    cases = [
+        ({"json": {"user": ANNA, "text": "x"}, "headers": {"Host": "attacker.example"}}, "say", 403),
+        ({"data": {"method": "sendMessage"}}, "fail", 415),
+        ({"content": b'{"user": 1e400, "text": "x"}', "headers": JSON}, "say", 400),
+        ({"content": b'{"user": %d, "message_id": 1e400, "data": "buy"}' % ANNA, "headers": JSON}, "press", 400),
+        ({"json": {"user": ANNA, "message_id": answer["id"], "data": None}}, "press", 400),
+        ({"json": {"user": ANNA, "message_id": answer["id"], "data": "not-a-button"}}, "press", 400),
+        ({"json": {"user": ANNA, "message_id": answer["id"]}}, "pay", 400),
+        ({"json": {"user": 5, "text": "x"}}, "say", 400),
+        ({"json": {"user": ANNA, "text": ""}}, "say", 400),
+    ]
+    for kwargs, route, status in cases:
+        response = httpx.post(sandbox.api + route, timeout=10, **kwargs)
+        assert response.status_code == status, (route, kwargs, response.text)
+        assert response.json()["ok"] is False and response.json()["error"]
+    assert httpx.get(sandbox.api + "state", headers={"Host": "evil.example:80"}, timeout=10).status_code == 403
+
+
+def test_a_users_page_shows_only_their_own_button_answers(start_sandbox) -> None:
+    """Button and checkout answers are shown to the user who pressed, not sent to every page."""
+    sandbox = start_sandbox("--make-delay", "0")
+    sandbox.post("say", user=ANNA, text="hi")
+    answer = wait_until(sandbox.bot_messages, what="the answer")[0]
+    pressed = sandbox.post("press", user=ANNA, message_id=answer["id"], data="helpful")
+    wait_until(lambda: pressed["query_id"] in sandbox.state(ANNA)["callback_answers"], what="Anna's answer")
+    assert sandbox.state(BORIS)["callback_answers"] == {}
+
+
+def test_a_huge_answer_from_make_is_shown_cut(start_sandbox, make: MakeDouble) -> None:
+    """A 3 MB answer from Make is delivered whole to the gateway but shown cut on the page, which polls often."""
+    make.script((200, b"x" * 3_000_000, {"Content-Type": "text/plain"}))
+    sandbox = start_sandbox("--make-url", make.url + "/hook")
+    sandbox.post("say", user=ANNA, text="hi")
+    record = wait_until(lambda: [r for r in sandbox.state()["events"] if r["status"] is not None],
+                        what="Make's answer on the page")[0]
+    assert len(record["answer"]) < 21_000 and "3,000,000 bytes in all" in record["answer"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--make-url", "http://[::1/x"), "--make-url"),
+    (("--make-url", "http://"), "--make-url"),
+    (("--make-delay", "50"), "MAKE_TIMEOUT_SECONDS"),
+    (("--make-delay", "-1"), "--make-delay"),
+    (("--port", "99999"), "--port 99999"),
+], ids=["bad-ipv6", "no-host", "delay-over-timeout", "negative-delay", "port-out-of-range"])
+def test_bad_sandbox_options_are_one_line_and_exit_2(tmp_path: Path, args: tuple[str, ...], says: str) -> None:
+    """An option the sandbox cannot work with stops it at once, naming the option."""
+    done = subprocess.run([sys.executable, str(ROOT / "app.py"), "sandbox", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().count("\n") == 0 and says in done.stderr and "Traceback" not in done.stderr

@@ -15,7 +15,7 @@ async function api(path, body) {
 }
 
 function escapeHtml(text) {
-  return text.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
+  return String(text ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 }
 
 // Telegram's entities count UTF-16 code units, and so do JavaScript strings: offsets index `text` directly.
@@ -171,7 +171,11 @@ function toast(text) {
 
 async function refresh() {
   try {
-    const state = await api("state?user=" + (view.user || ""));
+    let state = await api("state?user=" + (view.user || ""));
+    if (!state.users.some((u) => u.id === state.user)) {  // a user of an earlier sandbox run: start over
+      view.user = null;
+      state = await api("state");
+    }
     if (view.user === null) view.user = state.user;
     draw(state);
   } catch (err) {
@@ -184,19 +188,34 @@ async function poll() {
   setTimeout(poll, 300);
 }
 
-async function send(text) {
-  if (!text.trim()) return;
-  await api("say", { user: view.user, text });
+// Runs an action; a failure is shown, never swallowed.
+async function act(action) {
+  try {
+    await action();
+  } catch (err) {
+    toast("Not done: " + err.message);
+  }
   await refresh();
 }
 
-$("composer").addEventListener("submit", async (event) => {
+async function send(text) {
+  if (text.trim()) await api("say", { user: view.user, text });
+}
+
+$("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const input = $("input");
   const text = input.value;
   input.value = "";
   input.focus();
-  await send(text);
+  act(async () => {
+    try {
+      await send(text);
+    } catch (err) {
+      if (!input.value) input.value = text;  // not sent: keep it to send again
+      throw err;
+    }
+  });
 });
 
 $("input").addEventListener("keydown", (event) => {
@@ -206,45 +225,42 @@ $("input").addEventListener("keydown", (event) => {
   }
 });
 
-$("chat").addEventListener("click", async (event) => {
+$("chat").addEventListener("click", (event) => {
   const button = event.target.closest("button");
   if (!button) return;
-  if (button.classList.contains("pay")) {
-    const answer = await api("pay", { user: view.user, message_id: Number(button.dataset.message) });
-    view.checkouts.set(Number(button.dataset.message), answer.query_id);
-  } else if (button.dataset.url) {
-    window.open(button.dataset.url, "_blank", "noopener");
-  } else if (button.dataset.data !== undefined) {
-    button.classList.add("pressed");
-    const answer = await api("press", { user: view.user, message_id: Number(button.dataset.message), data: button.dataset.data });
-    view.queries.set(answer.query_id, button.textContent);
-  } else if (button.dataset.say) {
-    await send(button.dataset.say);
-  }
-  await refresh();
+  act(async () => {
+    if (button.classList.contains("pay")) {
+      const answer = await api("pay", { user: view.user, message_id: Number(button.dataset.message) });
+      view.checkouts.set(Number(button.dataset.message), answer.query_id);
+    } else if (button.dataset.url) {
+      window.open(button.dataset.url, "_blank", "noopener");
+    } else if (button.dataset.data !== undefined) {
+      const message = Number(button.dataset.message);
+      const answer = await api("press", { user: view.user, message_id: message, data: button.dataset.data });
+      view.queries.set(answer.query_id, button.textContent);
+    } else if (button.dataset.say) {
+      await send(button.dataset.say);
+    }
+  });
 });
 
-$("users").addEventListener("click", async (event) => {
+$("users").addEventListener("click", (event) => {
   const button = event.target.closest("button[data-user]");
   if (!button) return;
   view.user = Number(button.dataset.user);
-  await refresh();
+  act(async () => {});
 });
 
-$("add-user").addEventListener("click", async () => {
+$("add-user").addEventListener("click", () => act(async () => {
   const user = await api("users", {});
   view.user = user.id;
-  await refresh();
-});
+}));
 
-$("invoice").addEventListener("click", async () => {
-  await api("invoice", { user: view.user });
-  await refresh();
-});
+$("invoice").addEventListener("click", () => act(() => api("invoice", { user: view.user })));
 
-$("trouble").addEventListener("click", async () => {
+$("trouble").addEventListener("click", () => act(async () => {
   await api("fail", { method: "sendMessage", status: 429 });
   toast("Telegram will answer the bot's next message with 429 (retry after 3 s)");
-});
+}));
 
 poll();
