@@ -33,6 +33,7 @@ from typing import Any, Callable
 import httpx
 
 TYPING_SECONDS = 5.0  # Telegram shows a chat action for 5 s, or until the bot's next message
+CHECKOUT_SECONDS = 15.0  # an unanswered checkout no longer blocks another of the same invoice
 MAX_KEPT_MESSAGES = 5000  # the chat history the emulator keeps for the sandbox page
 
 Answer = tuple[int, dict[str, str], bytes]
@@ -296,7 +297,13 @@ class BotApiEmulator(LocalServer):
         query = {"id": query_id, "from": _person(user), "currency": invoice["currency"],
                  "total_amount": invoice["total_amount"], "invoice_payload": invoice["payload"]}
         with self.lock:
-            self._checkouts[query_id] = {"user": user, "query": query}
+            # Telegram's payment form is modal: one checkout of an invoice at a time, however fast one taps.
+            # Its form gives up on a bot that does not answer within 10 s; so does this check, after 15.
+            if any(c["message_id"] == message_id and c["user"]["id"] == user["id"]
+                   and time.monotonic() - c["at"] < CHECKOUT_SECONDS for c in self._checkouts.values()):
+                raise ValueError(f"a checkout of invoice {message_id} is under way; wait for the bot's answer")
+            self._checkouts[query_id] = {"user": user, "query": query, "message_id": message_id,
+                                         "at": time.monotonic()}
         return self._push({"pre_checkout_query": query})
 
     def chat(self, chat_id: int) -> list[dict[str, Any]]:

@@ -60,12 +60,12 @@ class MakeStandIn(LocalServer):
     like a small scenario would, or, given `forward_to`, passes each event to that real Make webhook and
     its answer back unchanged."""
 
-    def __init__(self, telegram: BotApiEmulator, delay: float = 2.0, forward_to: str | None = None,
-                 timeout: float = 60.0) -> None:
+    def __init__(self, telegram: BotApiEmulator, delay: float = 2.0, forward_to: str | None = None) -> None:
         self.telegram = telegram
         self.delay = delay
         self.forward_to = forward_to
-        self._client = httpx.Client(timeout=timeout) if forward_to else None
+        self.timeout = 60.0
+        self._client: httpx.Client | None = None
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
         # `lock` (from LocalServer) guards `events`: dicts the handler fills in as Make answers.
@@ -82,7 +82,7 @@ class MakeStandIn(LocalServer):
         with self.lock:
             self.events.append(record)
         started = time.monotonic()
-        status, reply_headers, payload = self._forward(headers, body) if self._client else self._answer(event)
+        status, reply_headers, payload = self._forward(headers, body) if self.forward_to else self._answer(event)
         content_type = {k.lower(): v for k, v in reply_headers.items()}.get("content-type", "")
         shown: Any = payload[:SHOWN_ANSWER_BYTES].decode("utf-8", "replace")
         if len(payload) > SHOWN_ANSWER_BYTES:
@@ -90,7 +90,7 @@ class MakeStandIn(LocalServer):
         elif "json" in content_type:
             try:
                 shown = json.loads(payload)
-            except ValueError:
+            except (ValueError, RecursionError):  # shown as text: what the gateway gets is unchanged
                 pass
         with self.lock:
             record.update(status=status, answer=shown, seconds=round(time.monotonic() - started, 3))
@@ -100,6 +100,13 @@ class MakeStandIn(LocalServer):
         """The last `count` events, oldest first, each with Make's answer once it came."""
         with self.lock:
             return [dict(r) for r in list(self.events)[-count:]]
+
+    def give_up_after(self, seconds: float) -> None:
+        """Give up on the real Make when the gateway would (its MAKE_TIMEOUT_SECONDS), so the page shows what the
+        gateway saw."""
+        self.timeout = seconds
+        if self.forward_to:
+            self._client = httpx.Client(timeout=seconds, follow_redirects=False)
 
     def stop_waiting(self) -> None:
         """Answer every batch the stand-in is "thinking" about now: the sandbox is stopping."""
@@ -113,16 +120,24 @@ class MakeStandIn(LocalServer):
             self._client.close()
 
     def _forward(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        assert self._client is not None and self.forward_to is not None
+        assert self.forward_to is not None
+        if self._client is None:
+            self.give_up_after(self.timeout)
+        assert self._client is not None
         sent = {name: headers[name] for name in _FORWARDED_HEADERS if name in headers}
         try:
             response = self._client.post(self.forward_to, content=body, headers=sent)
+        except httpx.TimeoutException:
+            log.warning("the real Make webhook did not answer within %g s", self.timeout)
+            return 504, {"Content-Type": "text/plain"}, \
+                f"sandbox: Make did not answer within {self.timeout:g} s; the gateway gives up too".encode()
         except Exception as err:  # any failure is Make's silence to the gateway, never a stuck record
             log.warning("the real Make webhook did not answer: %s", type(err).__name__)
             return 502, {"Content-Type": "text/plain"}, f"sandbox: Make did not answer ({type(err).__name__})".encode()
         kept = {"Content-Type": response.headers.get("Content-Type", "text/plain")}
-        if "Retry-After" in response.headers:
-            kept["Retry-After"] = response.headers["Retry-After"]
+        for name in ("Retry-After", "Location"):
+            if name in response.headers:
+                kept[name] = response.headers[name]
         return response.status_code, kept, response.content
 
     def _answer(self, event: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
@@ -442,6 +457,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: --make-delay {args.make_delay:g} is not shorter than MAKE_TIMEOUT_SECONDS "
                   f"({config.make_timeout_seconds:g}): the gateway would give up on every answer", file=sys.stderr)
             return 2
+        # A little before the gateway: the page then shows the timeout the gateway meets.
+        make.give_up_after(max(0.5, config.make_timeout_seconds - 0.5))
         configure_logging(config)
         sandbox = Sandbox(telegram, make, config, args.make_url)
         return serve(config, setup=sandbox.install, on_listening=sandbox.announce, on_stopping=sandbox.stop_waiting)

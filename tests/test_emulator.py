@@ -522,3 +522,16 @@ def test_press_pushes_a_callback_query_on_the_bots_message(bot: BotApiEmulator) 
 def test_press_on_a_message_not_in_the_chat_raises(bot: BotApiEmulator) -> None:
     with pytest.raises(ValueError):
         bot.press(ALICE, 999999, "x")
+
+
+def test_one_checkout_of_an_invoice_at_a_time(bot: BotApiEmulator) -> None:
+    """Telegram's payment form is modal: a second tap on Pay while the first checkout awaits the bot's answer is
+    no second checkout; once answered, the user may pay again (the bot decides)."""
+    invoice = send_invoice(bot)
+    first = bot.checkout(ALICE, invoice["message_id"])
+    with pytest.raises(ValueError, match="under way"):
+        bot.checkout(ALICE, invoice["message_id"])
+    ok(bot, "answerPreCheckoutQuery", pre_checkout_query_id=first["pre_checkout_query"]["id"], ok=False,
+       error_message="declined")
+    again = bot.checkout(ALICE, invoice["message_id"])
+    assert again["pre_checkout_query"]["id"] != first["pre_checkout_query"]["id"]

@@ -317,3 +317,29 @@ def test_bad_sandbox_options_are_one_line_and_exit_2(tmp_path: Path, args: tuple
                           capture_output=True, text=True, timeout=60, env={"PATH": os.environ.get("PATH", "")})
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().count("\n") == 0 and says in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_invoice_paid_once_is_refused_the_second_time(start_sandbox) -> None:
+    """Paying an invoice the gateway has seen paid is refused with TEXT_ALREADY_PAID: one payment, one notice."""
+    sandbox = start_sandbox("--make-delay", "0")
+    message_id = sandbox.post("invoice", user=ANNA)["message_id"]
+    first = sandbox.post("pay", user=ANNA, message_id=message_id)
+    wait_until(lambda: sandbox.state()["checkout_answers"].get(first["query_id"]), what="the first checkout's answer")
+    wait_until(lambda: sandbox.state()["admin"], what="the admin's notice")
+    again = sandbox.post("pay", user=ANNA, message_id=message_id)
+    refused = wait_until(lambda: sandbox.state()["checkout_answers"].get(again["query_id"]), what="the refusal")
+    assert refused["ok"] is False and refused["error_message"] == "Этот счёт уже оплачен."
+    assert len(sandbox.state()["admin"]) == 1
+    assert len([m for m in sandbox.state()["chat"] if "successful_payment" in m]) == 1
+
+
+def test_a_real_make_slower_than_the_gateway_waits_shows_as_timed_out(start_sandbox, make: MakeDouble) -> None:
+    """With --make-url, a scenario slower than MAKE_TIMEOUT_SECONDS shows as given up on the page, as the gateway
+    saw it, not as an answer the gateway never got."""
+    make.script((200, {"reply": "too late"}, {}, 4.0), (200, {"reply": "in time"}))
+    sandbox = start_sandbox("--make-url", make.url + "/hook", MAKE_TIMEOUT_SECONDS="2")
+    sandbox.post("say", user=ANNA, text="hi")
+    reply = wait_until(lambda: sandbox.bot_messages(), timeout=30, what="the answer of the retry")[0]
+    assert reply["text"] == "in time"
+    first = sandbox.state()["events"][0]
+    assert first["status"] == 504 and "did not answer within 1.5 s" in first["answer"]

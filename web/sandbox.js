@@ -2,7 +2,7 @@
 // /sandbox/api/state and redraws what changed; every action is one POST to /sandbox/api/….
 "use strict";
 
-const view = { user: null, last: {}, queries: new Map(), checkouts: new Map(), toastTimer: null };
+const view = { user: null, last: {}, queries: new Map(), checkouts: new Map(), toastTimer: null, toBottom: true };
 const $ = (id) => document.getElementById(id);
 
 async function api(path, body) {
@@ -145,8 +145,10 @@ function draw(state) {
   drawUsers(state);
   const chat = $("chat");
   const atBottom = chat.scrollHeight - chat.scrollTop - chat.clientHeight < 40;
-  if (drawIfChanged("chat", chat, state.chat.map((msg) => messageHtml(msg, state)).join("")) && atBottom) {
+  if ((drawIfChanged("chat", chat, state.chat.map((msg) => messageHtml(msg, state)).join("")) && atBottom)
+      || view.toBottom) {
     chat.scrollTop = chat.scrollHeight;
+    view.toBottom = false;
   }
   $("typing").classList.toggle("on", state.typing);
   drawIfChanged("admin", $("admin"), state.admin.map((msg) => messageHtml(msg, state)).join("") ||
@@ -177,6 +179,7 @@ async function refresh() {
       state = await api("state");
     }
     if (view.user === null) view.user = state.user;
+    if (state.user !== view.user) return;  // asked before the user was switched: the next poll draws the right chat
     draw(state);
   } catch (err) {
     $("about").textContent = "The sandbox is not answering (stopped?): " + err.message;
@@ -230,6 +233,7 @@ $("chat").addEventListener("click", (event) => {
   if (!button) return;
   act(async () => {
     if (button.classList.contains("pay")) {
+      button.disabled = true;  // one checkout at a time, as in Telegram's payment form
       const answer = await api("pay", { user: view.user, message_id: Number(button.dataset.message) });
       view.checkouts.set(Number(button.dataset.message), answer.query_id);
     } else if (button.dataset.url) {
@@ -248,12 +252,14 @@ $("users").addEventListener("click", (event) => {
   const button = event.target.closest("button[data-user]");
   if (!button) return;
   view.user = Number(button.dataset.user);
+  view.toBottom = true;  // another chat opens at its latest messages
   act(async () => {});
 });
 
 $("add-user").addEventListener("click", () => act(async () => {
   const user = await api("users", {});
   view.user = user.id;
+  view.toBottom = true;
 }));
 
 $("invoice").addEventListener("click", () => act(() => api("invoice", { user: view.user })));
