@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import contextlib
 import hmac
 import json
 import logging
 import math
-import os
 import secrets
 import signal
 import sys
@@ -35,7 +35,7 @@ from flask import Flask, Response, jsonify, request
 from batching import BatchManager, build_batch_event
 from config import Config, ConfigError
 from debounce import DebounceManager, DebounceSettings
-from http_server import MAX_BODY_BYTES, create_http_server, listen_problem
+from http_server import MAX_BODY_BYTES, create_http_server, listen_problem, listening_urls
 from delivery import DeliveryWorkers, answer_calls
 from make_client import Delivered, MakeClient, RetryLater
 from metrics import GatewayMetrics
@@ -45,9 +45,9 @@ from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, REPLY_METHODS, PartOutco
                      message_calls, read_reply)
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter, forward_event
-from store import BatchRow, NewEvent, OutboxRow, SQLiteStore, StoreError, StorePathError
-from telegram_api import (BadRequest, InvalidToken, RedactingFilter, RetryAfter, TelegramClient, TelegramError,
-                          redact)
+from store import BatchRow, NewEvent, OutboxRow, SQLiteStore, StoreError, StoreNotFound
+from telegram_api import (BadRequest, InvalidToken, RedactingFilter, RedactingStream, RetryAfter, TelegramClient,
+                          TelegramError, printable, redact)
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
 from typing_keepalive import TypingKeepAlive
 from updates import is_int, message_item, user_summary
@@ -73,18 +73,27 @@ class StartError(Exception):
 
 
 def bot_name(bot: dict[str, Any]) -> str:
-    """The bot as the log names it: `@username (id 123)`."""
+    """The bot as the log names it: `@username (id 123)`; what Telegram sent is cleaned for one log line."""
     username = bot.get("username")
-    name = f"@{username}" if isinstance(username, str) and username else "a bot without a username"
+    # Telegram's usernames are 5-32 letters, digits and '_': anything else came from something else.
+    shown = printable(username, 64) if isinstance(username, str) else ""
+    name = f"@{shown}" if shown else "a bot without a username"
     return f"{name} (id {bot.get('id')})"
+
+
+def _server_of(url: str) -> str:
+    """`scheme://host[:port]` of `url`: never a user, password or path (which could hold a secret)."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else (parts.hostname or "")
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 def token_refused(err: InvalidToken, config: Config) -> str:
     """The one line for a BOT_TOKEN that Telegram refuses (401, or 404 for a malformed one); never the token."""
-    line = (f"Telegram refused BOT_TOKEN ({err.error_code} {err.description[:100]}): check the token from "
-            "@BotFather")
+    line = (f"Telegram refused BOT_TOKEN ({err.error_code} {printable(err.description, 100)}): check the token "
+            "from @BotFather")
     if err.error_code == 404 and config.telegram_api_url != Config.telegram_api_url:
-        line += f" (and that TELEGRAM_API_URL={config.telegram_api_url} is a Bot API server)"
+        line += f" (and that TELEGRAM_API_URL, {_server_of(config.telegram_api_url)}, is a Bot API server)"
     return line
 
 
@@ -172,7 +181,9 @@ class Gateway:
                 self.on_fatal()
                 return
             except RetryAfter as err:
-                delay = err.retry_after
+                # Telegram's wait, but never longer than the policy's: a proxy (or a bug) saying 100000 s
+                # must not leave the service unidentified for a day.
+                delay = min(err.retry_after, IDENTIFY_POLICY.maximum)
             except Exception as err:  # TelegramError, or anything else: keep asking, never die silently
                 failures += 1
                 delay = backoff(failures, IDENTIFY_POLICY)
@@ -512,7 +523,7 @@ def configure_logging(config: Config) -> None:
     """One line per record, with time and level; secrets masked; httpx's URL logging turned down."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
-    handler.addFilter(RedactingFilter(config.bot_token, config.webhook_secret, config.reply_token))
+    handler.addFilter(RedactingFilter(*config.secrets()))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
@@ -521,47 +532,76 @@ def configure_logging(config: Config) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _StopSignal:
+    """The SIGTERM handler: raise KeyboardInterrupt in the main thread (as Ctrl-C does), once. After `stopping`
+    is set a SIGTERM is ignored, so that a second one cannot break into the shutdown itself. Read and written on
+    the main thread only (signal handlers run there)."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+
 def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
           on_listening: Callable[[str], None] | None = None, on_stopping: Callable[[], None] | None = None) -> int:
     """Run the service until SIGTERM or Ctrl-C; return the exit status (2 if Telegram refused BOT_TOKEN while it
-    ran). Raises `StartError` when it cannot start (state folder, port, token). `setup` may add routes before
+    ran). Raises `StartError` when it cannot start (state database, port, token). `setup` may add routes before
     it serves (the sandbox's page); `on_listening` gets the base URL once it listens; `on_stopping` is called
     when it stops taking requests, before the gateway's threads are stopped."""
+    signals = _StopSignal()
+    # From the first moment, so that a stop during the start (getMe may take seconds) is a logged, clean one.
+    previous = signal.signal(signal.SIGTERM, signals)
+    try:
+        return _serve(config, signals, setup, on_listening, on_stopping)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway], None] | None,
+           on_listening: Callable[[str], None] | None, on_stopping: Callable[[], None] | None) -> int:
+    """`serve()` once its SIGTERM handler is in place (SIGTERM and Ctrl-C arrive as KeyboardInterrupt)."""
     try:
         app = create_app(config)
-    except StorePathError as err:
-        raise StartError(f"STATE_DB={config.state_db}: {err}; set STATE_DB to a file in a folder you can "
-                         "write") from None
+    except StoreError as err:  # a folder, a device, no access, a foreign file, another gateway on it...
+        raise StartError(f"STATE_DB={config.state_db}: {err}") from None
+    except KeyboardInterrupt:  # nothing of the gateway runs yet; the process's exit releases what it opened
+        signals.stopping = True
+        log.info("stopping")
+        log.info("stopped")
+        return 0
     gateway: Gateway = app.extensions["gateway"]
-    if setup is not None:
-        setup(app, gateway)
+    server: Any = None
     try:
-        server = create_http_server(app, config)
-    except OSError as err:
-        gateway.close()
-        raise StartError(listen_problem(err, config.host, config.port)) from None
-
-    stopping = False  # read and written on the main thread only (signal handlers run there)
-
-    def on_sigterm(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if not stopping:  # once: a second SIGTERM must not break into the shutdown itself
-            stopping = True
-            raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    # A token refused later (on the telegram-getme thread) ends the server loop the way SIGTERM does.
-    gateway.on_fatal = lambda: _thread.interrupt_main(signal.SIGTERM)
-    try:
-        gateway.identify()
-    except InvalidToken as err:  # nothing would ever work: say so before listening, and stop
-        _close_unrun(server, gateway)
-        raise StartError(token_refused(err, config)) from None
-    except TelegramError as err:
-        log.warning("Telegram did not answer getMe (%s); starting anyway and asking again in the background "
-                    "(GET /ready answers 503 until it answers)", err)
-    except KeyboardInterrupt:
-        _close_unrun(server, gateway)
+        if setup is not None:
+            setup(app, gateway)
+        try:
+            server = create_http_server(app, config)
+        except OSError as err:
+            gateway.close()
+            raise StartError(listen_problem(err, config.host, config.port)) from None
+        # A token refused later (on the telegram-getme thread) ends the server loop the way SIGTERM does.
+        gateway.on_fatal = lambda: _thread.interrupt_main(signal.SIGTERM)
+        try:
+            gateway.identify()
+        except InvalidToken as err:  # nothing would ever work: say so before listening, and stop
+            signals.stopping = True
+            _close_unrun(server, gateway)
+            raise StartError(token_refused(err, config)) from None
+        except TelegramError as err:
+            log.warning("Telegram did not answer getMe (%s); starting anyway and asking again in the background "
+                        "(GET /ready answers 503 until it answers)", err)
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C while starting: nothing listens yet, nothing is lost
+        signals.stopping = True
+        log.info("stopping")
+        if server is not None:
+            _close_unrun(server, gateway)
+        else:
+            gateway.close()
+        log.info("stopped")
         return 0
     try:
         for line in config.deprecations():
@@ -571,15 +611,18 @@ def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
         if not config.make_webhook_url.startswith("https://") and not _loopback(config.make_webhook_url):
             log.warning("MAKE_WEBHOOK_URL is not https://: events (users' messages) travel unencrypted")
         gateway.start()
-        host, port = server.effective_host, server.effective_port  # type: ignore[union-attr]
-        log.info("listening on http://%s:%s (mode %s, state %s)", host, port, config.mode, config.state_db)
+        # A HOST naming several addresses (localhost: 127.0.0.1 and ::1) has one listening socket each.
+        urls = listening_urls(server)
+        log.info("listening on %s (mode %s, state %s)", urls[0], config.mode, config.state_db)
+        for url in urls[1:]:
+            log.info("also listening on %s", url)
         if on_listening is not None:
-            on_listening(f"http://{host}:{port}")
+            on_listening(urls[0])
         server.run()  # waitress stops its request threads on KeyboardInterrupt
     except KeyboardInterrupt:
         pass
     finally:
-        stopping = True
+        signals.stopping = True
         log.info("stopping")
         server.close()
         if on_stopping is not None:
@@ -650,7 +693,8 @@ def _cli(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_command(args: argparse.Namespace, config: Config) -> int:
-    """Run one CLI command other than `serve`; a `TelegramError` prints one line and returns 1."""
+    """Run one CLI command other than `serve`; a `TelegramError` prints one line and returns 1 (2 when Telegram
+    refuses BOT_TOKEN: a setting to fix, as at start)."""
     try:
         if args.command in ("dead-letters", "replay-dead"):
             return _dead_letters(config, replay=args.command == "replay-dead")
@@ -669,22 +713,32 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
                 print(json.dumps(client.get_webhook_info(), indent=2, ensure_ascii=False))
         finally:
             client.close()
-    except (TelegramError, StoreError) as err:
-        print(f"error: {redact(str(err), config.bot_token)}", file=sys.stderr)
+    except InvalidToken as err:
+        print(f"error: {token_refused(err, config)}", file=sys.stderr)
+        return 2
+    except TelegramError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except StoreError as err:
+        print(f"error: STATE_DB={config.state_db}: {err}", file=sys.stderr)
         return 1
     return 0
 
 
 def _dead_letters(config: Config, replay: bool) -> int:
-    """`dead-letters` (list them) or `replay-dead` (queue them again), on an existing state database only:
-    a command that finds nothing must not leave an empty database behind."""
-    if config.state_db == ":memory:" or not os.path.isfile(config.state_db):
-        where = ("STATE_DB is :memory:, which nothing outlives" if config.state_db == ":memory:" else
-                 f"no state database at {os.path.abspath(config.state_db)} (STATE_DB)")
-        print(f"{where}: no gateway has stored anything there; run this where the gateway runs, with its "
-              "STATE_DB", file=sys.stderr)
+    """`dead-letters` (list them) or `replay-dead` (queue them again), on an existing state database of this
+    version only: nothing is created or converted, so a command that finds nothing, or a file that is not the
+    gateway's, is left as it was. `dead-letters` only reads (a user who may only read the file can list)."""
+    if config.state_db == ":memory:":
+        print("error: STATE_DB is :memory:, which nothing outlives: no gateway has stored anything there; run this "
+              "where the gateway runs, with its STATE_DB", file=sys.stderr)
         return 1
-    store = SQLiteStore(config.state_db)
+    try:
+        store = SQLiteStore(config.state_db, existing=True, read_only=not replay)
+    except StoreNotFound as err:
+        print(f"error: STATE_DB={config.state_db}: {err}: no gateway has stored anything there; run this where the "
+              "gateway runs, with its STATE_DB", file=sys.stderr)
+        return 1
     try:
         if replay:
             count = store.replay_dead(time.time())
@@ -773,6 +827,11 @@ def send_samples(config: Config, every_type: bool) -> int:
     try:
         for event in events if every_type else events[:1]:
             outcome = make.deliver(event.event_id, event.payload)
+            if isinstance(outcome, RetryLater) and _sent_unanswered(outcome):
+                print(f"error: Make did not answer the sample {event.event_type} event within "
+                      f"MAKE_TIMEOUT_SECONDS={config.make_timeout_seconds:g}: it may have received it anyway (see "
+                      "the scenario's History in Make)", file=sys.stderr)
+                return 1
             if isinstance(outcome, RetryLater):
                 print(f"error: Make did not take the sample {event.event_type} event: {outcome.reason}",
                       file=sys.stderr)
@@ -784,28 +843,51 @@ def send_samples(config: Config, every_type: bool) -> int:
     return 0
 
 
+def _sent_unanswered(outcome: RetryLater) -> bool:
+    """Whether Make may have the event although it did not answer: the request went out, then time ran out (a
+    connect or pool timeout means it never left)."""
+    return outcome.reason.startswith("timed out") and not any(
+        kind in outcome.reason for kind in ("ConnectTimeout", "PoolTimeout"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Read the settings (only those the command uses), then serve or run the CLI command; exit status 2 on
-    bad settings or a start that cannot be."""
+    bad settings or a start that cannot be. Everything printed meanwhile (lines, the log) goes through
+    `RedactingStream`, the one place that keeps the token, the webhook secret and the reply token out of it."""
     args = _cli(argv)
-    if args.command == "sandbox":
+    if args.command == "sandbox":  # its own made-up token and settings: nothing of the user's to hide
         import sandbox  # only the sandbox needs the emulator and the page
         try:
             return sandbox.run(args)
         except StartError as err:  # its serve() could not start (e.g. --port taken): one line, as for the service
             print(f"error: {err}", file=sys.stderr)
             return 2
+    out, err = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            return _run(args, (out, err))
+    finally:
+        out.flush()
+        err.flush()
+
+
+def _run(args: argparse.Namespace, streams: tuple[RedactingStream, ...]) -> int:
+    """`main()` behind its redacting streams, which learn the secrets as soon as the settings are read."""
     needs = COMMAND_NEEDS.get(args.command)
     try:
         config = Config.from_env(uses=needs.uses, requires=needs.requires) if needs else Config.from_env()
     except ConfigError as err:
-        if err.no_dotenv:
-            print(f"error: {err.no_dotenv}", file=sys.stderr)
+        for stream in streams:
+            stream.add_secrets(err.secrets)
+        if err.line:
+            print(f"error: {err.line}", file=sys.stderr)
             return 2
         print(f"configuration error: {len(err.problems)} problem(s):", file=sys.stderr)
         for problem in err.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 2
+    for stream in streams:
+        stream.add_secrets(config.secrets())
     configure_logging(config)
     if args.command in (None, "serve"):
         try:
@@ -813,7 +895,7 @@ def main(argv: list[str] | None = None) -> int:
         except StartError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        except StoreError as err:
+        except StoreError as err:  # the state failed once open (disk, lock held from outside): not a setting
             log.error("%s", err)
             return 1
     return run_command(args, config)

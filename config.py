@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import os
 import re
 from dataclasses import dataclass, fields
@@ -33,8 +34,11 @@ FORWARDABLE_KINDS = (
 
 # A bot token as @BotFather issues it: the bot's id (digits; 8-10 today, room to grow), ':', then a secret of
 # letters, digits, '_' and '-' (35 today). telegram_api.redact() masks this same shape wherever it appears.
-BOT_TOKEN_SHAPE = r"\d{3,20}:[A-Za-z0-9_-]{30,64}"
+# ASCII digits only: `\d` would also take Arabic-Indic or fullwidth digits, which no token has.
+BOT_TOKEN_SHAPE = r"[0-9]{3,20}:[A-Za-z0-9_-]{30,64}"
 _TOKEN_RE = re.compile(rf"^{BOT_TOKEN_SHAPE}$")
+# A secret shorter than this is not masked in printed lines: masking every "ab" would garble them and hide little.
+MIN_SECRET_CHARS = 6
 _SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 # What the service needs set; a CLI command may need less (`Config.from_env(requires=...)`).
 REQUIRED = ("BOT_TOKEN", "MAKE_WEBHOOK_URL")
@@ -49,13 +53,18 @@ _PROJECT = Path(__file__).resolve().parent
 class ConfigError(Exception):
     """One or more settings are missing or invalid; `problems` lists each, naming its variable.
 
-    `no_dotenv` is set instead when nothing required was set and no `.env` file was found: one line saying
-    where it looked and what to do, which is all a first run needs to read."""
+    `line` is set instead when one line says it all: `.env` cannot be read (not UTF-8, no permission), or
+    (then also `no_dotenv`) nothing required was set and no `.env` file was found, where it looked and what
+    to do, which is all a first run needs to read. `secrets` are the values read that must never be printed
+    (the token, its secret part, the webhook secret, the reply token), for whoever prints this error."""
 
-    def __init__(self, problems: list[str], no_dotenv: str | None = None) -> None:
+    def __init__(self, problems: list[str], no_dotenv: str | None = None, *, line: str | None = None,
+                 secrets: tuple[str, ...] = ()) -> None:
         self.problems = problems
         self.no_dotenv = no_dotenv
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.line = line or no_dotenv
+        self.secrets = secrets
+        super().__init__(self.line or "invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass(frozen=True)
@@ -113,21 +122,27 @@ class Config:
                  overrides: Mapping[str, str] | None = None, *, uses: Collection[str] | None = None,
                  requires: Collection[str] = REQUIRED) -> "Config":
         """Read settings from `.env` (if present) overlaid by the environment, then by `overrides` (the sandbox's
-        wiring); raise `ConfigError` listing every problem. A command that reads only some settings names them
-        in `uses` (None: all), so a setting it does not read can neither be missing nor stop it; `requires`
-        are those that must be set."""
+        wiring); raise `ConfigError` listing every problem (or, when `.env` cannot be read, one `line` saying
+        so). A command that reads only some settings names them in `uses` (None: all), so a setting it does not
+        read can neither be missing nor stop it; `requires` are those that must be set."""
         values: dict[str, str] = {}
         found = bool(dotenv_path) and os.path.isfile(str(dotenv_path))
+        environ = os.environ if environ is None else environ
         if found:
-            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-        values.update(os.environ if environ is None else environ)
+            try:
+                values.update(read_dotenv(str(dotenv_path)))
+            except ConfigError as err:  # what the environment holds must not be printed either
+                raise ConfigError([], line=err.line, secrets=secret_values(environ)) from None
+        values.update(environ)
         values.update(overrides or {})
         try:
             return _parse(values, uses, tuple(requires))
         except ConfigError as err:
+            secrets = secret_values(values)
             if dotenv_path and not found and requires and not any(values.get(n, "").strip() for n in requires):
-                raise ConfigError(err.problems, no_dotenv_line(str(dotenv_path), tuple(requires))) from None
-            raise
+                raise ConfigError(err.problems, no_dotenv_line(str(dotenv_path), tuple(requires)),
+                                  secrets=secrets) from None
+            raise ConfigError(err.problems, secrets=secrets) from None
 
     def deprecations(self) -> list[str]:
         """One line per deprecated setting in use, for the log at start."""
@@ -138,6 +153,11 @@ class Config:
                     f"{self.make_max_concurrency} is set; remove MAKE_DELIVERY_WORKERS"]
         return [f"MAKE_DELIVERY_WORKERS is deprecated: read as MAKE_MAX_CONCURRENCY={self.make_max_concurrency} "
                 "(Make calls in flight at once); rename it"]
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every value that must never be printed: the token (and its secret part), the webhook secret and the
+        reply token."""
+        return (*_token_secrets(self.bot_token), self.webhook_secret, self.reply_token)
 
     def redacted(self) -> dict[str, object]:
         """Every setting by variable name, with secrets masked: safe to log or show."""
@@ -151,6 +171,43 @@ class Config:
 
 
 _SECRET_FIELDS = {"bot_token", "webhook_secret", "reply_token"}
+
+
+def _token_secrets(token: str) -> tuple[str, ...]:
+    # The whole token and the part after ':' (the secret itself, which shows alone where the id is mangled).
+    secret = token.partition(":")[2].strip()
+    return tuple(s for s in (token, secret) if s)
+
+
+def secret_values(values: Mapping[str, str]) -> tuple[str, ...]:
+    """The secret settings among raw `values` (valid or not): what no printed line may hold."""
+    found = [*_token_secrets(values.get("BOT_TOKEN", "").strip())]
+    found += [values.get(name, "").strip() for name in ("WEBHOOK_SECRET", "REPLY_TOKEN")]
+    return tuple(s for s in found if s)
+
+
+def read_dotenv(path: str) -> dict[str, str]:
+    """The settings in the `.env` file at `path`; a `ConfigError` whose `line` names the file and why it cannot
+    be read (no permission, not UTF-8 text, binary). A UTF-8 byte order mark at its start is ignored."""
+    where = Path(path).resolve()
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        reason = "permission denied" if isinstance(err, PermissionError) else (err.strerror or str(err))
+        raise ConfigError([], line=f"cannot read {where}: {reason}; make it readable by this user, or set the "
+                                   "settings in the environment") from None
+    try:
+        # utf-8-sig: Windows editors start a UTF-8 file with a byte order mark, which would glue onto the
+        # first name (`\ufeffBOT_TOKEN`).
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError([], line=f"{where} is not UTF-8 text (byte {err.start + 1} cannot be read): save it "
+                                   "as UTF-8 (the settings are plain ASCII; a text in another language needs "
+                                   "UTF-8)") from None
+    if "\x00" in text:
+        raise ConfigError([], line=f"{where} is not a text file (it holds NUL bytes): it should hold lines "
+                                   "like BOT_TOKEN=..., as in .env.example") from None
+    return {k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None}
 
 
 def derive_webhook_secret(bot_token: str) -> str:
@@ -182,6 +239,9 @@ def token_problem(token: str) -> str | None:
         return f"BOT_TOKEN is wrapped in quotes; give the token alone ({expected})"
     if token.lower().startswith("bot") and _TOKEN_RE.match(token[3:]):
         return f"BOT_TOKEN starts with 'bot' (that belongs to the API URL); give the token alone ({expected})"
+    if "#" in token:  # `BOT_TOKEN=123:abc# my bot`: .env reads a comment only after a space
+        return (f"BOT_TOKEN has a '#' in it: a comment after a value needs a space before the '#', or a line of "
+                f"its own ({expected})")
     if any(c.isspace() for c in token):
         return f"BOT_TOKEN contains spaces; {expected}"
     return f"BOT_TOKEN does not look like a bot token: {expected}"
@@ -197,13 +257,21 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
     def get(name: str, default: str = "") -> str:
         return env.get(name, default).strip()
 
+    secrets = secret_values(env)
+
+    def said(name: str, raw: str) -> str:
+        """`NAME='value'` for a problem line, unless the value holds a secret: then the name alone."""
+        if any(secret in raw for secret in secrets if len(secret) >= MIN_SECRET_CHARS):
+            return f"{name} (its value holds BOT_TOKEN or another secret, so it is not shown)"
+        return f"{name}={raw!r}"
+
     def flag(name: str) -> bool:
         raw = get(name).lower()
         if raw in ("", "0", "false", "no", "off"):
             return False
         if raw in ("1", "true", "yes", "on"):
             return True
-        problem(name, f"{name}={raw!r} must be true or false")
+        problem(name, f"{said(name, raw)} must be true or false")
         return False
 
     def number(name: str, default: float, kind: Callable[[str], float], low: float, high: float) -> float:
@@ -213,10 +281,10 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
         try:
             value = kind(raw)
         except ValueError:
-            problem(name, f"{name}={raw!r} is not a {'whole ' if kind is int else ''}number")
+            problem(name, f"{said(name, raw)} is not a {'whole ' if kind is int else ''}number")
             return default
         if not low <= value <= high:
-            problem(name, f"{name}={raw!r} must be between {low:g} and {high:g}")
+            problem(name, f"{said(name, raw)} must be between {low:g} and {high:g}")
             return default
         return value
 
@@ -232,7 +300,7 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
 
     make_url = get("MAKE_WEBHOOK_URL")
     if make_url and not _is_http_url(make_url):
-        problem("MAKE_WEBHOOK_URL", f"MAKE_WEBHOOK_URL={make_url!r} is not an http(s) URL")
+        problem("MAKE_WEBHOOK_URL", f"{said('MAKE_WEBHOOK_URL', make_url)} is not an http(s) URL")
 
     admin_raw = get("ADMIN_CHAT_ID")
     admin_chat_id: int | None = None
@@ -240,21 +308,26 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
         try:
             admin_chat_id = int(admin_raw)
         except ValueError:
-            problem("ADMIN_CHAT_ID", f"ADMIN_CHAT_ID={admin_raw!r} is not a chat id (an integer)")
+            problem("ADMIN_CHAT_ID", f"{said('ADMIN_CHAT_ID', admin_raw)} is not a chat id (an integer)")
 
     api_url = (get("TELEGRAM_API_URL") or Config.telegram_api_url).rstrip("/")
-    if not _is_http_url(api_url):
-        problem("TELEGRAM_API_URL", f"TELEGRAM_API_URL={api_url!r} is not an http(s) URL")
+    if any(secret in api_url for secret in _token_secrets(get("BOT_TOKEN"))):
+        # A common slip: the URL of a tutorial's request (https://api.telegram.org/bot<token>/getMe) pasted whole.
+        problem("TELEGRAM_API_URL", "TELEGRAM_API_URL holds the bot token (not shown): give only the Bot API "
+                                    "server, e.g. https://api.telegram.org; the gateway adds /bot<BOT_TOKEN>/ itself")
+    elif not _is_http_url(api_url):
+        problem("TELEGRAM_API_URL", f"{said('TELEGRAM_API_URL', api_url)} is not an http(s) URL")
 
     webhook_url = get("WEBHOOK_URL")
     if webhook_url and urlsplit(webhook_url).scheme != "https":
-        problem("WEBHOOK_URL", f"WEBHOOK_URL={webhook_url!r} must be an https:// URL (Telegram calls only HTTPS)")
+        problem("WEBHOOK_URL",
+                f"{said('WEBHOOK_URL', webhook_url)} must be an https:// URL (Telegram calls only HTTPS)")
     elif webhook_url and not urlsplit(webhook_url).hostname:
-        problem("WEBHOOK_URL", f"WEBHOOK_URL={webhook_url!r} has no host")
+        problem("WEBHOOK_URL", f"{said('WEBHOOK_URL', webhook_url)} has no host")
 
     mode = get("MODE").lower() or ("webhook" if webhook_url else "polling")
     if mode not in MODES:
-        problem("MODE", f"MODE={mode!r} must be one of {', '.join(MODES)}")
+        problem("MODE", f"{said('MODE', mode)} must be one of {', '.join(MODES)}")
     elif mode == "webhook" and not webhook_url:
         problem("MODE", "MODE=webhook needs WEBHOOK_URL (the public https:// URL of POST /webhook)")
 
@@ -281,7 +354,7 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
 
     typing_mode = get("TYPING_MODE").lower() or Config.typing_mode
     if typing_mode not in TYPING_MODES:
-        problem("TYPING_MODE", f"TYPING_MODE={typing_mode!r} must be one of {', '.join(TYPING_MODES)}")
+        problem("TYPING_MODE", f"{said('TYPING_MODE', typing_mode)} must be one of {', '.join(TYPING_MODES)}")
     typing_interval = number("TYPING_INTERVAL_SECONDS", Config.typing_interval_seconds, float, 0.5, 5.0)
     typing_max = number("TYPING_MAX_SECONDS", Config.typing_max_seconds, float, 1, 3600)
 
@@ -330,10 +403,10 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
     reply_token = get("REPLY_TOKEN")
     reply_format = get("REPLY_FORMAT").lower() or Config.reply_format
     if reply_format not in REPLY_FORMATS:
-        problem("REPLY_FORMAT", f"REPLY_FORMAT={reply_format!r} must be one of {', '.join(REPLY_FORMATS)}")
+        problem("REPLY_FORMAT", f"{said('REPLY_FORMAT', reply_format)} must be one of {', '.join(REPLY_FORMATS)}")
     log_level = get("LOG_LEVEL").upper() or Config.log_level
     if log_level not in LOG_LEVELS:
-        problem("LOG_LEVEL", f"LOG_LEVEL={log_level!r} must be one of {', '.join(LOG_LEVELS)}")
+        problem("LOG_LEVEL", f"{said('LOG_LEVEL', log_level)} must be one of {', '.join(LOG_LEVELS)}")
         log_level = Config.log_level  # every command logs: a level logging refuses must never reach it
 
     problems = [text for name, text in found if uses is None or name in uses]

@@ -83,6 +83,21 @@ def listen_problem(err: OSError, host: str, port: int) -> str:
     return f"cannot listen on {where}: {err.strerror or err}"
 
 
+def url_of(host: str, port: int) -> str:
+    """The base URL of `host`:`port`, an IPv6 address in brackets (`http://[::1]:8000`)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listening_urls(server: Any) -> list[str]:
+    """The base URL of each address `server` listens on, IPv4 first (the one tools and people try first).
+
+    A HOST that resolves to several addresses (localhost: 127.0.0.1 and ::1) makes waitress return a
+    `MultiSocketServer`, which lists them in `effective_listen`, each with its own port when PORT is 0."""
+    listening = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
+    addresses = [(str(host), int(port)) for host, port in listening]
+    return [url_of(host, port) for host, port in sorted(addresses, key=lambda address: ":" in address[0])]
+
+
 def create_http_server(app: Any, config: Config) -> Any:
     """The waitress server for the WSGI `app`, with the limits above, bound and listening; raises `OSError` if it
     cannot listen (see `listen_problem`)."""

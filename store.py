@@ -7,11 +7,14 @@ tests. Every public method is one transaction; the connection is shared by all t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
+import stat
 import threading
 import uuid
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Iterable, Iterator
@@ -256,73 +259,103 @@ class StoreError(Exception):
 
 
 class StorePathError(StoreError):
-    """The state database's folder does not exist and cannot be created (a file in the way, no permission)."""
+    """STATE_DB names no place a database file can be: its folder cannot be created (a file in the way, no
+    permission), or it is a folder or a device itself."""
+
+
+class StoreNotFound(StoreError):
+    """There is no state database at the path (a command that only reads or replays found nothing to open)."""
 
 
 class SQLiteStore:
-    """The gateway's durable state in one SQLite database."""
+    """The gateway's durable state in one SQLite database.
 
-    def __init__(self, path: str, exclusive: bool = False) -> None:
+    Error messages name the problem and what to do, but not the path: the caller says which setting it is
+    (`STATE_DB=...: <message>`)."""
+
+    def __init__(self, path: str, exclusive: bool = False, *, existing: bool = False, read_only: bool = False) -> None:
         """Open (creating if needed) the database at `path`; with `exclusive`, refuse if another process
-        holds it exclusively (a second gateway on the same state would deliver everything twice)."""
+        holds it exclusively (a second gateway on the same state would deliver everything twice).
+
+        With `existing` or `read_only` nothing is created or converted: the file must already be a gateway state
+        database of this schema version (`StoreNotFound` if there is none, `StoreError` if it is anything else,
+        the file left as it was). `read_only` opens it for reading only (`dead_events`), so a user who may only
+        read it can, and no write lock is ever taken."""
         self.path = path
         self._instance_lock = None
-        if path != ":memory:":
-            _make_folder(os.path.dirname(os.path.abspath(path)))
-            if exclusive:
-                self._instance_lock = _lock_instance(path)
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=_BUSY_TIMEOUT_SECONDS)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._migrate(path)
-        except (sqlite3.Error, StoreError) as err:
-            if self._instance_lock is not None:
-                self._instance_lock.close()
-            if isinstance(err, StoreError):
-                raise
-            raise StoreError(f"cannot open state database {path!r}: {err}") from None
+        self._read_only = read_only
+        if existing or read_only:
+            self._db = _open_existing(path, read_only)
+        else:
+            self._db = self._open(path, exclusive)
         # _lock guards _db (sqlite3 connections must not run two statements at once) and _new_work
         # (the targets the current transaction gave a row to send).
         self._lock = threading.Lock()
         self._new_work: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
 
-    def _migrate(self, path: str) -> None:
-        """Bring the schema to SCHEMA_VERSION, one migration per transaction; refuse a file that is not ours."""
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        has_tables = self._db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+    def _open(self, path: str, exclusive: bool) -> sqlite3.Connection:
+        """Open or create the database at `path` and bring its schema up to date (see `__init__`)."""
+        if path != ":memory:":
+            _make_folder(os.path.dirname(os.path.abspath(path)))
+            _check_place(path)
+            if exclusive:
+                self._instance_lock = _lock_instance(path)
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_SECONDS)
+            # The version is checked before WAL is set: a file that is not ours is refused unchanged.
+            version = self._usable_version(db, path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._migrate(db, version)
+            return db
+        except (sqlite3.Error, StoreError) as err:
+            if db is not None:
+                db.close()
+            if self._instance_lock is not None:
+                self._instance_lock.close()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
+
+    def _usable_version(self, db: sqlite3.Connection, path: str) -> int:
+        """The schema version of `db`, which this gateway may use or upgrade; refuse a file that is not ours."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
         if version > SCHEMA_VERSION or (version == 0 and has_tables):
-            raise StoreError(f"state database {path!r} has schema version {version}, this gateway needs "
+            raise StoreError(f"the state database has schema version {version}, this gateway needs "
                              f"{SCHEMA_VERSION}; point STATE_DB at a new file (or keep the gateway that wrote it "
                              "until its outbox is empty)")
-        if version == SCHEMA_VERSION:
-            return
         # An older gateway may be running on the file, or be rolled back to: only a gateway starting on it
         # (holding the instance lock) upgrades it, never a command run beside it.
-        if version and self._instance_lock is None and path != ":memory:":
-            raise StoreError(f"state database {path!r} has schema version {version}; start the gateway (python "
-                             f"app.py) once to upgrade it to {SCHEMA_VERSION}, then run this command again")
+        if 0 < version < SCHEMA_VERSION and self._instance_lock is None and path != ":memory:":
+            raise StoreError(_upgrade_first(version))
+        return int(version)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, version: int) -> None:
+        """Bring the schema from `version` to SCHEMA_VERSION, one migration per transaction."""
         for target in range(version + 1, SCHEMA_VERSION + 1):
             # executescript commits first, so a migration and its version number are one explicit transaction.
-            self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
+            db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
 
     def on_new_work(self, callback: Callable[[str], None]) -> None:
         """Call `callback(target)` after every commit that gave `target` a row to send (wakes its claim loop)."""
         self._listeners.append(callback)
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Cursor]:
+    def _tx(self, write: bool = True) -> Iterator[sqlite3.Cursor]:
         # Every thread shares one connection; if the file is locked from outside, each waits its busy
         # timeout while holding _lock, so the wait for _lock is bounded too (a webhook answers in time).
+        # A read (`write=False`) takes no write lock: a listing must never hold up the gateway's writes.
         if not self._lock.acquire(timeout=_LOCK_WAIT_SECONDS):
             raise StoreError("state database busy: another thread is waiting for it (locked from outside?)")
         woken: set[str] = set()
         try:
             self._new_work.clear()
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield cur
             cur.execute("COMMIT")
             woken, self._new_work = self._new_work, set()
@@ -548,8 +581,8 @@ class SQLiteStore:
         }
 
     def dead_events(self) -> list[OutboxRow]:
-        """The dead letters, oldest first."""
-        with self._tx() as cur:
+        """The dead letters, oldest first (a read: no write lock)."""
+        with self._tx(write=False) as cur:
             ids = [r[0] for r in cur.execute("SELECT id FROM outbox WHERE status='dead' ORDER BY id")]
             return [self._outbox_row(cur, i) for i in ids]
 
@@ -750,16 +783,141 @@ def _make_folder(folder: str) -> None:
         while not os.path.exists(blocker) and os.path.dirname(blocker) != blocker:
             blocker = os.path.dirname(blocker)
         if os.path.exists(blocker) and not os.path.isdir(blocker):
-            raise StorePathError(f"cannot create folder {folder}: {blocker} is a file, not a folder") from None
-        raise StorePathError(f"cannot create folder {folder}: {err.strerror or err}") from None
+            raise StorePathError(f"cannot create folder {folder}: {blocker} is a file, not a folder; set STATE_DB "
+                                 "to a file in a folder you can write") from None
+        raise StorePathError(f"cannot create folder {folder}: {err.strerror or err}; {_os_hint(err)}") from None
+
+
+def _check_place(path: str) -> None:
+    """Refuse a `path` that exists and is no regular file (a folder, a device such as /dev/null), before
+    anything is created beside it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing (it will be created), or unreachable: opening it says why
+    if stat.S_ISDIR(mode):
+        raise StorePathError(f"it is a folder, not a file; set STATE_DB to a file, e.g. "
+                             f"{os.path.join(path, 'state.sqlite3')}")
+    if not stat.S_ISREG(mode):
+        raise StorePathError("it is not a regular file (a device, a pipe or a socket); set STATE_DB to a file, e.g. "
+                             "data/state.sqlite3")
+
+
+def _os_hint(err: OSError) -> str:
+    """What to do about an `OSError` met opening the state files: the setting to change, or the access to give."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "give this user write access to its folder, or set STATE_DB to a file in a folder you can write"
+    if err.errno == errno.EROFS:
+        return "set STATE_DB to a file on a writable filesystem (or make this one writable)"
+    if err.errno == errno.ENAMETOOLONG:
+        return "the name is too long for this filesystem: set STATE_DB to a shorter path"
+    return "set STATE_DB to a file in a folder you can write"
+
+
+def _sqlite_hint(err: sqlite3.Error) -> str:
+    """What to do about a SQLite error met opening the state database."""
+    text = str(err).lower()
+    if "readonly" in text or "read-only" in text:
+        return "the gateway writes it: give this user write access to it and its folder, or set STATE_DB elsewhere"
+    if "not a database" in text:
+        return "it is not a SQLite database: set STATE_DB to a new file (or the gateway's state file)"
+    if "locked" in text:
+        return "another process holds it (a gateway writing, a tool reading it): try again in a moment"
+    return "set STATE_DB to a file in a folder you can write"
+
+
+def _upgrade_first(version: int) -> str:
+    return (f"the state database has schema version {version}; start the gateway (python app.py) once to upgrade "
+            f"it to {SCHEMA_VERSION}, then run this command again")
+
+
+def _open_existing(path: str, read_only: bool) -> sqlite3.Connection:
+    """Connect to the gateway state database at `path`, creating and converting nothing until it is known to be
+    one of this schema version; `read_only` keeps the read-only connection that checked it."""
+    if path == ":memory:":
+        raise StoreNotFound("STATE_DB is :memory:, which nothing outlives")
+    where = os.path.abspath(path)
+    try:
+        mode = os.stat(where).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise StoreNotFound(f"no state database at {where}") from None
+    except PermissionError:
+        raise StoreError(f"permission denied: this user cannot reach {where} (a folder on the way is closed to "
+                         "it); run this as the user the gateway runs as") from None
+    except OSError as err:
+        raise StoreError(f"cannot open state database: {err.strerror or err}; {_os_hint(err)}") from None
+    if stat.S_ISDIR(mode):
+        raise StoreError("it is a folder, not a state database; set STATE_DB to the gateway's state file")
+    if not stat.S_ISREG(mode):
+        raise StoreError("it is not a regular file (a device, a pipe or a socket), so no state database; set "
+                         "STATE_DB to the gateway's state file")
+    uri = Path(where).as_uri()
+    # With no -wal file no connection is open and everything is in the file itself: read it as immutable,
+    # which creates nothing (a read-only WAL reader would leave -wal and -shm files behind, owned by this user,
+    # or fail in a folder it may not write). With one, a gateway is running: its -shm holds where to read.
+    reader = f"{uri}?mode=ro" if os.path.exists(where + "-wal") else f"{uri}?mode=ro&immutable=1"
+    db: sqlite3.Connection | None = None
+    try:
+        db = sqlite3.connect(reader, uri=True, check_same_thread=False, isolation_level=None,
+                             timeout=_BUSY_TIMEOUT_SECONDS)
+        _check_current(db)
+        if read_only:
+            return db
+        db.close()
+        db = None
+    except (sqlite3.Error, StoreError) as err:
+        if db is not None:
+            db.close()
+        if isinstance(err, StoreError):
+            raise
+        if "not a database" in str(err).lower():
+            raise StoreError("it is not a SQLite database, so no state database of the gateway; set STATE_DB to "
+                             "the gateway's state file") from None
+        raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
+    try:
+        # Known to be ours: now for writing (mode=rw: should it vanish meanwhile, nothing new is created).
+        db = sqlite3.connect(f"{uri}?mode=rw", uri=True, check_same_thread=False, isolation_level=None,
+                             timeout=_BUSY_TIMEOUT_SECONDS)
+        db.execute("PRAGMA synchronous=FULL")
+        # SQLite opens a file it may not write read-only without a word: ask for the write lock now, so that
+        # is said here, with what to do, rather than by the first write.
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("ROLLBACK")
+        return db
+    except sqlite3.Error as err:
+        if db is not None:
+            db.close()
+        hint = (_sqlite_hint(err) if "locked" in str(err).lower() else
+                "this command writes it: run it as the user the gateway runs as, or give this user write access to "
+                "the file and its folder")
+        raise StoreError(f"cannot write the state database: {err}; {hint}") from None
+
+
+def _check_current(db: sqlite3.Connection) -> None:
+    """Raise `StoreError` unless `db` is a gateway state database of exactly this schema version."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if version == 0 and not tables:
+        raise StoreError("the file is empty, not a state database of the gateway; set STATE_DB to the gateway's "
+                         "state file")
+    if version == 0 or "outbox" not in tables:
+        raise StoreError("the file is a SQLite database of something else, not of the gateway; set STATE_DB to "
+                         "the gateway's state file")
+    if version < SCHEMA_VERSION:
+        raise StoreError(_upgrade_first(version))
+    if version > SCHEMA_VERSION:
+        raise StoreError(f"the state database has schema version {version}, written by a newer gateway (this one "
+                         f"knows {SCHEMA_VERSION}); run this command with that gateway")
 
 
 def _lock_instance(path: str) -> IO[str]:
     """Hold an exclusive OS lock on `<path>.lock` for this process's life (the OS drops it on any exit)."""
+    lock = path + ".lock"
     try:
-        handle = open(path + ".lock", "a+")
+        handle = open(lock, "a+")
     except OSError as err:
-        raise StoreError(f"cannot open state database {path!r}: its lock file: {err.strerror}") from None
+        raise StoreError(f"cannot open state database: cannot open its lock file {lock} "
+                         f"({err.strerror or err}); {_os_hint(err)}") from None
     try:
         if os.name == "nt":
             import msvcrt
@@ -769,8 +927,9 @@ def _lock_instance(path: str) -> IO[str]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise StoreError(f"another gateway is already running on state database {path!r}; stop it first "
-                         "(two instances on one state would deliver every event twice)") from None
+        raise StoreError(f"another gateway is already running on state database (it holds {lock}); stop it first, "
+                         "or give this one a STATE_DB of its own (two gateways on one state would deliver every "
+                         "event twice)") from None
     return handle
 
 

@@ -8,7 +8,7 @@ Errors raised here::
      ├── RetryAfter               429 flood control; `retry_after` seconds
      ├── BadRequest               400: the request itself is wrong (not worth retrying)
      ├── Forbidden                403: e.g. the user blocked the bot
-     ├── InvalidToken             401/404: the token is wrong or revoked
+     ├── InvalidToken             401/404 in the Bot API's own shape: the token is wrong or revoked
      ├── Conflict                 409: another poller, or a webhook is set
      └── ChatMigrated             the group became a supergroup; `new_chat_id`
 
@@ -18,16 +18,18 @@ exception's text without `redact()`.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import threading
 import time
-from typing import Any, Callable
+import unicodedata
+from typing import IO, Any, Callable, Iterable
 
 import httpx
 
-from config import BOT_TOKEN_SHAPE
+from config import BOT_TOKEN_SHAPE, MIN_SECRET_CHARS
 from retry import BackoffPolicy, backoff
 
 log = logging.getLogger("gateway.telegram")
@@ -66,10 +68,59 @@ def chat_unreachable(err: "TelegramError") -> bool:
 def redact(text: str, *secrets: str) -> str:
     """Return `text` with anything shaped like a bot token, and each given secret, masked."""
     text = _TOKEN_SHAPE.sub("<redacted-token>", text)
-    for secret in secrets:
-        if secret:
+    for secret in sorted(secrets, key=len, reverse=True):  # a whole token before its secret half
+        if secret and len(secret) >= MIN_SECRET_CHARS:
             text = text.replace(secret, "<redacted>")
     return text
+
+
+def printable(text: str, limit: int = 300) -> str:
+    """`text` from outside (Telegram's descriptions, a bot's username) made safe for one log line: runs of
+    whitespace (newlines too) become one space, control and format characters go, and it is cut at `limit`."""
+    text = " ".join(text.split())
+    text = "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf", "Cs"))
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+class RedactingStream(io.TextIOBase):
+    """A text stream that writes whole lines to `target`, each through `redact()` with the secrets it was given
+    (`add_secrets`); what `main()` and the CLI print goes through one, so no line can carry the token."""
+
+    def __init__(self, target: IO[str], *secrets: str) -> None:
+        super().__init__()
+        self._target = target
+        self._secrets: tuple[str, ...] = secrets
+        self._pending = ""  # a line not finished yet: a secret may still be split across two writes
+        self._lock = threading.Lock()  # log records come from every thread
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        """Mask these too from now on (the settings are read after the first line may be printed)."""
+        self._secrets = tuple(dict.fromkeys((*self._secrets, *(s for s in secrets if s))))
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            done, newline, rest = (self._pending + text).rpartition("\n")
+            self._pending = rest
+            if newline:
+                self._target.write(redact(done + newline, *self._secrets))
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self._target.write(redact(self._pending, *self._secrets))
+                self._pending = ""
+            self._target.flush()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target, "encoding", "utf-8")
+
+    def isatty(self) -> bool:
+        return bool(getattr(self._target, "isatty", lambda: False)())
 
 
 class RedactingFilter(logging.Filter):
@@ -99,7 +150,8 @@ class TelegramError(Exception):
 
     def __init__(self, method: str, description: str, error_code: int | None = None) -> None:
         self.method = method
-        self.description = redact(description)
+        # Telegram's words (or a proxy's) go into log lines: masked, on one line, of bounded length.
+        self.description = printable(redact(description), 500)
         self.error_code = error_code
         # True when this call may have taken effect anyway: some earlier attempt, or this one, was sent
         # and its answer lost. Set by NetworkError and by `TelegramClient.call()`.
@@ -157,13 +209,23 @@ class ChatMigrated(TelegramError):
         super().__init__(method, description, 400)
 
 
+def _bot_api_answer(body: Any) -> bool:
+    """Whether `body` is shaped as the Bot API answers: `{"ok": true, ...}`, or `{"ok": false, "error_code": N}`.
+    A proxy, captive portal or load balancer in the way answers otherwise, and its status says nothing
+    about the bot (a proxy's 401 is not Telegram refusing the token)."""
+    if not isinstance(body, dict) or not isinstance(body.get("ok"), bool):
+        return False
+    return body["ok"] or (isinstance(body.get("error_code"), int) and not isinstance(body["error_code"], bool))
+
+
 def _raise_for_reply(method: str, status: int, body: Any) -> Any:
     """Return the `result` of a successful Bot API reply, or raise the typed error it describes."""
-    if not isinstance(body, dict):
+    if not _bot_api_answer(body):
+        what = "a body that is not JSON" if not isinstance(body, (dict, list)) else "an answer not from the Bot API"
         if status >= 500 or status == 0:
-            raise NetworkError(method, f"HTTP {status} with a body that is not JSON", status)
-        raise TelegramError(method, f"HTTP {status} with a body that is not JSON", status)
-    if body.get("ok") is True and 200 <= status < 300:
+            raise NetworkError(method, f"HTTP {status} with {what}", status)
+        raise TelegramError(method, f"HTTP {status} with {what} (a proxy in the way?)", status)
+    if body["ok"] is True and 200 <= status < 300:
         return body.get("result")
     code = body.get("error_code") if isinstance(body.get("error_code"), int) else status
     description = str(body.get("description") or f"HTTP {status}")
@@ -304,9 +366,14 @@ class TelegramClient:
     # The methods the gateway uses, named as in the Bot API.
 
     def get_me(self, read_timeout: float | None = None, attempts: int | None = None) -> dict[str, Any]:
-        """Who the bot is (its `User`: id, username...); `InvalidToken` if Telegram refuses the token."""
+        """Who the bot is (its `User`: id, username...); `InvalidToken` if Telegram refuses the token, and
+        `TelegramError` if the answer names no bot (no object with an integer id: not the Bot API's answer)."""
         result = self.call("getMe", read_timeout=read_timeout, attempts=attempts)
-        return result if isinstance(result, dict) else {}
+        bot_id = result.get("id") if isinstance(result, dict) else None
+        if not isinstance(bot_id, int) or isinstance(bot_id, bool):
+            raise TelegramError("getMe", f"the answer names no bot (result is {type(result).__name__}, not a "
+                                         "user with an integer id)")
+        return result
 
     def get_updates(self, offset: int | None, timeout: int, limit: int = 100,
                     allowed_updates: list[str] | None = None) -> list[dict[str, Any]]:

@@ -276,6 +276,9 @@ BAD_TOKENS = [
     ("bot123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9", "starts with 'bot'"),
     ('"123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9"', "wrapped in quotes"),
     ("123456789:AAHk3x TESTtokenTESTtokenTESTtoken_x9", "contains spaces"),
+    ("١٢٣٤٥٦٧٨٩:AAHk3x-TESTtokenTESTtokenTESTtoken_x9", "does not look like a bot token"),  # Arabic-Indic digits
+    ("１２３４５６７８９:AAHk3x-TESTtokenTESTtokenTESTtoken_x9", "does not look like a bot token"),  # fullwidth
+    ("123456789:AAHk3x-TESTtokenTESTtokenTESTtoken_x9# my bot", "a comment after a value needs a space before"),
 ]
 
 
@@ -344,3 +347,51 @@ def test_nothing_set_and_no_dotenv_is_one_line_saying_where_it_looked(tmp_path: 
     with pytest.raises(ConfigError) as caught:
         Config.from_env(environ={}, dotenv_path=str(tmp_path / ".env"))
     assert caught.value.no_dotenv is None and len(caught.value.problems) == 2
+
+
+# `.env` files as editors save them, and values that must not be echoed
+
+
+def test_dotenv_with_a_byte_order_mark_is_read_as_without(tmp_path: Path) -> None:
+    """A UTF-8 byte order mark at the start of `.env` (Notepad's "UTF-8 with BOM") is not part of the first name."""
+    (tmp_path / ".env").write_text(f"BOT_TOKEN={TOKEN}\nMAKE_WEBHOOK_URL={MAKE_URL}\n", encoding="utf-8-sig")
+    assert Config.from_env(environ={}, dotenv_path=str(tmp_path / ".env")).bot_token == TOKEN
+
+
+@pytest.mark.parametrize("content,why", [
+    ("Оплата невозможна".encode("cp1251"), "is not UTF-8 text"),
+    (b"BOT_TOKEN=x\x00\n", "is not a text file (it holds NUL bytes)"),
+], ids=["cp1251", "nul-bytes"])
+def test_dotenv_that_cannot_be_read_is_one_line_naming_it(content: bytes, why: str, tmp_path: Path) -> None:
+    """A `.env` that is not UTF-8 text is one line naming the file and why, in place of a traceback."""
+    (tmp_path / ".env").write_bytes(b"MAKE_WEBHOOK_URL=" + MAKE_URL.encode() + b"\nTEXT_PAYMENT_REFUSED=" + content)
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ={"BOT_TOKEN": TOKEN}, dotenv_path=str(tmp_path / ".env"))
+    line = caught.value.line
+    assert line is not None and "\n" not in line
+    assert line.startswith(f"{(tmp_path / '.env').resolve()} {why}")
+    assert TOKEN in caught.value.secrets  # for whoever prints it: the environment's token is still a secret
+
+
+def test_telegram_api_url_holding_the_token_is_refused_without_echoing_it() -> None:
+    """TELEGRAM_API_URL with the token in it (`https://api.telegram.org/bot<token>`) is refused, and no problem
+    line repeats a value that holds the token or its secret part."""
+    problems = problems_of({**REQUIRED, "TELEGRAM_API_URL": f"https://api.telegram.org/bot{TOKEN}",
+                            "MAKE_WEBHOOK_URL": f"ftp://example.com/{TOKEN.split(':')[1]}",
+                            "WEBHOOK_URL": f"http://example.com/{TOKEN}", "PORT": f"{TOKEN}"})
+    assert len(problems) == 4
+    assert problems[1].startswith("TELEGRAM_API_URL holds the bot token (not shown)")
+    for problem in problems:
+        assert TOKEN.split(":")[1] not in problem
+    assert "MAKE_WEBHOOK_URL (its value holds BOT_TOKEN" in problems[0]
+
+
+def test_secrets_are_every_value_no_line_may_print() -> None:
+    """`Config.secrets()` and a `ConfigError`'s `secrets` hold the token, its secret part, the webhook secret and
+    the reply token, even when the token itself is refused."""
+    config = load(WEBHOOK_SECRET="hook-secret-1", REPLY_TOKEN="reply-secret-2")
+    assert set(config.secrets()) >= {TOKEN, TOKEN.split(":")[1], "hook-secret-1", "reply-secret-2"}
+    bad = "١٢٣:" + TOKEN.split(":")[1]
+    with pytest.raises(ConfigError) as caught:
+        Config.from_env(environ={**REQUIRED, "BOT_TOKEN": bad}, dotenv_path=None)
+    assert TOKEN.split(":")[1] in caught.value.secrets

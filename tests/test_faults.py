@@ -190,7 +190,7 @@ def test_second_instance_on_the_same_database_is_refused(start_service, service_
     with pytest.raises(AssertionError, match="service exited at start"):
         second.start(timeout=15)
     assert "another gateway is already running on state database" in second.text
-    assert second.proc is not None and second.proc.wait(10) == 1
+    assert second.proc is not None and second.proc.wait(10) == 2  # a setting to fix at start: status 2
 
 
 @pytest.fixture
@@ -242,7 +242,7 @@ def test_disk_full_refuses_updates_cleanly_and_loses_none(small_disk, start_serv
 
 def test_read_only_state_stops_the_start_with_a_clear_message(small_disk, start_service, service_env,
                                                                make: MakeDouble) -> None:
-    """A state database on a read-only filesystem stops the start with one clear line (exit 1), and the
+    """A state database on a read-only filesystem stops the start with one clear line (exit 2), and the
     batch it holds is delivered once the filesystem is writable again."""
     mount_point, remount = small_disk
     env = {"STATE_DB": str(mount_point / "state.sqlite3"), "DEBOUNCE_SECONDS": "30", "MAX_WAIT_SECONDS": "60"}
@@ -255,7 +255,7 @@ def test_read_only_state_stops_the_start_with_a_clear_message(small_disk, start_
         refused = Service(mount_point.parent, {**service_env, **WEBHOOK, **env})
         with pytest.raises(AssertionError, match="service exited at start"):
             refused.start(timeout=15)
-        assert refused.proc is not None and refused.proc.wait(10) == 1
+        assert refused.proc is not None and refused.proc.wait(10) == 2
         assert "cannot open state database" in refused.text and "Read-only file system" in refused.text
         assert "Traceback" not in refused.text
     finally:

@@ -9,7 +9,7 @@ import pytest
 
 from batching import build_batch_event
 from debounce import DebounceSettings, deadline
-from store import BatchRow, MemoryStore, NewEvent, SQLiteStore
+from store import BatchRow, MemoryStore, NewEvent, SQLiteStore, StoreError, StoreNotFound, StorePathError
 
 T0 = 1_763_900_000.0  # wall-clock seconds, as the store keeps them
 SETTINGS = DebounceSettings(debounce_seconds=4.0, max_wait_seconds=15.0, max_messages=50)
@@ -822,3 +822,73 @@ def test_a_version_3_state_counts_its_sendmessages_in_flight_as_on_the_wire(tmp_
     upgraded = SQLiteStore(str(path), exclusive=True)
     assert [row.event_id for row in upgraded.interrupted_on_wire("telegram")] == ["m1"]
     upgraded.close()
+
+
+
+# Opening: nothing that is not the gateway's is changed
+
+
+def _foreign_file(path: Path) -> bytes:
+    """A SQLite database of another program (rollback journal), and its bytes."""
+    import sqlite3
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE notes (x)")
+    db.commit()
+    db.close()
+    return path.read_bytes()
+
+
+def test_a_foreign_database_is_refused_unchanged_even_by_the_gateway(tmp_path: Path) -> None:
+    """The gateway's own open refuses another program's SQLite file before anything is set on it: its bytes stay
+    the same (it is not turned into a WAL database)."""
+    path = tmp_path / "other.sqlite3"
+    before = _foreign_file(path)
+    with pytest.raises(StoreError, match="schema version 0"):
+        SQLiteStore(str(path), exclusive=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.sqlite3", "other.sqlite3.lock"]
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["read", "write"])
+def test_opening_an_existing_state_creates_and_converts_nothing(read_only: bool, tmp_path: Path) -> None:
+    """With `existing`/`read_only`: no file is a StoreNotFound and none is made; an empty or foreign file is
+    refused as it was; the gateway's file opens, read-only if asked (a write then fails)."""
+    missing = tmp_path / "none" / "state.sqlite3"
+    with pytest.raises(StoreNotFound):
+        SQLiteStore(str(missing), existing=True, read_only=read_only)
+    assert not missing.parent.exists()
+    empty = tmp_path / "empty.sqlite3"
+    empty.write_bytes(b"")
+    with pytest.raises(StoreError, match="the file is empty"):
+        SQLiteStore(str(empty), existing=True, read_only=read_only)
+    assert empty.read_bytes() == b""
+    foreign = tmp_path / "foreign.sqlite3"
+    before = _foreign_file(foreign)
+    with pytest.raises(StoreError, match="of something else"):
+        SQLiteStore(str(foreign), existing=True, read_only=read_only)
+    assert foreign.read_bytes() == before
+    ours = tmp_path / "state.sqlite3"
+    SQLiteStore(str(ours)).close()
+    opened = SQLiteStore(str(ours), existing=True, read_only=read_only)
+    try:
+        assert opened.dead_events() == []
+        if read_only:
+            with pytest.raises(StoreError):
+                opened.replay_dead(T0)
+        else:
+            assert opened.replay_dead(T0) == 0
+    finally:
+        opened.close()
+
+
+def test_a_state_db_that_is_a_folder_or_a_device_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    """STATE_DB naming a folder or a device is a StorePathError saying so; no lock file is made beside it."""
+    folder = tmp_path / "state.sqlite3"
+    folder.mkdir()
+    with pytest.raises(StorePathError, match="it is a folder, not a file"):
+        SQLiteStore(str(folder), exclusive=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.sqlite3"]
+    import os
+    if os.name == "posix":
+        with pytest.raises(StorePathError, match="not a regular file"):
+            SQLiteStore(os.devnull, exclusive=True)

@@ -17,11 +17,13 @@ from telegram_api import (
     Forbidden,
     InvalidToken,
     NetworkError,
+    RedactingStream,
     RetryAfter,
     TelegramClient,
     TelegramError,
     TimedOut,
     _raise_for_reply,
+    printable,
     redact,
 )
 
@@ -300,3 +302,53 @@ def test_get_me_names_the_bot_and_refuses_a_wrong_token(telegram: TelegramDouble
     with pytest.raises(InvalidToken) as caught:
         clients(telegram.url, token=TOKEN.replace("AAH", "BBH")).get_me()
     assert caught.value.error_code == 401 and "BBH" not in str(caught.value)
+
+
+
+@pytest.mark.parametrize("status,body", [
+    (401, {"error": "proxy authentication required"}),
+    (404, {"detail": "Not Found"}),
+    (401, {"ok": False, "description": "Unauthorized"}),  # no error_code: not how the Bot API answers
+    (404, {"ok": "false", "error_code": 404}),
+], ids=["proxy-401", "router-404", "no-error-code", "ok-not-a-bool"])
+def test_a_refusal_not_shaped_like_the_bot_apis_is_not_the_tokens_fault(status: int, body: Any) -> None:
+    """Only a Bot API answer (`ok: false` with an `error_code`) can say the token is wrong; a proxy's or a
+    router's 401/404 is a TelegramError saying it came from something else."""
+    with pytest.raises(TelegramError) as caught:
+        _raise_for_reply("getMe", status, body)
+    assert not isinstance(caught.value, InvalidToken)
+    assert "not from the Bot API" in str(caught.value)
+
+
+@pytest.mark.parametrize("result", [None, [1, 2], {"username": "x_bot"}, {"id": "1"}, {"id": True}],
+                         ids=["null", "list", "no-id", "string-id", "bool-id"])
+def test_get_me_answer_naming_no_bot_is_an_error(result: Any, telegram: TelegramDouble, clients) -> None:
+    """A getMe `result` that is not a user with an integer id is a TelegramError, never an empty bot."""
+    telegram.script("getMe", (200, {"ok": True, "result": result}))
+    with pytest.raises(TelegramError) as caught:
+        clients(telegram.url).get_me(attempts=1)
+    assert "names no bot" in str(caught.value) and not isinstance(caught.value, InvalidToken)
+
+
+def test_printable_keeps_what_telegram_says_on_one_bounded_line() -> None:
+    """Newlines and other whitespace runs become one space, control and format characters go, length is capped."""
+    assert printable("evil\n2026-01-01 INFO forged\r\n\x1b[2Jx\u202e", 100) == "evil 2026-01-01 INFO forged [2Jx"
+    assert printable("u" * 500, 10) == "u" * 9 + "…"
+    with pytest.raises(InvalidToken) as caught:  # a refusal whose description runs over lines is one line
+        _raise_for_reply("getMe", 401, err(401, "Unauthorized\n" * 50))
+    assert "\n" not in str(caught.value)
+
+
+def test_redacting_stream_masks_secrets_even_split_across_writes() -> None:
+    """A `RedactingStream` writes whole lines, each with token shapes and its secrets masked, even when a secret
+    arrives in two writes; what is left at `flush()` is masked too; secrets added later count from then on."""
+    import io
+    target = io.StringIO()
+    stream = RedactingStream(target, "hunter2_secret")
+    stream.write("a hunter2_")
+    assert target.getvalue() == ""  # not a whole line yet
+    stream.write("secret b\nc " + TOKEN + "\n")
+    stream.add_secrets(["later-secret"])
+    stream.write("d later-secret")
+    stream.flush()
+    assert target.getvalue() == "a <redacted> b\nc <redacted-token>\nd <redacted>"
