@@ -553,12 +553,16 @@ def serve(config: Config, setup: Callable[[Flask, Gateway], None] | None = None,
     it serves (the sandbox's page); `on_listening` gets the base URL once it listens; `on_stopping` is called
     when it stops taking requests, before the gateway's threads are stopped."""
     signals = _StopSignal()
-    # From the first moment, so that a stop during the start (getMe may take seconds) is a logged, clean one.
-    previous = signal.signal(signal.SIGTERM, signals)
+    # From the first moment, so that a stop during the start (getMe may take seconds) is a logged, clean one;
+    # Ctrl-C too, so that a second one while stopping does not break into the shutdown (unless the shell that
+    # started us in the background told us to ignore it).
+    stops = [signal.SIGTERM] + ([signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else [])
+    previous = {sig: signal.signal(sig, signals) for sig in stops}
     try:
         return _serve(config, signals, setup, on_listening, on_stopping)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway], None] | None,

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,18 @@ def test_a_real_make_slower_than_the_gateway_waits_shows_as_timed_out(start_sand
     assert reply["text"] == "in time"
     first = sandbox.state()["events"][0]
     assert first["status"] == 504 and "did not answer within 1.5 s" in first["answer"]
+
+
+def test_a_second_ctrl_c_while_stopping_is_no_traceback(start_sandbox, make: MakeDouble) -> None:
+    """Ctrl-C while Make holds a call (the stop waits for it), then Ctrl-C again: still a clean stop, status 0."""
+    make.script((200, {"reply": "late"}, {}, 6.0))
+    sandbox = start_sandbox("--make-url", make.url + "/hook")
+    sandbox.post("say", user=ANNA, text="hi")
+    wait_until(lambda: make.open == 1, what="Make to hold the call")
+    proc = sandbox.service.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "INFO gateway [MainThread] stopping" in sandbox.service.text, what="the stop to begin")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(30) == 0, sandbox.service.text
+    assert "Traceback" not in sandbox.service.text and "stopped" in sandbox.service.text
