@@ -65,7 +65,7 @@ class MakeStandIn(LocalServer):
         self.delay = delay
         self.forward_to = forward_to
         self.timeout = 60.0
-        self._client: httpx.Client | None = None
+        self._client = httpx.Client(follow_redirects=False) if forward_to else None
         self._numbers = itertools.count(1)
         self._stopping = threading.Event()
         # `lock` (from LocalServer) guards `events`: dicts the handler fills in as Make answers.
@@ -105,8 +105,6 @@ class MakeStandIn(LocalServer):
         """Give up on the real Make when the gateway would (its MAKE_TIMEOUT_SECONDS), so the page shows what the
         gateway saw."""
         self.timeout = seconds
-        if self.forward_to:
-            self._client = httpx.Client(timeout=seconds, follow_redirects=False)
 
     def stop_waiting(self) -> None:
         """Answer every batch the stand-in is "thinking" about now: the sandbox is stopping."""
@@ -120,13 +118,10 @@ class MakeStandIn(LocalServer):
             self._client.close()
 
     def _forward(self, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-        assert self.forward_to is not None
-        if self._client is None:
-            self.give_up_after(self.timeout)
-        assert self._client is not None
+        assert self._client is not None and self.forward_to is not None
         sent = {name: headers[name] for name in _FORWARDED_HEADERS if name in headers}
         try:
-            response = self._client.post(self.forward_to, content=body, headers=sent)
+            response = self._client.post(self.forward_to, content=body, headers=sent, timeout=self.timeout)
         except httpx.TimeoutException:
             log.warning("the real Make webhook did not answer within %g s", self.timeout)
             return 504, {"Content-Type": "text/plain"}, \
