@@ -31,6 +31,7 @@ import httpx
 
 from config import BOT_TOKEN_SHAPE, MIN_SECRET_CHARS
 from retry import BackoffPolicy, backoff
+from updates import is_int
 
 log = logging.getLogger("gateway.telegram")
 
@@ -215,7 +216,7 @@ def _bot_api_answer(body: Any) -> bool:
     about the bot (a proxy's 401 is not Telegram refusing the token)."""
     if not isinstance(body, dict) or not isinstance(body.get("ok"), bool):
         return False
-    return body["ok"] or (isinstance(body.get("error_code"), int) and not isinstance(body["error_code"], bool))
+    return body["ok"] or is_int(body.get("error_code"))
 
 
 def _raise_for_reply(method: str, status: int, body: Any) -> Any:
@@ -369,8 +370,7 @@ class TelegramClient:
         """Who the bot is (its `User`: id, username...); `InvalidToken` if Telegram refuses the token, and
         `TelegramError` if the answer names no bot (no object with an integer id: not the Bot API's answer)."""
         result = self.call("getMe", read_timeout=read_timeout, attempts=attempts)
-        bot_id = result.get("id") if isinstance(result, dict) else None
-        if not isinstance(bot_id, int) or isinstance(bot_id, bool):
+        if not (isinstance(result, dict) and is_int(result.get("id"))):
             raise TelegramError("getMe", f"the answer names no bot (result is {type(result).__name__}, not a "
                                          "user with an integer id)")
         return result
