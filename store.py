@@ -2,22 +2,25 @@
 
 `SQLiteStore(path)` keeps it in a SQLite file (WAL, synchronous=FULL: a committed update survives a
 crash); `SQLiteStore(":memory:")` (also `MemoryStore()`) has the same behaviour for throwaway runs and
-tests. Every public method is one transaction; the connection is shared by all threads behind `_lock`.
+tests. Every public method is one unit of work, atomic and durable when it returns. Units that arrive
+together share one transaction and one fsync (group commit, `SQLiteStore._run`): the connection is shared
+by all threads, and whichever thread is first in line runs and commits the waiting units of the others.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import sqlite3
 import stat
 import threading
 import uuid
+from collections import deque
 from pathlib import Path
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Generic, Iterable, TypeVar
 
 # Version 1: the first schema. Each later entry of _MIGRATIONS moves a database one version up, in one
 # transaction, so a state file of any earlier version is upgraded in place at start (its outbox kept).
@@ -190,6 +193,7 @@ _MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER, _ON_WIRE)  # entr
 SCHEMA_VERSION = len(_MIGRATIONS)
 _BUSY_TIMEOUT_SECONDS = 2.0  # SQLite's wait for a lock held by another process
 _LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others waiting on SQLite
+_GROUP_MAX = 512  # units one commit takes at most: bounds how long the last of them waits for it
 
 # Every query below that reads the ready heads says `is_head = 1 AND status = 'pending'` literally, so
 # SQLite uses the partial index outbox_ready.
@@ -244,14 +248,17 @@ class OutboxRow:
 
 @dataclass(frozen=True)
 class AddResult:
-    """What adding a message did: `new` is False for a repeated update_id; `closed` names a batch closed at once."""
+    """What adding a message did: `new` is False for a repeated update_id; `closed` names a batch closed at once;
+    `held`: flood control held the message back (counted for the user's next batch)."""
 
     new: bool
     batch: BatchRow | None = None
     closed: bool = False
+    held: bool = False
 
 
 Builder = Callable[[BatchRow, str], NewEvent]
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -293,6 +300,11 @@ class SQLiteStore:
         self._lock = threading.Lock()
         self._new_work: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
+        # _line_lock guards _line (the units waiting to be committed, the group being committed first) and
+        # each unit's taken / leads / done; _inside.cursor is set on the thread running a group.
+        self._line_lock = threading.Lock()
+        self._line: deque[_Unit[Any]] = deque()
+        self._inside = threading.local()
 
     def _open(self, path: str, exclusive: bool) -> sqlite3.Connection:
         """Open or create the database at `path` and bring its schema up to date (see `__init__`)."""
@@ -344,88 +356,191 @@ class SQLiteStore:
         """Call `callback(target)` after every commit that gave `target` a row to send (wakes its claim loop)."""
         self._listeners.append(callback)
 
-    @contextmanager
-    def _tx(self, write: bool = True) -> Iterator[sqlite3.Cursor]:
-        # Every thread shares one connection; if the file is locked from outside, each waits its busy
-        # timeout while holding _lock, so the wait for _lock is bounded too (a webhook answers in time).
-        # A read (`write=False`) takes no write lock: a listing must never hold up the gateway's writes.
-        if not self._lock.acquire(timeout=_LOCK_WAIT_SECONDS):
-            raise StoreError("state database busy: another thread is waiting for it (locked from outside?)")
+    def _run(self, work: Callable[[sqlite3.Cursor], T], write: bool = True) -> T:
+        """Run `work(cursor)` as one unit of a transaction; return its result once that transaction is committed.
+
+        Group commit: units that wait together share one transaction and one fsync. The first in line leads:
+        it runs every unit waiting (each in a savepoint of its own, so one that fails is undone alone) and
+        commits them all; units arriving meanwhile wait for the next group, led by the first of them. A unit
+        never returns before its group is on disk, so a caller may acknowledge what it stored."""
+        inside = self._inside
+        if getattr(inside, "cursor", None) is not None:  # a unit's own work calling the store: same transaction
+            return work(inside.cursor)
+        unit = _Unit(work, write)
+        with self._line_lock:
+            self._line.append(unit)
+            unit.leads = len(self._line) == 1
+        if not unit.leads:
+            if not unit.ready.wait(_LOCK_WAIT_SECONDS):
+                with self._line_lock:
+                    if not unit.taken and not unit.leads:  # still in line behind a stuck group: give up
+                        self._line.remove(unit)
+                        raise StoreError("state database busy: another thread is waiting for it (locked from "
+                                         "outside?)")
+                unit.ready.wait()  # taken into a group (bounded by SQLite's busy timeout), or leading now
+            if unit.done:
+                return unit.outcome()
+        self._lead()
+        return unit.outcome()
+
+    def _lead(self) -> None:
+        """Run and commit the group at the head of the line, then hand the lead to the first unit behind it."""
+        with self._line_lock:
+            group = list(itertools.islice(self._line, _GROUP_MAX))
+            for unit in group:
+                unit.taken = True
         woken: set[str] = set()
         try:
-            self._new_work.clear()
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            yield cur
-            cur.execute("COMMIT")
-            woken, self._new_work = self._new_work, set()
-        except BaseException as err:
-            try:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
-            if isinstance(err, sqlite3.Error):
-                raise StoreError(f"state database error: {err}") from None
-            raise
-        finally:
-            self._lock.release()
-        for target in woken:  # outside the lock: a listener may read the store at once
+            woken = self._commit(group)
+        finally:  # whatever happened, every unit of the group has its outcome and the line moves on
+            with self._line_lock:
+                for unit in group:
+                    self._line.popleft()
+                    unit.done = True
+                successor = self._line[0] if self._line else None
+                if successor is not None:
+                    successor.leads = True
+            for unit in group:
+                unit.ready.set()
+            if successor is not None:
+                successor.ready.set()
+        for target in woken:  # after the commit, outside every lock: a listener may use the store at once
             for listener in self._listeners:
                 listener(target)
+
+    def _commit(self, group: list[_Unit[Any]]) -> set[str]:
+        """Run `group` in one transaction and commit it; return the targets given new work. Each unit ends
+        with its result, or with the error that undid it (a failed commit undoes them all)."""
+        alone = len(group) == 1  # no savepoint needed: a failure rolls back the whole transaction
+        woken: set[str] = set()
+        with self._lock:
+            try:
+                cur = self._db.cursor()
+                cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
+            except sqlite3.Error as err:
+                _fail(group, err)
+                return set()
+            self._inside.cursor = cur
+            try:
+                for unit in group:
+                    self._new_work = set()
+                    try:
+                        if not alone:
+                            cur.execute("SAVEPOINT unit")
+                        unit.result = unit.work(cur)
+                        if not alone:
+                            cur.execute("RELEASE unit")
+                        unit.error = None
+                        woken |= self._new_work
+                    except BaseException as err:  # noqa: B036 - it becomes that unit's outcome, raised in its thread
+                        unit.result = None
+                        unit.error = StoreError(f"state database error: {err}") if isinstance(
+                            err, sqlite3.Error) else err
+                        if not self._undo(cur, alone):
+                            _fail(group, err)
+                            return set()
+                if alone and group[0].error is not None:
+                    return set()
+                cur.execute("COMMIT")
+                for unit in group:
+                    unit.committed = unit.error is None
+                return woken
+            except sqlite3.Error as err:  # the commit (or a savepoint) failed: nothing of the group is stored
+                self._rollback()
+                _fail(group, err)
+                return set()
+            finally:
+                self._inside.cursor = None
+                self._new_work = set()
+
+    def _undo(self, cur: sqlite3.Cursor, alone: bool) -> bool:
+        """Undo the unit that just failed; False if the whole transaction is gone (SQLite rolled it back)."""
+        if alone:
+            self._rollback()
+            return True
+        if not self._db.in_transaction:
+            return False
+        try:
+            cur.execute("ROLLBACK TO unit")
+            cur.execute("RELEASE unit")
+            return True
+        except sqlite3.Error:
+            self._rollback()
+            return False
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
 
     # Updates
 
     def seen(self, update_id: int) -> bool:
         """Tell whether `update_id` was already stored."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> bool:
             return cur.execute("SELECT 1 FROM seen_updates WHERE update_id=?", (update_id,)).fetchone() is not None
+        return self._run(work, write=False)
 
     def record_update(self, update_id: int, now: float, events: Iterable[NewEvent] = ()) -> bool:
         """Store the update unless its `update_id` was seen (and enqueue `events` with it); return whether it was new."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> bool:
             if not self._mark_seen(cur, update_id, now):
                 return False
             for event in events:
                 self._enqueue(cur, event, now)
             return True
+        return self._run(work)
 
     def hold_message(self, update_id: int, chat_id: int, user_id: int, now: float) -> bool:
         """Record a message flood control held back (counted for the user's next batch); return whether it was new."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> bool:
             if not self._mark_seen(cur, update_id, now):
                 return False
             cur.execute(
                 "INSERT INTO flood_held (chat_id, user_id, held) VALUES (?, ?, 1) "
                 "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (chat_id, user_id))
             return True
+        return self._run(work)
 
     def add_message(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
-                    item: dict[str, Any], now: float, max_messages: int, build: Builder) -> AddResult:
+                    item: dict[str, Any], now: float, max_messages: int, build: Builder,
+                    admit: Callable[[], bool] | None = None) -> AddResult:
         """Store a message in its user's open batch (opening one if needed); a batch that reaches
-        `max_messages` is closed into the outbox in the same transaction. A seen `update_id` changes nothing."""
-        with self._tx() as cur:
+        `max_messages` is closed into the outbox in the same transaction. A seen `update_id` changes nothing.
+
+        `admit()` is asked once the update is known to be new (flood control): False holds the message back,
+        counted for the user's next batch (`held`). The result's batch carries no messages unless it closed."""
+        # Serialized before queueing: the thread committing everyone's units should do only the SQL.
+        user_json = json.dumps(user, ensure_ascii=True, allow_nan=False)
+        item_json = json.dumps(item, ensure_ascii=True, allow_nan=False)
+
+        def work(cur: sqlite3.Cursor) -> AddResult:
             if not self._mark_seen(cur, update_id, now):
                 return AddResult(new=False)
-            row = cur.execute("SELECT batch_id, count FROM batches WHERE chat_id=? AND user_id=?",
+            if admit is not None and not admit():
+                cur.execute("INSERT INTO flood_held (chat_id, user_id, held) VALUES (?, ?, 1) "
+                            "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (chat_id, user_id))
+                return AddResult(new=True, held=True)
+            row = cur.execute("SELECT batch_id, count, first_at FROM batches WHERE chat_id=? AND user_id=?",
                               (chat_id, user_id)).fetchone()
-            user_json = json.dumps(user, ensure_ascii=True, allow_nan=False)
             if row is None:
-                batch_id, seq = uuid.uuid4().hex, 1
+                batch_id, count, first_at = uuid.uuid4().hex, 1, now
                 cur.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1)",
                             (batch_id, chat_id, user_id, user_json, now, now))
             else:
-                batch_id, seq = row[0], row[1] + 1
+                batch_id, count, first_at = row[0], row[1] + 1, row[2]
                 cur.execute("UPDATE batches SET last_at=?, count=?, user_json=? WHERE batch_id=?",
-                            (now, seq, user_json, batch_id))
-            cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)",
-                        (batch_id, seq, json.dumps(item, ensure_ascii=True, allow_nan=False)))
-            batch = self._load_batch(cur, chat_id, user_id)
-            assert batch is not None
-            if batch.count >= max_messages:
+                            (now, count, user_json, batch_id))
+            cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)", (batch_id, count, item_json))
+            if count >= max_messages:  # only a closing batch is read back whole, for its event
+                batch = self._load_batch(cur, chat_id, user_id)
+                assert batch is not None
                 self._close(cur, batch, "max_messages", build, now)
                 return AddResult(new=True, batch=batch, closed=True)
-            return AddResult(new=True, batch=batch)
+            return AddResult(new=True, batch=BatchRow(batch_id, chat_id, user_id, user, first_at, now, count))
+        return self._run(work)
 
     def close_batch_if_due(self, chat_id: int, user_id: int, now: float,
                            due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
@@ -433,7 +548,7 @@ class SQLiteStore:
 
         Returns (closed, deadline): (True, None) when closed, (False, at) when it is due later at `at`,
         (False, None) when there is no open batch."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> tuple[bool, float | None]:
             batch = self._load_batch(cur, chat_id, user_id)
             if batch is None:
                 return False, None
@@ -442,49 +557,56 @@ class SQLiteStore:
                 return False, at
             self._close(cur, batch, reason, build, now)
             return True, None
+        return self._run(work)
 
     def open_batches(self) -> list[BatchRow]:
         """Every open batch (without messages), for rescheduling after a restart."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> list[BatchRow]:
             rows = cur.execute("SELECT batch_id, chat_id, user_id, user_json, first_at, last_at, count "
                                "FROM batches ORDER BY first_at").fetchall()
-        return [BatchRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+            return [BatchRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], r[6]) for r in rows]
+        return self._run(work, write=False)
 
     def last_update_id(self) -> int | None:
         """The highest update id remembered, or None."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int | None:
             return cur.execute("SELECT MAX(update_id) FROM seen_updates").fetchone()[0]
+        return self._run(work, write=False)
 
     def prune_seen(self, before: float) -> int:
         """Forget update ids received before `before` (wall clock); return how many."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int:
             return cur.execute("DELETE FROM seen_updates WHERE received_at < ?", (before,)).rowcount
+        return self._run(work)
 
     # Outbox
 
     def enqueue_event(self, event: NewEvent, now: float) -> bool:
         """Put `event` in the outbox unless its `event_id` is already there; return whether it was added."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> bool:
             return self._enqueue(cur, event, now)
+        return self._run(work)
 
     def enqueue_events(self, events: Iterable[NewEvent], now: float) -> int:
         """Put several events in the outbox in one transaction (each unless already there); return how many were added."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int:
             return sum(self._enqueue(cur, event, now) for event in events)
+        return self._run(work)
 
     def reset_inflight(self, target: str = "make") -> int:
         """Make rows of `target` left in flight by a crash deliverable again; return how many."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int:
             count = cur.execute("UPDATE outbox SET status='pending' WHERE status='inflight' AND target=?",
                                 (target,)).rowcount
             if count:
                 self._new_work.add(target)
             return count
+        return self._run(work)
 
     def repair_heads(self) -> int:
         """Give every queue that has live events but no head one (its oldest); return how many were repaired.
         Nothing the gateway does leaves a queue headless; this guards the start against a file changed by hand."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int:
             headless = [r[0] for r in cur.execute(
                 "SELECT order_key FROM outbox WHERE status IN ('pending', 'inflight') GROUP BY order_key "
                 "HAVING MAX(is_head) = 0")]
@@ -492,29 +614,33 @@ class SQLiteStore:
                                                       (k,)).fetchone()[0]) for k in headless):
                 self._promote(cur, order_key, target)
             return len(headless)
+        return self._run(work)
 
     def claim_due_events(self, now: float, target: str = "make", limit: int = 1) -> list[OutboxRow]:
         """Mark in flight and return up to `limit` due events of `target`, each the head of its order key's
         queue (so never two of one key), earliest due first, atomically. Costs the same however long the queues."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> list[OutboxRow]:
             ids = [r[0] for r in cur.execute(
                 "SELECT id FROM outbox WHERE is_head = 1 AND status = 'pending' AND target = ? "
                 "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (target, now, limit))]
             for row_id in ids:
                 cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, on_wire=0 WHERE id=?", (row_id,))
             return [self._outbox_row(cur, row_id) for row_id in ids]
+        return self._run(work)
 
     def mark_on_wire(self, row_id: int) -> None:
         """Record that the call of an in-flight row has begun to go out (it may arrive from now on)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             cur.execute("UPDATE outbox SET on_wire=1 WHERE id=? AND status='inflight'", (row_id,))
+        return self._run(work)
 
     def interrupted_on_wire(self, target: str) -> list[OutboxRow]:
         """Rows of `target` a crash or a slow stop left in flight after their call began to go out."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> list[OutboxRow]:
             ids = [r[0] for r in cur.execute(
                 "SELECT id FROM outbox WHERE status='inflight' AND target=? AND on_wire=1 ORDER BY id", (target,))]
             return [self._outbox_row(cur, row_id) for row_id in ids]
+        return self._run(work, write=False)
 
     def claim_due_event(self, now: float, target: str = "make") -> OutboxRow | None:
         """Claim the earliest due event of `target` that heads its queue (see `claim_due_events`), or None."""
@@ -523,24 +649,26 @@ class SQLiteStore:
 
     def release_claims(self, row_ids: Iterable[int], due_at: float) -> None:
         """Put claimed rows that were never sent back in their queues, due at `due_at`, the attempt not counted."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             for row_id in row_ids:
                 cur.execute("UPDATE outbox SET status='pending', attempts=attempts-1, next_attempt_at=? "
                             "WHERE id=? AND status='inflight'", (due_at, row_id))
+        return self._run(work)
 
     def mark_delivered(self, row_id: int, followups: Iterable[NewEvent] = (), now: float = 0.0) -> set[str]:
         """Delivered: the event leaves the outbox (its queue's next event heads it) and `followups`
         (e.g. Make's replies) enter it, atomically. Returns the event ids of the followups that took effect."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> set[str]:
             found = cur.execute("SELECT order_key, target FROM outbox WHERE id=?", (row_id,)).fetchone()
             cur.execute("DELETE FROM outbox WHERE id=?", (row_id,))
             if found is not None:
                 self._promote(cur, *found)
             return {event.event_id for event in followups if self._enqueue(cur, event, now)}
+        return self._run(work)
 
     def mark_failed(self, row_id: int, next_attempt_at: float, error: str, dead: bool = False) -> None:
         """Not delivered: try again at `next_attempt_at`, or keep it as a dead letter (its queue moves on)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             if not dead:
                 cur.execute("UPDATE outbox SET status='pending', next_attempt_at=?, last_error=? WHERE id=?",
                             (next_attempt_at, error, row_id))
@@ -550,28 +678,33 @@ class SQLiteStore:
                         (next_attempt_at, error, row_id))
             if found is not None:
                 self._promote(cur, *found)
+        return self._run(work)
 
     def retry_with(self, row_id: int, payload: dict[str, Any], next_attempt_at: float, error: str) -> None:
         """Not delivered: try again at `next_attempt_at` with `payload` instead (e.g. a reply without the
         formatting Telegram refused), in the same place in its queue."""
         body = json.dumps(payload, ensure_ascii=True, allow_nan=False)
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             cur.execute("UPDATE outbox SET status='pending', payload=?, next_attempt_at=?, last_error=? WHERE id=?",
                         (body, next_attempt_at, error, row_id))
+        return self._run(work)
 
     def next_attempt_at(self, target: str = "make") -> float | None:
         """When the earliest event for `target` that heads its queue becomes due (wall clock), or None."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> float | None:
             return cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE is_head = 1 AND status = 'pending' "
                                "AND target = ?", (target,)).fetchone()[0]
+        return self._run(work, write=False)
 
     def outbox_stats(self, now: float) -> dict[str, Any]:
         """Pending, in-flight and dead counts, and the oldest undelivered event's age in seconds (read from
         counters and an index: as cheap with a backlog of 100,000 as with none)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> tuple[dict[str, int], float | None]:
             counts = dict(cur.execute("SELECT name, n FROM counters").fetchall())
             oldest = cur.execute("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'inflight')"
                                  ).fetchone()[0]
+            return counts, oldest
+        counts, oldest = self._run(work, write=False)
         return {
             "outbox_pending": counts["outbox:pending"] + counts["outbox:inflight"],
             "outbox_inflight": counts["outbox:inflight"],
@@ -582,13 +715,14 @@ class SQLiteStore:
 
     def dead_events(self) -> list[OutboxRow]:
         """The dead letters, oldest first (a read: no write lock)."""
-        with self._tx(write=False) as cur:
+        def work(cur: sqlite3.Cursor) -> list[OutboxRow]:
             ids = [r[0] for r in cur.execute("SELECT id FROM outbox WHERE status='dead' ORDER BY id")]
             return [self._outbox_row(cur, i) for i in ids]
+        return self._run(work, write=False)
 
     def replay_dead(self, now: float) -> int:
         """Make every dead letter pending again (due now, its age reset); return how many."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int:
             count = cur.execute("UPDATE outbox SET status='pending', next_attempt_at=?, created_at=? "
                                 "WHERE status='dead'", (now, now)).rowcount
             # A replayed letter is older than what queued behind it, so it heads its queue again, except
@@ -602,6 +736,7 @@ class SQLiteStore:
                 self._new_work.update(r[0] for r in cur.execute("SELECT DISTINCT target FROM outbox "
                                                                   "WHERE is_head = 1 AND status = 'pending'"))
             return count
+        return self._run(work)
 
     # Payments
 
@@ -610,7 +745,7 @@ class SQLiteStore:
         """Decide buyer `user_id`'s pre-checkout durably: `paid` (a one-off payment paid the payload), `busy`
         (another buyer's checkout holds it), `ok` (now held for this buyer for `hold_seconds`, replacing
         their earlier hold), or `duplicate` (this update was seen)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> str:
             if not self._mark_seen(cur, update_id, now):
                 return "duplicate"
             if cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone():
@@ -627,17 +762,20 @@ class SQLiteStore:
                         (payload, user_id, query_id, now + hold_seconds))
             cur.execute("DELETE FROM checkout_holds WHERE expires_at <= ?", (now,))
             return "ok"
+        return self._run(work)
 
     def holds(self, payload: str, query_id: str, now: float) -> bool:
         """Tell whether checkout `query_id` holds `payload` at `now`."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> bool:
             return cur.execute("SELECT 1 FROM checkout_holds WHERE payload=? AND query_id=? AND expires_at > ?",
                                (payload, query_id, now)).fetchone() is not None
+        return self._run(work, write=False)
 
     def release_checkout(self, payload: str, query_id: str) -> None:
         """Drop the hold a refused checkout placed on `payload` (unless a newer checkout of its buyer replaced it)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             cur.execute("DELETE FROM checkout_holds WHERE payload=? AND query_id=?", (payload, query_id))
+        return self._run(work)
 
     def record_payment(self, update_id: int, charge_id: str, payload: str, user_id: int | None, currency: str,
                        total_amount: int, body: dict[str, Any], now: float,
@@ -646,7 +784,7 @@ class SQLiteStore:
         subscription's payload, which is never paid), and enqueue the events `build(duplicate)` returns, all
         in one transaction. Returns (new, duplicate): `duplicate` when a one-off payment's payload had already
         been paid by another charge; a subscription payment is never one."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> tuple[bool, bool]:
             if not self._mark_seen(cur, update_id, now):
                 return False, False
             if cur.execute("SELECT 1 FROM payments WHERE charge_id=?", (charge_id,)).fetchone():
@@ -667,11 +805,12 @@ class SQLiteStore:
             for event in build(duplicate):
                 self._enqueue(cur, event, now)
             return True, duplicate
+        return self._run(work)
 
     def record_refund(self, update_id: int, charge_id: str, payload: str, body: dict[str, Any], now: float,
                       events: list[NewEvent]) -> bool:
         """Record a refund once per charge id (its payload is no longer paid) and enqueue `events`."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> bool:
             if not self._mark_seen(cur, update_id, now):
                 return False
             if cur.execute("INSERT OR IGNORE INTO refunds VALUES (?, ?, ?, ?)",
@@ -681,31 +820,36 @@ class SQLiteStore:
             for event in events:
                 self._enqueue(cur, event, now)
             return True
+        return self._run(work)
 
     def payments_count(self) -> int:
         """How many payments are recorded (a kept count, not a scan)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> int:
             return cur.execute("SELECT n FROM counters WHERE name = 'payments'").fetchone()[0]
+        return self._run(work, write=False)
 
     def check_writable(self, now: float) -> None:
         """Raise `StoreError` unless a small write commits now (locked, read-only or full: it does not)."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             cur.execute("INSERT INTO meta VALUES ('ready_check', ?) ON CONFLICT (key) DO UPDATE "
                         "SET value=excluded.value", (repr(now),))
+        return self._run(work)
 
     # Small facts
 
     def get_meta(self, key: str) -> str | None:
         """Read one stored fact, or None."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> str | None:
             row = cur.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
             return row[0] if row else None
+        return self._run(work, write=False)
 
     def set_meta(self, key: str, value: str) -> None:
         """Store one fact."""
-        with self._tx() as cur:
+        def work(cur: sqlite3.Cursor) -> None:
             cur.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value=excluded.value",
                         (key, value))
+        return self._run(work)
 
     def close(self) -> None:
         """Close the database (and release the instance lock); safe to call twice."""
@@ -772,6 +916,36 @@ class SQLiteStore:
         r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error "
                         "FROM outbox WHERE id=?", (row_id,)).fetchone()
         return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+
+
+class _Unit(Generic[T]):
+    """One caller's transaction body, waiting in line for a group commit (see `SQLiteStore._run`)."""
+
+    __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error")
+
+    def __init__(self, work: Callable[[sqlite3.Cursor], T], write: bool) -> None:
+        self.work = work
+        self.write = write
+        self.ready = threading.Event()  # set when its group is done, or when it is this unit's turn to lead
+        self.taken = self.leads = self.done = self.committed = False
+        self.result: T | None = None
+        self.error: BaseException | None = None
+
+    def outcome(self) -> T:
+        """The work's result once committed; else the error that undid it."""
+        if self.error is not None:
+            raise self.error
+        if not self.committed:
+            raise StoreError("state database error: the transaction was interrupted")
+        return self.result  # type: ignore[return-value]
+
+
+def _fail(group: list[_Unit[Any]], err: BaseException) -> None:
+    """The group's transaction is gone: each unit without an error of its own gets this one."""
+    for unit in group:
+        unit.result = None
+        if unit.error is None:
+            unit.error = StoreError(f"state database error: {err}")
 
 
 def _make_folder(folder: str) -> None:

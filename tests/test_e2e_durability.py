@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
+import httpx
 import pytest
 
-from doubles import MakeDouble, TelegramDouble, wait_until
+from config import derive_webhook_secret
+from doubles import TOKEN, MakeDouble, TelegramDouble, wait_until
 from helpers import deliver, start_in_mode, text_update
 
 
@@ -52,3 +56,53 @@ def test_sigterm_keeps_open_batch_for_next_start(start_service, telegram: Telegr
     start_service(DEBOUNCE_SECONDS="0.3", MAX_WAIT_SECONDS="10")
     event = wait_until(lambda: make.accepted(), what="the batch after restart")[0]
     assert event["text"] == "graceful"
+
+
+def test_kill_9_under_concurrent_webhooks_loses_no_acknowledged_update(
+        start_service, telegram: TelegramDouble, make: MakeDouble) -> None:
+    """Sixteen connections post updates at once (so they are committed in groups) and the service is killed
+    with SIGKILL midway: after the restart, every update that got its 200 reaches Make, in a batch, once; those
+    cut off without an answer are sent again (as Telegram would) and arrive once too."""
+    env = {"WEBHOOK_URL": "https://gateway.example.test/webhook", "DEBOUNCE_SECONDS": "0.3",
+           "MAX_WAIT_SECONDS": "2", "FLOOD_MAX_MESSAGES": "1000", "TYPING_MODE": "off", "LOG_LEVEL": "INFO"}
+    first = start_service(**env)
+    headers = {"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)}
+    updates = [text_update(f"m{n}", user_id=100 + n % 40) for n in range(4000)]
+    acknowledged: set[int] = set()
+    lock = threading.Lock()
+
+    def post(part: list[dict]) -> None:
+        with httpx.Client(base_url=first.url, headers=headers, timeout=10) as client:
+            for update in part:
+                try:
+                    if client.post("/webhook", json=update).status_code == 200:
+                        with lock:
+                            acknowledged.add(update["update_id"])
+                except httpx.HTTPError:
+                    return  # the service is gone: the rest were never acknowledged
+
+    posters = [threading.Thread(target=post, args=(updates[n::16],)) for n in range(16)]
+    for poster in posters:
+        poster.start()
+    wait_until(lambda: len(acknowledged) >= 300, timeout=30, what="300 updates acknowledged")
+    first.kill()
+    for poster in posters:
+        poster.join(15)
+    cut_off = [u for u in updates if u["update_id"] not in acknowledged]
+    assert acknowledged and cut_off  # killed midway, not before or after the load
+
+    second = start_service(**env)
+    with httpx.Client(base_url=second.url, headers=headers, timeout=10) as client:
+        for update in cut_off[:200]:  # Telegram resends what it never got a 200 for
+            assert client.post("/webhook", json=update).status_code == 200
+    expected = acknowledged | {u["update_id"] for u in cut_off[:200]}
+
+    def delivered() -> list[int]:
+        return [m["update_id"] for e in make.accepted() for m in e.get("messages", [])]
+
+    wait_until(lambda: expected <= set(delivered()), timeout=60, what="every acknowledged update at Make")
+    wait_until(lambda: second.health()["outbox_pending"] == 0, what="the outbox drained")
+    ids = delivered()
+    assert len(ids) == len(set(ids))  # none twice
+    assert set(ids) - expected <= {u["update_id"] for u in cut_off}  # anything more was stored but unanswered
+    assert second.stop() == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -9,6 +11,7 @@ import pytest
 
 from batching import build_batch_event
 from debounce import DebounceSettings, deadline
+from doubles import wait_until
 from store import BatchRow, MemoryStore, NewEvent, SQLiteStore, StoreError, StoreNotFound, StorePathError
 
 T0 = 1_763_900_000.0  # wall-clock seconds, as the store keeps them
@@ -34,6 +37,11 @@ def add(store: SQLiteStore, update_id: int, text: str, now: float, chat_id: int 
     """Add a text message from Alice (or another user) to her open batch."""
     return store.add_message(update_id, chat_id, user_id, ALICE, item(update_id, text), now, max_messages,
                              build_batch_event)
+
+
+def stored_batch(store: SQLiteStore, chat_id: int, user_id: int) -> BatchRow | None:
+    """The user's open batch as stored, with its messages and held count."""
+    return store._run(lambda cur: store._load_batch(cur, chat_id, user_id), write=False)
 
 
 def event(event_id: str, order_key: str, **payload: Any) -> NewEvent:
@@ -90,7 +98,9 @@ def test_first_message_opens_a_batch_and_later_ones_append_in_order(store: SQLit
     assert first.new and not first.closed and first.batch is not None
     add(store, 2, "I need", T0 + 1)
     third = add(store, 3, "a refund", T0 + 2.5)
-    batch = third.batch
+    assert third.batch is not None and third.batch.batch_id == first.batch.batch_id
+    assert (third.batch.count, third.batch.first_at, third.batch.last_at) == (3, T0, T0 + 2.5)
+    batch = stored_batch(store, 42, 42)
     assert batch is not None and batch.batch_id == first.batch.batch_id
     assert [m["text"] for m in batch.messages] == ["hi", "I need", "a refund"]
     assert (batch.count, batch.first_at, batch.last_at) == (3, T0, T0 + 2.5)
@@ -407,12 +417,12 @@ def test_counts_follow_every_change_of_the_outbox() -> None:
                 db.reset_inflight()
                 claimed.clear()
             stats = db.outbox_stats(T0)
-            with db._tx() as cur:
-                actual = dict(cur.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
-                heads = cur.execute("SELECT order_key, COUNT(*) FROM outbox WHERE is_head = 1 "
-                                    "GROUP BY order_key").fetchall()
-                live_keys = {r[0] for r in cur.execute(
-                    "SELECT DISTINCT order_key FROM outbox WHERE status IN ('pending', 'inflight')")}
+            actual = dict(db._run(lambda cur: cur.execute(
+                "SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall()))
+            heads = db._run(lambda cur: cur.execute("SELECT order_key, COUNT(*) FROM outbox WHERE is_head = 1 "
+                                                    "GROUP BY order_key").fetchall())
+            live_keys = db._run(lambda cur: {r[0] for r in cur.execute(
+                "SELECT DISTINCT order_key FROM outbox WHERE status IN ('pending', 'inflight')")})
             assert stats["outbox_inflight"] == actual.get("inflight", 0) == len(claimed)
             assert stats["outbox_pending"] == actual.get("pending", 0) + actual.get("inflight", 0)
             assert stats["outbox_dead"] == actual.get("dead", 0)
@@ -517,8 +527,7 @@ def test_a_version_1_chat_left_with_two_rows_in_flight_is_upgraded_in_order(tmp_
 def test_a_queue_left_without_a_head_is_repaired(store: SQLiteStore) -> None:
     """A queue whose head mark was lost (a file changed by hand) gets its oldest event as head again."""
     store.enqueue_events([event("a1", "chat:1"), event("a2", "chat:1"), event("b1", "chat:2")], T0)
-    with store._tx() as cur:
-        cur.execute("UPDATE outbox SET is_head = 0 WHERE order_key = 'chat:1'")
+    store._run(lambda cur: cur.execute("UPDATE outbox SET is_head = 0 WHERE order_key = 'chat:1'"))
     assert [r.event_id for r in store.claim_due_events(T0, limit=5)] == ["b1"]
     assert store.repair_heads() == 1 and store.repair_heads() == 0
     assert [r.event_id for r in store.claim_due_events(T0, limit=5)] == ["a1"]
@@ -572,7 +581,8 @@ def test_held_messages_of_other_users_are_not_mixed(store: SQLiteStore) -> None:
     """One user's held messages do not appear in another user's batch."""
     store.hold_message(10, 1, 1, T0)
     result = add(store, 11, "hi", T0, chat_id=2, user_id=2)
-    assert result.batch is not None and result.batch.flood_held == 0
+    stored = stored_batch(store, 2, 2)
+    assert result.new and stored is not None and stored.flood_held == 0
 
 
 # Durability
@@ -892,3 +902,148 @@ def test_a_state_db_that_is_a_folder_or_a_device_is_refused_before_anything_is_m
     if os.name == "posix":
         with pytest.raises(StorePathError, match="not a regular file"):
             SQLiteStore(os.devnull, exclusive=True)
+
+
+# Group commit
+
+
+def _hold_the_line(store: SQLiteStore) -> tuple[threading.Event, threading.Thread]:
+    """A unit that leads a group and stays in its transaction until released: what queues behind it
+    meanwhile forms the next group."""
+    inside, release = threading.Event(), threading.Event()
+
+    def stay(cur: Any) -> None:
+        inside.set()
+        release.wait(10)
+
+    thread = threading.Thread(target=store._run, args=(stay,))
+    thread.start()
+    assert inside.wait(10)
+    return release, thread
+
+
+def _commits(path: Path) -> tuple[SQLiteStore, list[str]]:
+    """A file store whose statements are recorded (SQLite's trace callback: what really ran)."""
+    store = SQLiteStore(str(path))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    return store, statements
+
+
+def test_units_that_wait_together_share_one_commit(tmp_path: Path) -> None:
+    """Twelve messages that arrive while a transaction is under way are stored by one transaction with one
+    COMMIT (each in a savepoint of its own), and each caller gets its own result after that commit."""
+    store, statements = _commits(tmp_path / "state.sqlite3")
+    release, leader = _hold_the_line(store)
+    results: dict[int, Any] = {}
+
+    def send(update_id: int) -> None:
+        results[update_id] = add(store, update_id, f"m{update_id}", T0 + update_id, user_id=update_id)
+
+    senders = [threading.Thread(target=send, args=(n,)) for n in range(1, 13)]
+    for sender in senders:
+        sender.start()
+    wait_until(lambda: len(store._line) == 13, what="twelve units waiting behind the first")
+    assert results == {}  # nobody answered before their group is committed
+    statements.clear()
+    release.set()
+    for thread in (leader, *senders):
+        thread.join(10)
+    ran = list(statements)
+    assert ran.count("COMMIT") == 2  # the first group (the holder), then all twelve at once
+    assert ran.count("SAVEPOINT unit") == 12
+    assert all(results[n].new and results[n].batch.count == 1 for n in range(1, 13))
+    assert len(store.open_batches()) == 12 and all(store.seen(n) for n in range(1, 13))
+
+
+def test_a_unit_that_fails_is_undone_alone_and_its_group_commits(tmp_path: Path) -> None:
+    """One unit of a group raises after writing (an event that cannot be serialized): its caller gets the
+    error and nothing of it is stored, while the others of its group are stored and answered."""
+    store, statements = _commits(tmp_path / "state.sqlite3")
+    release, leader = _hold_the_line(store)
+    outcomes: dict[int, Any] = {}
+
+    def record(update_id: int) -> None:
+        payload = {"value": float("nan")} if update_id == 3 else {"value": update_id}
+        try:
+            outcomes[update_id] = store.record_update(update_id, T0, [event(f"e{update_id}", "chat:1", **payload)])
+        except ValueError as err:
+            outcomes[update_id] = err
+
+    threads = [threading.Thread(target=record, args=(n,)) for n in range(1, 6)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: len(store._line) == 6, what="five units waiting")
+    statements.clear()
+    release.set()
+    for thread in (leader, *threads):
+        thread.join(10)
+    ran = list(statements)
+    assert ran.count("COMMIT") == 2 and ran.count("ROLLBACK TO unit") == 1
+    assert isinstance(outcomes[3], ValueError)
+    assert [outcomes[n] for n in (1, 2, 4, 5)] == [True] * 4
+    assert not store.seen(3) and all(store.seen(n) for n in (1, 2, 4, 5))
+    assert [r.event_id for r in store.claim_due_events(T0, limit=10)] == ["e1"]  # one queue: its head
+
+
+def test_a_transaction_lost_midway_fails_every_unit_of_its_group(tmp_path: Path) -> None:
+    """When SQLite itself drops the transaction (as it does on an I/O error), no unit of the group is
+    reported stored, including those that ran before the failure: none of them is acknowledged."""
+    store, _ = _commits(tmp_path / "state.sqlite3")
+    release, leader = _hold_the_line(store)
+    outcomes: dict[str, Any] = {}
+
+    def run(name: str, work: Callable[[Any], Any]) -> None:
+        try:
+            outcomes[name] = store._run(work)
+        except StoreError as err:
+            outcomes[name] = err
+
+    def lose_the_transaction(cur: Any) -> None:
+        cur.execute("ROLLBACK")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    def before(cur: Any) -> bool:
+        return store._mark_seen(cur, 1, T0)
+
+    threads = [threading.Thread(target=run, args=("before", before))]
+    threads[0].start()
+    wait_until(lambda: len(store._line) == 2, what="the first unit waiting")
+    threads.append(threading.Thread(target=run, args=("lost", lose_the_transaction)))
+    threads[1].start()
+    wait_until(lambda: len(store._line) == 3, what="the second unit waiting")
+    release.set()
+    for thread in (leader, *threads):
+        thread.join(10)
+    assert isinstance(outcomes["before"], StoreError) and isinstance(outcomes["lost"], StoreError)
+    assert "disk I/O error" in str(outcomes["lost"])
+    assert not store.seen(1)
+    assert store.record_update(2, T0)  # the store goes on working
+
+
+def test_work_inside_a_unit_may_use_the_store_again(store: SQLiteStore) -> None:
+    """A unit's own work calling another store method (a callback that reads) runs in the same transaction
+    instead of waiting for itself."""
+    def work(cur: Any) -> tuple[bool, bool]:
+        store._mark_seen(cur, 7, T0)
+        return store.seen(7), store.seen(8)
+
+    assert store._run(work) == (True, False)
+
+
+def test_flood_control_is_asked_only_for_a_new_update(store: SQLiteStore) -> None:
+    """`admit` is asked inside the storing transaction, once the update is known to be new: a repeat does not
+    use up the user's allowance, and a refused message is counted for the next batch instead of stored."""
+    asked: list[int] = []
+
+    def admit_first_only() -> bool:
+        asked.append(1)
+        return len(asked) == 1
+
+    first = store.add_message(1, 42, 42, ALICE, item(1, "a"), T0, 50, build_batch_event, admit_first_only)
+    repeat = store.add_message(1, 42, 42, ALICE, item(1, "a"), T0, 50, build_batch_event, admit_first_only)
+    held = store.add_message(2, 42, 42, ALICE, item(2, "b"), T0, 50, build_batch_event, admit_first_only)
+    assert (first.new, first.held) == (True, False) and not repeat.new and (held.new, held.held) == (True, True)
+    assert len(asked) == 2  # the repeat was not counted
+    batch = stored_batch(store, 42, 42)
+    assert batch is not None and [m["text"] for m in batch.messages] == ["a"] and batch.flood_held == 1
