@@ -54,22 +54,24 @@ class BatchManager:
         self._on_closed = on_closed
         self._clock = clock
         self._monotonic = monotonic
-        # _lock guards _generation (key -> latest generation: one per open batch with a deadline)
-        # and _heap (entries (due monotonic, seq, key, generation); stale generations are skipped).
+        # _lock guards _generation (key -> latest generation: one per open batch with a deadline),
+        # _heap (entries (due monotonic, seq, key, generation); stale generations are skipped) and _wake_at.
         self._lock = threading.Lock()
         self._generation: dict[Key, int] = {}
         self._heap: list[tuple[float, int, Key, int]] = []
         self._seq = itertools.count()
         self._wakeup = threading.Event()
+        self._wake_at = 0.0  # when the scheduler looks next (monotonic), under _lock: earlier deadlines wake it
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
-            item: dict[str, Any]) -> AddResult:
-        """Store the message in its batch (durably) and schedule the batch's deadline; idempotent per update_id."""
+            item: dict[str, Any], admit: Callable[[], bool] | None = None) -> AddResult:
+        """Store the message in its batch (durably) and schedule the batch's deadline; idempotent per update_id.
+        `admit()` (flood control) is asked once the update is known to be new: False holds the message back."""
         result = self._store.add_message(update_id, chat_id, user_id, user, item, self._clock(),
-                                         self._settings.max_messages, build_batch_event)
-        if not result.new:
+                                         self._settings.max_messages, build_batch_event, admit)
+        if not result.new or result.held:
             return result
         assert result.batch is not None
         if result.closed:
@@ -152,7 +154,12 @@ class BatchManager:
             generation = next(self._seq)  # unique, so an old entry never matches a later batch
             self._generation[key] = generation
             heapq.heappush(self._heap, (due, generation, key, generation))
-        self._wakeup.set()
+            # A debounce reset moves a deadline later: the scheduler would wake for nothing. Only a deadline
+            # earlier than the one it waits for needs it now (at a backlog's rate, a wake-up per message
+            # cost more than the heap).
+            sooner = due < self._wake_at
+        if sooner:
+            self._wakeup.set()
 
     def _forget(self, key: Key, generation: int | None) -> None:
         # A message may have opened a new batch (a newer generation) meanwhile: keep that one.
@@ -180,6 +187,7 @@ class BatchManager:
                 if self._generation.get(key) == generation:
                     due_keys.append((key, generation))
             wait = self._heap[0][0] - now if self._heap else 60.0
+            self._wake_at = now if due_keys else now + max(0.0, wait)
         for key, generation in due_keys:  # store writes and Make hand-off happen outside the lock
             try:
                 self._close(key, generation)

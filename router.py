@@ -62,11 +62,12 @@ class UpdateRouter:
         self._lock = threading.Lock()
         self.last_update_id: int | None = store.last_update_id()
         self._next_prune = 0.0
+        self._counters: dict[tuple[str, str], Any] = {}  # (kind, outcome) -> its counter (setdefault: thread-safe)
 
     def handle(self, update: Any) -> Routed:
         """Store and route one update; a malformed one is `invalid`, a repeat `duplicate`. Raises `StoreError` only."""
         if not isinstance(update, dict) or not is_int(update.get("update_id")) or update["update_id"] < 0:
-            self._metrics.updates.labels("unknown", "invalid").inc()
+            self._count("unknown", "invalid")
             log.info("an update without a valid update_id: refused")
             return Routed("invalid", detail="not a JSON object with an integer update_id (0 or more)")
         update_id = update["update_id"]
@@ -87,14 +88,22 @@ class UpdateRouter:
                 log.exception("update %s cannot even be forwarded; acknowledged and dropped", update_id)
                 new = self._store.record_update(update_id, self._clock())
             routed = Routed("quarantined" if new else "duplicate", kind)
-        # The label is bounded to kinds we know: a sender must not be able to mint metric series.
-        self._metrics.updates.labels(kind if kind in KNOWN_KINDS else "other", routed.outcome).inc()
+        self._count(kind, routed.outcome)
         if routed.outcome != "duplicate":
             with self._lock:
                 if self.last_update_id is None or update_id > self.last_update_id:
                     self.last_update_id = update_id
         _log_received(update_id, kind, update, routed)
         return routed
+
+    def _count(self, kind: str, outcome: str) -> None:
+        # The label is bounded to kinds we know: a sender must not be able to mint metric series. The
+        # children are kept here, as `labels()` costs more than the increment itself.
+        key = (kind if kind in KNOWN_KINDS else "other", outcome)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters.setdefault(key, self._metrics.updates.labels(*key))
+        counter.inc()
 
     def _route(self, update_id: int, kind: str, update: dict[str, Any]) -> Routed:
         if kind == "pre_checkout_query" or is_payment_message(update):
@@ -109,20 +118,22 @@ class UpdateRouter:
 
     def _add_message(self, update_id: int, message: dict[str, Any]) -> Routed:
         chat_id, user_id = message["chat"]["id"], message["from"]["id"]
-        if self._store.seen(update_id):  # a repeat must not use up the user's flood allowance
+        arrived = self._monotonic()
+        # Flood control is asked inside the storing transaction, once the update is known to be new: a repeat
+        # must not use up the user's allowance, and no second transaction is needed to find that out.
+        result = self._batches.add(update_id, chat_id, user_id, user_summary(message.get("from")),
+                                   message_item(update_id, message),
+                                   admit=lambda: self._flood.should_process(user_id, arrived))
+        if not result.new:
             return Routed("duplicate", "message")
-        if not self._flood.should_process(user_id, self._monotonic()):
-            if not self._store.hold_message(update_id, chat_id, user_id, self._clock()):
-                return Routed("duplicate", "message")
+        if result.held:
             self._metrics.flood_held.inc()
             held = self._flood.held_in_a_row(user_id)
             if held == 1 or held % 1000 == 0:  # a flooding user must not flood the log too
                 log.warning("flood control held back update %s from user %s in chat %s (%d in a row; counted, "
                             "reported as flood_held in the next batch)", update_id, user_id, chat_id, held)
             return Routed("held", "message")
-        result = self._batches.add(update_id, chat_id, user_id, user_summary(message.get("from")),
-                                   message_item(update_id, message))
-        return Routed("stored" if result.new else "duplicate", "message")
+        return Routed("stored", "message")
 
     def _forward_or_ignore(self, update_id: int, kind: str, update: dict[str, Any], force: bool = False) -> Routed:
         forwarded = force or kind in self._forward
