@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import _thread
 import argparse
+import atexit
 import contextlib
 import hmac
 import json
 import logging
-import math
+import queue
 import signal
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from logging.handlers import QueueHandler, QueueListener
 from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -51,6 +53,7 @@ from telegram_api import (BadRequest, InvalidToken, RedactingFilter, RedactingSt
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
+from webhook import WebhookRoute, parse_json
 
 log = logging.getLogger("gateway")
 
@@ -398,25 +401,9 @@ def create_app(config: Config) -> Flask:
         raise ValueError("config.webhook_secret must not be empty (Config.from_env derives one from the token)")
     gateway = Gateway(config)
     app.extensions["gateway"] = gateway
-    secret = config.webhook_secret.encode()
-
-    @app.post("/webhook")
-    def webhook() -> tuple[Response, int]:
-        given = request.headers.get("X-Telegram-Bot-Api-Secret-Token", "").encode()
-        if not hmac.compare_digest(given, secret):
-            return jsonify(ok=False, error="wrong secret token"), HTTPStatus.UNAUTHORIZED
-        try:
-            update = parse_json(request.get_data(cache=False))
-        except (ValueError, RecursionError):
-            return jsonify(ok=False, error="body is not JSON"), HTTPStatus.BAD_REQUEST
-        try:
-            routed = gateway.router.handle(update)
-        except StoreError as err:
-            log.error("update not stored (Telegram will resend it): %s", err)
-            return jsonify(ok=False, error="cannot store the update now"), HTTPStatus.SERVICE_UNAVAILABLE
-        if routed.outcome == "invalid":
-            return jsonify(ok=False, error=routed.detail), HTTPStatus.BAD_REQUEST
-        return jsonify(ok=True, outcome=routed.outcome), HTTPStatus.OK
+    # POST /webhook is bare WSGI in front of Flask (webhook.py): Telegram drives it at full speed.
+    app.wsgi_app = WebhookRoute(app.wsgi_app, gateway.router, config.webhook_secret,  # type: ignore[method-assign]
+                                MAX_BODY_BYTES)
 
     @app.get("/")
     def health() -> tuple[Response, int]:
@@ -462,23 +449,6 @@ def create_app(config: Config) -> Flask:
     return app
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 reads as infinity, which no JSON encoder writes back
-        raise ValueError(f"number {text[:40]} is out of range")
-    return value
-
-
-def parse_json(raw: bytes) -> Any:
-    """Parse a request body as strict JSON: no NaN, Infinity or number overflowing to infinity, which
-    nothing downstream could send on."""
-    return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
-
-
 def reply_answer(reply_id: str, event_ids: list[str], outcomes: dict[str, PartOutcome]) -> tuple[dict[str, Any], int]:
     """The `POST /reply` answer from what became of its parts: 502 if Telegram refused one for its content,
     410 if the chat cannot be reached, 200 once every part went out, else 202 (queued, sent later, in order)."""
@@ -520,16 +490,56 @@ def read_reply_body(body: Any, default_format: str = "plain") -> tuple[int, Repl
 
 
 def configure_logging(config: Config) -> None:
-    """One line per record, with time and level; secrets masked; httpx's URL logging turned down."""
+    """One line per record, with time and level; secrets masked; httpx's URL logging turned down.
+
+    Records are written by one `log-writer` thread: a request thread only queues its record, so no thread
+    waits for the terminal or the log collector while holding the handler's lock (with dozens of request
+    threads logging an update each, that wait was what ingest spent most time on). The queue is written
+    out at exit."""
+    global _log_listener
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
+    handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
     handler.addFilter(RedactingFilter(*config.secrets()))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    if _log_listener is not None:
+        _log_listener.stop()
+    _log_listener = QueueListener(records, handler)
+    _log_listener._thread_name = "log-writer"  # type: ignore[attr-defined]
+    _log_listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [QueueHandler(records)]
     root.setLevel(config.log_level)
     # httpx logs every request URL at INFO, and every Bot API URL holds the token.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # waitress warns once per request that waits for a free thread: a backlog would print thousands of lines
+    # (and pay for them) while it is being taken in.
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+_log_listener: QueueListener | None = None
+
+
+class LineFormatter(logging.Formatter):
+    """The standard format, with each second's time text made once (a busy gateway logs hundreds of lines a
+    second, and `time.strftime` was the costliest part of each)."""
+
+    _stamp: tuple[int, str] = (-1, "")  # (second, its text): one tuple, so threads never see half of it
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        stamp = self._stamp
+        if stamp[0] != second:
+            stamp = self._stamp = (second, time.strftime(self.default_time_format, self.converter(second)))
+        return self.default_msec_format % (stamp[1], record.msecs)
+
+
+@atexit.register
+def _write_queued_log() -> None:
+    if _log_listener is not None:
+        _log_listener.stop()
 
 
 class _StopSignal:

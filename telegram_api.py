@@ -18,6 +18,7 @@ exception's text without `redact()`.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -69,10 +70,17 @@ def chat_unreachable(err: "TelegramError") -> bool:
 def redact(text: str, *secrets: str) -> str:
     """Return `text` with anything shaped like a bot token, and each given secret, masked."""
     text = _TOKEN_SHAPE.sub("<redacted-token>", text)
-    for secret in sorted(secrets, key=len, reverse=True):  # a whole token before its secret half
-        if secret and len(secret) >= MIN_SECRET_CHARS:
+    for secret in _maskable(secrets):
+        if secret in text:
             text = text.replace(secret, "<redacted>")
     return text
+
+
+@functools.lru_cache(maxsize=64)
+def _maskable(secrets: tuple[str, ...]) -> tuple[str, ...]:
+    """The secrets worth masking, longest first (a whole token before its secret half); cached, as every log
+    line asks with the same few."""
+    return tuple(sorted((s for s in secrets if s and len(s) >= MIN_SECRET_CHARS), key=len, reverse=True))
 
 
 def printable(text: str, limit: int = 300) -> str:

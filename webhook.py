@@ -1,0 +1,104 @@
+"""`POST /webhook` as bare WSGI in front of the Flask app: the one route Telegram drives at full speed.
+
+A backlog after downtime arrives as up to `max_connections` requests at once, each of which must be stored
+before its 200. Flask's request and response objects cost about as much as storing the update, so this
+route skips them: secret checked in constant time, body parsed once as strict JSON, `UpdateRouter.handle()`
+(which returns once the update's group is committed), and a ready-made answer. Every other path and method
+goes on to Flask. The answers are the same JSON the Flask routes write (`{"ok": ...}`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+from http import HTTPStatus
+from typing import Any, Callable, Iterable
+
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wsgi import get_input_stream
+
+from router import UpdateRouter
+from store import StoreError
+
+log = logging.getLogger("gateway")
+
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+PATH = "/webhook"
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as infinity, which no JSON encoder writes back
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse a request body as strict JSON: no NaN, Infinity or number overflowing to infinity, which
+    nothing downstream could send on."""
+    return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
+
+
+def json_body(answer: dict[str, Any]) -> bytes:
+    """An answer as Flask's `jsonify` writes it (compact, one line)."""
+    return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+
+
+class WebhookRoute:
+    """WSGI middleware: `POST /webhook` handled here, everything else passed to `app` (Flask)."""
+
+    def __init__(self, app: WSGIApp, router: UpdateRouter, secret: str, max_body_bytes: int) -> None:
+        self._app = app
+        self._router = router
+        self._secret = secret.encode()
+        self._max_body = max_body_bytes
+        self._answers: dict[str, bytes] = {}  # outcome -> its 200 body (a handful of outcomes)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != PATH:
+            return self._app(environ, start_response)
+        if environ.get("REQUEST_METHOD") != "POST":
+            return _answer(start_response, HTTPStatus.METHOD_NOT_ALLOWED,
+                           json_body({"ok": False, "error": "use POST"}), [("Allow", "POST")])
+        given = environ.get("HTTP_X_TELEGRAM_BOT_API_SECRET_TOKEN", "").encode("latin-1")
+        if not hmac.compare_digest(given, self._secret):
+            return _error(start_response, HTTPStatus.UNAUTHORIZED, "wrong secret token")
+        try:
+            raw = get_input_stream(environ, max_content_length=self._max_body).read()
+        except RequestEntityTooLarge:
+            return _error(start_response, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body over the size limit")
+        try:
+            update = parse_json(raw)
+        except (ValueError, RecursionError):
+            return _error(start_response, HTTPStatus.BAD_REQUEST, "body is not JSON")
+        try:
+            routed = self._router.handle(update)
+        except StoreError as err:
+            log.error("update not stored (Telegram will resend it): %s", err)
+            return _error(start_response, HTTPStatus.SERVICE_UNAVAILABLE, "cannot store the update now")
+        except Exception:
+            log.exception("POST /webhook failed")
+            return _error(start_response, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
+        if routed.outcome == "invalid":
+            return _error(start_response, HTTPStatus.BAD_REQUEST, routed.detail)
+        body = self._answers.get(routed.outcome)
+        if body is None:
+            body = self._answers.setdefault(routed.outcome, json_body({"ok": True, "outcome": routed.outcome}))
+        return _answer(start_response, HTTPStatus.OK, body)
+
+
+def _error(start_response: Callable[..., Any], status: HTTPStatus, error: str) -> list[bytes]:
+    return _answer(start_response, status, json_body({"ok": False, "error": error}))
+
+
+def _answer(start_response: Callable[..., Any], status: HTTPStatus, body: bytes,
+            headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+    start_response(f"{status.value} {status.phrase}", [("Content-Type", "application/json"),
+                                                       ("Content-Length", str(len(body))), *(headers or [])])
+    return [body]
