@@ -1,12 +1,17 @@
 """Durable ingest against aiogram 3's no-op webhook: `wrk`, 16 and 64 connections, distinct updates.
 
-The gateway (`python app.py`, webhook mode, SQLite with synchronous=FULL, default settings otherwise)
-answers 200 only once an update is committed, de-duplicated and in its user's batch. The peer is aiogram's
-own `SimpleRequestHandler` on aiohttp with a handler that does nothing and stores nothing. Both get the
-same load from `wrk` (2 threads, `bench/wrk_updates.lua`: every request a new update id, 500 users).
-After the runs, every message the gateway acknowledged must reach the Make double exactly once.
+The gateway (`python app.py`, webhook mode, SQLite with synchronous=FULL, default settings otherwise, and
+MAKE_MAX_RATE=0 so the batches drain quickly afterwards) answers 200 only once an update is committed,
+de-duplicated and in its user's batch. The peer is aiogram's own `SimpleRequestHandler` on aiohttp with a
+handler that does nothing and stores nothing. Both get the same load from `wrk` (2 threads,
+`bench/wrk_updates.lua`: every request a new update id, 500 users). Between runs the gateway's batches are
+delivered, and at the end every message it acknowledged must have reached the Make double exactly once.
 
-Needs `wrk` (Debian/Ubuntu: `apt install wrk`; macOS: `brew install wrk`) and the peer's packages:
+Then the WSGI servers on the same load: a bare Flask no-op and a bare WSGI no-op on waitress and on
+granian (the ceiling each server puts on any app), and the gateway's own app on granian
+(`bench/granian_gateway.py`).
+
+Needs `wrk` (Debian/Ubuntu: `apt install wrk`; macOS: `brew install wrk`) and the peers' packages:
 `pip install -r bench/requirements.txt`. Run: python bench/ingest.py [seconds per run]
 """
 
@@ -14,11 +19,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
+
+import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -57,40 +66,101 @@ def wrk(url: str, connections: int, seconds: int, first_id: int, secret: str) ->
 
 
 def line(name: str, connections: int, f: dict[str, float]) -> str:
+    """One figure line: name, connections, rate and latencies (and errors, if any)."""
     errors = f"   {f['non2xx']:.0f} non-2xx, {f['socket_errors']:.0f} socket errors" if f["non2xx"] or f[
         "socket_errors"] else ""
     return (f"{name:<30} {connections:3d} conn  {f['rate']:7.0f} updates/s   p50 {f['p50_ms']:6.1f} ms   "
             f"p99 {f['p99_ms']:6.1f} ms   max {f['max_ms']:6.1f} ms{errors}")
 
 
-def gateway_runs(seconds: int) -> list[tuple[int, dict[str, float]]]:
-    """The gateway under each load, then the check that every acknowledged message reached Make once."""
+def gateway_env(tmp: str, telegram: TelegramDouble, make: MakeDouble) -> dict[str, str]:
+    """The gateway's settings: defaults, webhook mode, its state in `tmp`."""
+    return {"BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": make.url, "TELEGRAM_API_URL": telegram.url,
+            "WEBHOOK_URL": "https://bench.example/webhook", "HOST": "127.0.0.1", "PORT": "0",
+            "STATE_DB": str(Path(tmp) / "state.sqlite3"), "TYPING_MODE": "off", "MAKE_MAX_RATE": "0",
+            "FLOOD_MAX_MESSAGES": "100000"}
+
+
+def gateway_runs(seconds: int, server: str) -> list[tuple[int, dict[str, float]]]:
+    """The gateway on `server` (waitress: `python app.py`; granian) under each load, its batches delivered
+    between runs, then the check that every acknowledged message reached Make once."""
     telegram, make = TelegramDouble(), MakeDouble()
     runs = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            gateway = Service(Path(tmp), {
-                "BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": make.url, "TELEGRAM_API_URL": telegram.url,
-                "WEBHOOK_URL": "https://bench.example/webhook", "HOST": "127.0.0.1", "PORT": "0",
-                "STATE_DB": str(Path(tmp) / "state.sqlite3"), "TYPING_MODE": "off",
-                "DEBOUNCE_SECONDS": "0.5", "FLOOD_MAX_MESSAGES": "100000"}).start()
+            env = gateway_env(tmp, telegram, make)
+            if server == "waitress":
+                gateway: Any = Service(Path(tmp), env).start()
+                url, stop = gateway.url, gateway.stop
+            else:
+                url, stop = _granian(Path(tmp), env, "bench.granian_gateway:app", factory=True)
             secret = derive_webhook_secret(TOKEN)
-            url = gateway.url + "/webhook"
-            wrk(url, 16, 1, 1, secret)  # warm-up
+            wrk(url + "/webhook", 16, 1, 1, secret)  # warm-up
             for n, connections in enumerate(CONNECTIONS, start=1):
-                runs.append((connections, wrk(url, connections, seconds, n * 1_000_000_000, secret)))
+                _drained(url)
+                runs.append((connections, wrk(url + "/webhook", connections, seconds, n * 1_000_000_000, secret)))
+            _drained(url)
             acknowledged = sum(int(f["requests"] - f["non2xx"]) for _, f in runs)
-            wait_until(lambda: gateway.health()["outbox_pending"] == 0 and gateway.health()["active_batches"] == 0,
-                       timeout=300, what="every batch delivered")
             ids = [m["update_id"] for e in make.accepted() for m in e.get("messages", [])]
-            gateway.stop()
+            stop()
     finally:
         telegram.close()
         make.close()
     # wrk does not count the requests still under way when it stops, which the gateway may have stored.
-    print(f"gateway: {len(ids)} messages reached Make in {len(make.accepted())} batches, {len(ids) - len(set(ids))} "
-          f"twice; wrk counted {acknowledged} acknowledged (+ up to {sum(CONNECTIONS) * 2 + 16 * 2} cut off by "
-          "its stop)")
+    print(f"gateway on {server}: {len(ids)} messages reached Make in {len(make.accepted())} batches, "
+          f"{len(ids) - len(set(ids))} twice; wrk counted {acknowledged} acknowledged (+ up to "
+          f"{sum(CONNECTIONS) + 16} cut off by its stops)")
+    return runs
+
+
+def _drained(url: str) -> None:
+    """Wait until the gateway at `url` has no open batch and nothing waiting for Make."""
+    def health() -> dict[str, Any]:
+        return httpx.get(url + "/", timeout=10).json()
+    wait_until(lambda: health()["outbox_pending"] == 0 and health()["active_batches"] == 0, timeout=600,
+               what="every batch delivered")
+
+
+def _granian(workdir: Path, env: dict[str, str], target: str, factory: bool = False) -> tuple[str, Callable[[], Any]]:
+    """Serve the WSGI app `target` with granian (one worker, 8 threads like HTTP_THREADS); (url, stop)."""
+    port = free_port()
+    command = [str(Path(sys.executable).parent / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1", "--blocking-threads", "8", "--log-level", "warning",
+               *(["--factory"] if factory else []), target]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _answers(url + "/", None), timeout=30, what=f"granian serving {target}")
+
+    def stop() -> None:
+        process.terminate()
+        process.wait(30)
+    return url, stop
+
+
+def server_runs(seconds: int) -> list[tuple[str, int, dict[str, float]]]:
+    """The no-op apps on waitress and granian under each load: the ceiling each server puts on any app."""
+    runs = []
+    for app_name in ("flask_noop", "wsgi_noop"):
+        for server in ("waitress", "granian"):
+            if server == "waitress":
+                port = free_port()
+                process = subprocess.Popen([sys.executable, str(ROOT / "bench" / "noop_apps.py"), app_name, str(port)])
+                url = f"http://127.0.0.1:{port}"
+                wait_until(lambda: _answers(url + "/webhook", ""), what="waitress serving the no-op")
+
+                def stop(process: subprocess.Popen[bytes] = process) -> None:
+                    process.terminate()
+                    process.wait(30)
+            else:
+                url, stop = _granian(ROOT, {}, f"bench.noop_apps:{app_name}")
+            try:
+                wrk(url + "/webhook", 16, 1, 1, "")
+                for n, connections in enumerate(CONNECTIONS, start=1):
+                    runs.append((f"{app_name} on {server}", connections,
+                                 wrk(url + "/webhook", connections, seconds, n * 1_000_000_000, "")))
+            finally:
+                stop()
     return runs
 
 
@@ -98,7 +168,7 @@ def peer_runs(seconds: int) -> list[tuple[int, dict[str, float]]]:
     """aiogram's webhook handler, no-op, under each load."""
     port, secret = free_port(), "bench-secret"
     peer = subprocess.Popen([sys.executable, "-c", AIOGRAM_NOOP, str(port), TOKEN, secret], stdout=subprocess.PIPE,
-                            text=True)
+                            stderr=subprocess.DEVNULL, text=True)
     try:
         assert peer.stdout is not None and "listening" in peer.stdout.readline()
         url = f"http://127.0.0.1:{port}/webhook"
@@ -110,27 +180,37 @@ def peer_runs(seconds: int) -> list[tuple[int, dict[str, float]]]:
         peer.wait()
 
 
-def _answers(url: str, secret: str) -> bool:
-    import httpx
+def _answers(url: str, secret: str | None) -> bool:
+    """Whether `url` answers (a POST with `secret`, or a GET when it is None) with a 2xx yet."""
     try:
-        return httpx.post(url, json={"update_id": 1}, headers={"X-Telegram-Bot-Api-Secret-Token": secret}).is_success
+        if secret is None:
+            return httpx.get(url, timeout=5).is_success
+        return httpx.post(url, json={"update_id": 1}, headers={"X-Telegram-Bot-Api-Secret-Token": secret},
+                          timeout=5).is_success
     except httpx.HTTPError:
         return False
 
 
 def main() -> None:
-    """Run both under the same loads and print each figure beside the peer's."""
+    """Run everything under the same loads and print each figure beside the peer's."""
     if shutil.which("wrk") is None:
         sys.exit("bench/ingest.py needs wrk: apt install wrk (or brew install wrk)")
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    ours = gateway_runs(seconds)
-    theirs = peer_runs(seconds) if importlib.util.find_spec("aiogram") else []
-    if not theirs:
-        print("aiogram is not installed (pip install -r bench/requirements.txt): the peer is left out")
-    for (connections, f), peer in zip(ours, theirs or [None] * len(ours)):
-        print(line("gateway (durable, FULL)", connections, f))
-        if peer is not None:
-            print(line("aiogram 3 no-op webhook", connections, peer[1]))
+    ours = gateway_runs(seconds, "waitress")
+    if not importlib.util.find_spec("aiogram") or not importlib.util.find_spec("granian"):
+        print("aiogram or granian is not installed (pip install -r bench/requirements.txt): peers left out")
+        for connections, f in ours:
+            print(line("gateway (durable, FULL)", connections, f))
+        return
+    on_granian = gateway_runs(seconds, "granian")
+    theirs = peer_runs(seconds)
+    servers = server_runs(seconds)
+    for (connections, f), (_, g), (_, peer) in zip(ours, on_granian, theirs):
+        print(line("gateway, waitress (durable)", connections, f))
+        print(line("gateway, granian (durable)", connections, g))
+        print(line("aiogram 3 no-op webhook", connections, peer))
+    for name, connections, f in servers:
+        print(line(name, connections, f))
 
 
 if __name__ == "__main__":
