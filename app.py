@@ -500,14 +500,13 @@ def configure_logging(config: Config) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
     handler.addFilter(RedactingFilter(*config.secrets()))
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    records: queue.Queue[logging.LogRecord] = queue.Queue(_LOG_QUEUE_RECORDS)
     if _log_listener is not None:
         _log_listener.stop()
-    _log_listener = QueueListener(records, handler)
-    _log_listener._thread_name = "log-writer"  # type: ignore[attr-defined]
+    _log_listener = _LogWriter(records, handler)
     _log_listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [QueueHandler(records)]
+    root.handlers[:] = [_WaitingQueueHandler(records)]
     root.setLevel(config.log_level)
     # httpx logs every request URL at INFO, and every Bot API URL holds the token.
     for noisy in ("httpx", "httpcore"):
@@ -517,7 +516,40 @@ def configure_logging(config: Config) -> None:
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
 
 
-_log_listener: QueueListener | None = None
+class _LogWriter(QueueListener):
+    """The `log-writer` thread: writes queued records; at stop, what is queued, for a few seconds at most (an
+    output nobody reads must not keep the process from exiting)."""
+
+    _thread_name = "log-writer"
+
+    def start(self) -> None:
+        """Start the thread, named and a daemon (it must never hold the process up)."""
+        self._thread = threading.Thread(target=self._monitor, name=self._thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued (waiting at most a few seconds), then end the thread."""
+        if self._thread is None:
+            return
+        try:
+            self.queue.put(self._sentinel, timeout=_LOG_STOP_SECONDS)
+            self._thread.join(_LOG_STOP_SECONDS)
+        except queue.Full:
+            pass
+        self._thread = None
+
+
+_log_listener: _LogWriter | None = None
+_LOG_STOP_SECONDS = 5.0
+_LOG_QUEUE_RECORDS = 10_000  # lines waiting for the writer; more, and a logging thread waits as it used to
+
+
+class _WaitingQueueHandler(QueueHandler):
+    """Queues records for the `log-writer` thread; when the output is stuck (nobody reads the pipe) and the
+    queue is full, the logging thread waits instead of the queue growing without bound."""
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        self.queue.put(record)
 
 
 class LineFormatter(logging.Formatter):

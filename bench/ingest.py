@@ -130,7 +130,7 @@ def _granian(workdir: Path, env: dict[str, str], target: str, factory: bool = Fa
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(url + "/", None), timeout=30, what=f"granian serving {target}")
+    wait_until(lambda: _listening(url), timeout=30, what=f"granian serving {target}")
 
     def stop() -> None:
         process.terminate()
@@ -180,6 +180,15 @@ def peer_runs(seconds: int) -> list[tuple[int, dict[str, float]]]:
         peer.wait()
 
 
+def _listening(url: str) -> bool:
+    """Whether something answers HTTP at `url` yet (any status)."""
+    try:
+        httpx.get(url, timeout=5)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
 def _answers(url: str, secret: str | None) -> bool:
     """Whether `url` answers (a POST with `secret`, or a GET when it is None) with a 2xx yet."""
     try:
@@ -197,20 +206,18 @@ def main() -> None:
         sys.exit("bench/ingest.py needs wrk: apt install wrk (or brew install wrk)")
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
     ours = gateway_runs(seconds, "waitress")
+    for connections, f in ours:
+        print(line("gateway, waitress (durable)", connections, f), flush=True)
     if not importlib.util.find_spec("aiogram") or not importlib.util.find_spec("granian"):
         print("aiogram or granian is not installed (pip install -r bench/requirements.txt): peers left out")
-        for connections, f in ours:
-            print(line("gateway (durable, FULL)", connections, f))
         return
-    on_granian = gateway_runs(seconds, "granian")
     theirs = peer_runs(seconds)
-    servers = server_runs(seconds)
-    for (connections, f), (_, g), (_, peer) in zip(ours, on_granian, theirs):
-        print(line("gateway, waitress (durable)", connections, f))
-        print(line("gateway, granian (durable)", connections, g))
-        print(line("aiogram 3 no-op webhook", connections, peer))
-    for name, connections, f in servers:
-        print(line(name, connections, f))
+    for connections, f in theirs:
+        print(line("aiogram 3 no-op webhook", connections, f), flush=True)
+    for connections, f in gateway_runs(seconds, "granian"):
+        print(line("gateway, granian (durable)", connections, f), flush=True)
+    for name, connections, f in server_runs(seconds):
+        print(line(name, connections, f), flush=True)
 
 
 if __name__ == "__main__":

@@ -25,5 +25,8 @@ def wsgi_noop(environ: dict[str, Any], start_response: Callable[..., Any]) -> It
 
 
 if __name__ == "__main__":  # python bench/noop_apps.py flask_noop|wsgi_noop PORT: on waitress
+    import logging
+
     from waitress import serve
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)  # a line per queued request otherwise
     serve(globals()[sys.argv[1]], host="127.0.0.1", port=int(sys.argv[2]), threads=8, _quiet=True)
