@@ -95,21 +95,22 @@ class FloodControl:
         return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {retry_after}",
                      "parameters": {"retry_after": retry_after}}
 
-    def gaps(self) -> list[float]:
-        """Seconds between consecutive accepted messages to the same chat, across every chat."""
+    def gaps(self, since: int = 0) -> list[float]:
+        """Seconds between consecutive accepted messages to the same chat, across every chat (from the
+        `since`-th accepted message on)."""
         with self._lock:
             last: dict[Any, float] = {}
             gaps = []
-            for at, chat, _ in self.accepted:
+            for at, chat, _ in self.accepted[since:]:
                 if chat in last:
                     gaps.append(at - last[chat])
                 last[chat] = at
             return gaps
 
-    def most_in_window(self) -> int:
-        """The most messages accepted within any `window` seconds."""
+    def most_in_window(self, since: int = 0) -> int:
+        """The most messages accepted within any `window` seconds (from the `since`-th accepted message on)."""
         with self._lock:
-            times = [at for at, _, _ in self.accepted]
+            times = [at for at, _, _ in self.accepted[since:]]
         most, first = 0, 0
         for last, at in enumerate(times):
             while times[first] <= at - self.window:
