@@ -119,8 +119,11 @@ class Gateway:
         self.reply_waiters = threading.BoundedSemaphore(config.http_threads // 2)
         self.telegram_outbox = TelegramOutbox(self.store, self.telegram, self.typing,
                                               max_age_seconds=config.make_max_age_hours * 3600,
-                                              results=self.reply_results, on_unreachable=self._count_unreachable)
-        # Button answers on slots of their own: a Bot API slow to answer them holds up no reply.
+                                              results=self.reply_results, on_unreachable=self._count_unreachable,
+                                              max_rate=config.telegram_max_rate,
+                                              chat_interval=config.telegram_chat_interval_seconds)
+        # Button answers on slots of their own: a Bot API slow to answer them holds up no reply. They are not
+        # paced: one per press, and each must arrive within seconds of it, never behind a backlog of replies.
         self.callback_answers = TelegramOutbox(self.store, self.telegram, self.typing, target=ANSWERS_TARGET,
                                                name="callback-answers")
         self.delivery = DeliveryWorkers(

@@ -99,6 +99,8 @@ class Config:
     make_max_rate: float = 30.0
     make_delivery_workers: int | None = None  # deprecated name of make_max_concurrency; None: not set
     callback_answer_seconds: float = 5.0
+    telegram_max_rate: float = 30.0
+    telegram_chat_interval_seconds: float = 1.0
     poll_timeout_seconds: int = 30
     payment_hold_seconds: float = 30.0
     payment_check_with_make: bool = False
@@ -378,6 +380,12 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
         problem("MAKE_MAX_RATE", f"MAKE_MAX_RATE={max_rate:g} is below 0.1 calls a second; 0 turns pacing off")
     # Telegram refuses an answer to a button press 10-15 s after the press: a later fallback would be refused.
     callback_answer_seconds = number("CALLBACK_ANSWER_SECONDS", Config.callback_answer_seconds, float, 0, 10)
+    # Telegram's Bot FAQ: about 30 messages a second overall, about 1 a second per chat.
+    telegram_rate = number("TELEGRAM_MAX_RATE", Config.telegram_max_rate, float, 0, 1000)
+    if 0 < telegram_rate < 0.1:
+        problem("TELEGRAM_MAX_RATE",
+                f"TELEGRAM_MAX_RATE={telegram_rate:g} is below 0.1 messages a second; 0 turns pacing off")
+    chat_interval = number("TELEGRAM_CHAT_INTERVAL_SECONDS", Config.telegram_chat_interval_seconds, float, 0, 60)
     poll_timeout = int(number("POLL_TIMEOUT_SECONDS", Config.poll_timeout_seconds, int, 1, 50))
     hold = number("PAYMENT_HOLD_SECONDS", Config.payment_hold_seconds, float, 1, 3600)
     check_with_make = flag("PAYMENT_CHECK_WITH_MAKE")
@@ -423,7 +431,8 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
         forward_update_kinds=kinds, make_timeout_seconds=make_timeout,
         make_retry_max_seconds=retry_max, make_max_age_hours=max_age,
         make_max_concurrency=concurrency, make_max_rate=max_rate, make_delivery_workers=workers,
-        callback_answer_seconds=callback_answer_seconds, poll_timeout_seconds=poll_timeout,
+        callback_answer_seconds=callback_answer_seconds, telegram_max_rate=telegram_rate,
+        telegram_chat_interval_seconds=chat_interval, poll_timeout_seconds=poll_timeout,
         payment_hold_seconds=hold, payment_check_with_make=check_with_make,
         payment_check_timeout_seconds=check_timeout, payment_auto_refund_stars=auto_refund, **texts,
         health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, reply_token=reply_token,

@@ -2,9 +2,10 @@
 
 The `<name>` thread claims due rows (the store hands out only the head of each order key's queue, so
 one chat's events go one at a time, in order) and runs each on a `<name>-N` worker thread: at most
-`max_in_flight` at once, started at most `max_rate` per second. Workers are made when every one is busy
-and end after `idle_seconds` without work, so threads follow the calls in flight, never the number of
-chats or queued rows. Subclasses say what to do with a claimed row in `_handle()`, which must leave the
+`max_in_flight` at once, started at most `max_rate` per second (and, given a `CallWindow`, never more
+than it holds as the far end counts them). Workers are made when every one is busy and end after
+`idle_seconds` without work, so threads follow the calls in flight, never the number of chats or
+queued rows. Subclasses say what to do with a claimed row in `_handle()`, which must leave the
 row delivered or failed: a row left in flight blocks its order key until a restart.
 """
 
@@ -16,6 +17,7 @@ import threading
 import time
 from typing import Callable
 
+from pacing import CallWindow
 from store import OutboxRow, SQLiteStore, StoreError
 
 log = logging.getLogger("gateway.outbox")
@@ -135,12 +137,17 @@ class OutboxWorkers:
     """The `<name>` claim loop for rows of `target`, each row handled on a `<name>-N` worker thread."""
 
     def __init__(self, store: SQLiteStore, target: str, name: str, max_in_flight: int, max_rate: float = 0.0,
-                 clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS) -> None:
+                 clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS,
+                 window: CallWindow | None = None) -> None:
         self._store = store
         self._target = target
         self.name = name
         self.max_in_flight = max_in_flight
         self._interval = 1.0 / max_rate if max_rate > 0 else 0.0
+        # Even spacing alone can still bunch at the far end (a call that took longer to leave arrives
+        # with the next one); the window counts each call until after its answer, so it never does.
+        self._window = window
+        self._calling = threading.local()  # on a worker thread: whether its row still counts in the window
         self._clock = clock
         self._threads = ElasticThreads(name, idle_seconds)
         # _lock guards in_flight (rows handed to workers whose threads are not free yet) and _paused_until
@@ -240,6 +247,12 @@ class OutboxWorkers:
         not_before = max(self._next_start, paused_until)
         if not_before > now:
             return min(_MAX_WAIT, not_before - now)
+        if self._window is not None:
+            room = self._window.room(now)
+            if room <= 0:
+                wait = self._window.wait(now)
+                return _MAX_WAIT if wait is None else min(_MAX_WAIT, max(0.001, wait))  # an ending call wakes
+            free = min(free, room)
         if self._interval:
             free = 1  # paced: one start per interval, never a burst
         rows = self._store.claim_due_events(self._clock(), self._target, free)
@@ -250,11 +263,15 @@ class OutboxWorkers:
         for n, row in enumerate(rows):
             with self._lock:
                 self.in_flight += 1
+            if self._window is not None:
+                self._window.started()
             try:
                 self._threads.submit(lambda row=row: self._run_one(row), self._slot_free)
             except Exception as err:  # RuntimeError("can't start new thread") above all
                 with self._lock:
                     self.in_flight -= 1
+                if self._window is not None:
+                    self._window.ended(time.monotonic())  # never started: it frees its place in a second
                 self._unclaim(rows[n:], f"no thread to send it on ({err})")
                 return 1.0
         self.dispatch_error = None
@@ -269,10 +286,20 @@ class OutboxWorkers:
         self._settle(lambda: self._store.release_claims([row.id for row in rows], self._clock()), rows[0])
 
     def _run_one(self, row: OutboxRow) -> None:
+        self._calling.open = True
         try:
             self._handle(row)
         except Exception:
             log.exception("%s: handling %s failed; it stays in flight until the next start", self.name, row.event_id)
+        finally:
+            self._answered()
+
+    def _answered(self) -> None:
+        """The row this worker thread handles has its answer (or makes no call): from now on it counts in the
+        window only for the window's length (`_handle` may say so as soon as the answer comes)."""
+        if self._window is not None and getattr(self._calling, "open", False):
+            self._calling.open = False
+            self._window.ended(time.monotonic())
 
     def _slot_free(self) -> None:
         """A row's thread is back among the idle ones: another row may start."""

@@ -655,14 +655,19 @@ class SQLiteStore:
                             "WHERE id=? AND status='inflight'", (due_at, row_id))
         return self._run(work)
 
-    def mark_delivered(self, row_id: int, followups: Iterable[NewEvent] = (), now: float = 0.0) -> set[str]:
-        """Delivered: the event leaves the outbox (its queue's next event heads it) and `followups`
-        (e.g. Make's replies) enter it, atomically. Returns the event ids of the followups that took effect."""
+    def mark_delivered(self, row_id: int, followups: Iterable[NewEvent] = (), now: float = 0.0, *,
+                       next_not_before: float | None = None) -> set[str]:
+        """Delivered: the event leaves the outbox (its queue's next event heads it, due no earlier than
+        `next_not_before` if given) and `followups` (e.g. Make's replies) enter it, atomically. Returns the
+        event ids of the followups that took effect."""
         def work(cur: sqlite3.Cursor) -> set[str]:
             found = cur.execute("SELECT order_key, target FROM outbox WHERE id=?", (row_id,)).fetchone()
             cur.execute("DELETE FROM outbox WHERE id=?", (row_id,))
             if found is not None:
                 self._promote(cur, *found)
+                if next_not_before is not None:  # pacing: the chat's next message waits its turn, durably
+                    cur.execute("UPDATE outbox SET next_attempt_at = MAX(next_attempt_at, ?) WHERE order_key=? "
+                                "AND is_head=1 AND status='pending'", (next_not_before, found[0]))
             return {event.event_id for event in followups if self._enqueue(cur, event, now)}
         return self._run(work)
 

@@ -9,7 +9,10 @@ a crash interrupted mid-call. A reply Telegram refuses with its formatting or bu
 without them, in its place in the chat's queue; content Telegram refuses even so becomes a dead letter,
 kept and visible (or, for a `POST /reply` still waiting, is told to its caller). A message to a user's
 chat that Telegram says is unreachable (blocked bot, deactivated user, chat gone) is counted and
-dropped, not kept. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the press, sent
+dropped, not kept. Messages are paced to Telegram's limits: at most `max_rate` calls a second overall
+(never more as Telegram counts them, see `pacing.py`), and `chat_interval` seconds between two messages
+to one chat (three in a group), measured from the answer; a chat's first message after a quiet spell goes
+at once. A button press's answer is a row due `CALLBACK_ANSWER_SECONDS` after the press, sent
 by a loop of its own; Make's `callback_answer` replaces it while it waits. It is never sent after
 Telegram's window for it; one refused for its content is followed by an empty answer.
 """
@@ -22,6 +25,7 @@ from typing import Any, Callable
 
 from outbox import OutboxWorkers
 from formatting import clean_text
+from pacing import CallWindow, ChatSpacing
 from replies import REPLY_METHODS, PartOutcome, ReplyResults, bare
 from retry import BackoffPolicy, backoff
 from store import NewEvent, OutboxRow, SQLiteStore, StoreError
@@ -35,7 +39,9 @@ log = logging.getLogger("gateway.telegram_outbox")
 TARGET = "telegram"
 ANSWERS_TARGET = "telegram-answers"  # answers to button presses, on slots of their own
 USER_CHAT_PREFIX = "reply:"  # order keys of messages to users' chats: `reply:<chat id>`
-MAX_IN_FLIGHT = 8  # Bot API calls at once: a slow call holds up no other chat, and Telegram's ~30/s is far off
+# Bot API calls at once: a slow call holds up no other chat. Enough for TELEGRAM_MAX_RATE's 30 a second
+# while Telegram answers within 8/30 s; a slower Bot API is sent to more slowly.
+MAX_IN_FLIGHT = 8
 # Telegram takes an answer to a button press for a short, undocumented time after the press (10-15 s
 # in reports); after it, an answer is refused as too old, so there is no point in sending it.
 ANSWER_WINDOW_SECONDS = 15.0
@@ -89,14 +95,19 @@ class TelegramOutbox(OutboxWorkers):
                  target: str = TARGET, name: str = "telegram-outbox", max_in_flight: int = MAX_IN_FLIGHT,
                  max_age_seconds: float = 72 * 3600, clock: Callable[[], float] = time.time,
                  results: ReplyResults | None = None,
-                 on_unreachable: Callable[[str], None] = lambda method: None) -> None:
-        super().__init__(store, target, name, max_in_flight, clock=clock)
+                 on_unreachable: Callable[[str], None] = lambda method: None, max_rate: float = 0.0,
+                 chat_interval: float = 0.0) -> None:
+        super().__init__(store, target, name, max_in_flight, max_rate, clock=clock,
+                         window=CallWindow.per_second(max_rate) if max_rate > 0 else None)
         self._client = client
         self._typing = typing
         self._max_age = max_age_seconds
         self._policy = BackoffPolicy(initial=1.0, maximum=60.0)
         self._results = results or ReplyResults()  # a `POST /reply` waiting to hear what became of its parts
         self._on_unreachable = on_unreachable
+        # Only messages are spaced per chat (Telegram's per-chat limit is on messages): not an answer to a
+        # button press, which has its own short window, nor a refund.
+        self._spacing = ChatSpacing(chat_interval) if chat_interval > 0 else None
         self.sent = 0
 
     def start(self) -> None:
@@ -116,6 +127,14 @@ class TelegramOutbox(OutboxWorkers):
             log.warning("%s not sent: its time has passed (%.0f s late)", row.event_id, now - expires_at)
             self._settle(lambda: self._store.mark_delivered(row.id), row)
             return
+        chat_id = params.get("chat_id") if method in REPLY_METHODS else None
+        not_before = self._spacing.reserve(chat_id, now) if self._spacing and chat_id is not None else None
+        if not_before is not None:
+            # Queued after its chat's queue had emptied, or in another queue to the same chat (the admin's
+            # notice), less than the interval after the chat's last message: back in its queue until then.
+            log.debug("%s waits %.2f s: chat %s had a message just now", row.event_id, not_before - now, chat_id)
+            self._settle(lambda: self._store.release_claims([row.id], not_before), row)
+            return
         try:
             if method in REPLY_METHODS:
                 self._typing.stop(params.get("chat_id"))
@@ -123,8 +142,11 @@ class TelegramOutbox(OutboxWorkers):
             # A call that must not be repeated is marked durably just before its request goes out: after a
             # crash, one marked may have arrived and is not sent again; one not marked never left.
             on_wire = None if may_repeat(method) else (lambda: self._store.mark_on_wire(row.id))
-            result = self._client.call(method, params, attempts=1, on_wire=on_wire,
-                                       read_timeout=_ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None)
+            try:
+                result = self._client.call(method, params, attempts=1, on_wire=on_wire, read_timeout=(
+                    _ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None))
+            finally:
+                self._answered()  # Telegram has counted it by now: the pacing window need not wait for the store
         except RetryAfter as err:
             # Telegram's wait counts from its answer, not from when the call was made.
             outcome = self._retry(row, self._clock(), err.retry_after, err.description)
@@ -144,8 +166,16 @@ class TelegramOutbox(OutboxWorkers):
                 log.info("%s sent without its formatting or buttons", row.event_id)
             self._results.report(row.event_id, PartOutcome("sent", message_id if is_int(message_id) else None,
                                                            fallback=row.payload.get("fallback", "")))
-            outcome = lambda: self._store.mark_delivered(row.id)  # noqa: E731
+            outcome = self._sent(row, chat_id)
         self._settle(outcome, row)
+
+    def _sent(self, row: OutboxRow, chat_id: Any) -> Callable[[], None]:
+        """What to record after a call that reached Telegram: done, and a message's chat's next one is due
+        no earlier than the chat's interval from now (in the store, so a restart keeps it)."""
+        if self._spacing is None or chat_id is None:
+            return lambda: self._store.mark_delivered(row.id)
+        next_at = self._spacing.sent(chat_id, self._clock())
+        return lambda: self._store.mark_delivered(row.id, next_not_before=next_at)
 
     def _after_error(self, row: OutboxRow, method: str, err: TelegramError, now: float) -> Callable[[], None]:
         """What to record after Telegram did not confirm the call."""
@@ -153,7 +183,7 @@ class TelegramOutbox(OutboxWorkers):
             log.warning("%s for %s may or may not have arrived (%s); not repeated, so it is not sent twice",
                         method, row.event_id, err.description)
             self._results.report(row.event_id, PartOutcome("unconfirmed", description=err.description))
-            return lambda: self._store.mark_delivered(row.id)
+            return self._sent(row, row.payload["params"].get("chat_id") if method in REPLY_METHODS else None)
         if method == "answerCallbackQuery":
             return self._after_answer_error(row, err, now)
         if chat_unreachable(err) and row.order_key.startswith(USER_CHAT_PREFIX):

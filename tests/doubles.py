@@ -7,7 +7,9 @@ own threads so `check()` re-raises it at teardown.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import re
 import signal
@@ -44,6 +46,77 @@ class TelegramDouble(BotApiEmulator):
 
     def __init__(self, token: str = TOKEN, deliver_webhooks_to: str | None = None, port: int = 0) -> None:
         super().__init__(token, deliver_webhooks_to=deliver_webhooks_to, port=port)
+
+
+class FloodControl:
+    """A `reject_if` for the Bot API double that holds the sending methods to Telegram's Bot FAQ limits as
+    hard rules: at most `overall` messages in any `window` seconds across chats, at least `chat_gap` seconds
+    between two messages to one chat, and at most `group_per_minute` in any minute to a group (negative
+    id). A message over a limit gets Telegram's 429 with `parameters.retry_after` and is not counted."""
+
+    METHODS = ("sendMessage", "sendPhoto", "sendDocument")
+
+    def __init__(self, overall: int = 30, chat_gap: float = 1.0, window: float = 1.0, group_per_minute: int = 20,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.overall, self.chat_gap, self.window, self.group_per_minute = overall, chat_gap, window, group_per_minute
+        self._clock = clock
+        # _lock guards everything below: the server answers on a thread per connection.
+        self._lock = threading.Lock()
+        self._recent: collections.deque[float] = collections.deque()  # accepted messages inside the window
+        self._by_chat: dict[Any, list[float]] = {}  # arrival of each accepted message, per chat
+        self.accepted: list[tuple[float, Any, dict[str, Any]]] = []  # (arrival, chat id, params) of each
+        self.refused: list[tuple[float, Any, str]] = []  # (arrival, chat id, which limit) of each 429
+
+    def __call__(self, method: str, params: dict[str, Any]) -> tuple[int, Any] | None:
+        if method not in self.METHODS:
+            return None
+        chat = params.get("chat_id")
+        with self._lock:
+            now = self._clock()
+            while self._recent and self._recent[0] <= now - self.window:
+                self._recent.popleft()
+            mine = self._by_chat.setdefault(chat, [])
+            waits = []
+            if len(self._recent) >= self.overall:
+                waits.append(("overall", self._recent[0] + self.window - now))
+            if mine and now - mine[-1] < self.chat_gap:
+                waits.append(("chat", mine[-1] + self.chat_gap - now))
+            minute = [at for at in mine[-self.group_per_minute:] if at > now - 60.0]
+            if isinstance(chat, int) and chat < 0 and len(minute) >= self.group_per_minute:
+                waits.append(("group", minute[0] + 60.0 - now))
+            if not waits:
+                self._recent.append(now)
+                mine.append(now)
+                self.accepted.append((now, chat, params))
+                return None
+            limit, wait = max(waits, key=lambda w: w[1])
+            self.refused.append((now, chat, limit))
+        retry_after = max(1, math.ceil(wait))  # Telegram's retry_after is whole seconds
+        return 429, {"ok": False, "error_code": 429, "description": f"Too Many Requests: retry after {retry_after}",
+                     "parameters": {"retry_after": retry_after}}
+
+    def gaps(self, since: int = 0) -> list[float]:
+        """Seconds between consecutive accepted messages to the same chat, across every chat (from the
+        `since`-th accepted message on)."""
+        with self._lock:
+            last: dict[Any, float] = {}
+            gaps = []
+            for at, chat, _ in self.accepted[since:]:
+                if chat in last:
+                    gaps.append(at - last[chat])
+                last[chat] = at
+            return gaps
+
+    def most_in_window(self, since: int = 0) -> int:
+        """The most messages accepted within any `window` seconds (from the `since`-th accepted message on)."""
+        with self._lock:
+            times = [at for at, _, _ in self.accepted[since:]]
+        most, first = 0, 0
+        for last, at in enumerate(times):
+            while times[first] <= at - self.window:
+                first += 1
+            most = max(most, last - first + 1)
+        return most
 
 
 class MakeDouble(LocalServer):

@@ -55,6 +55,7 @@ def test_defaults_follow_the_contract() -> None:
     assert config.log_level == "INFO"
     assert config.webhook_secret == derive_webhook_secret(TOKEN)
     assert (config.make_max_concurrency, config.make_max_rate, config.callback_answer_seconds) == (50, 30, 5)
+    assert (config.telegram_max_rate, config.telegram_chat_interval_seconds) == (30, 1)
     assert config.make_delivery_workers is None and config.deprecations() == []
 
 
@@ -127,6 +128,11 @@ def test_every_problem_is_reported_at_once_naming_its_variable() -> None:
     ("MAKE_DELIVERY_WORKERS", "0"),
     ("CALLBACK_ANSWER_SECONDS", "11"),
     ("MAKE_MAX_RATE", "1e-12"),
+    ("TELEGRAM_MAX_RATE", "-1"),
+    ("TELEGRAM_MAX_RATE", "0.01"),
+    ("TELEGRAM_MAX_RATE", "nan"),
+    ("TELEGRAM_CHAT_INTERVAL_SECONDS", "-0.5"),
+    ("TELEGRAM_CHAT_INTERVAL_SECONDS", "61"),
 ])
 def test_each_bad_setting_is_refused_by_name(name: str, value: str) -> None:
     """A single bad variable gives a ConfigError whose problem names that variable."""
@@ -242,6 +248,14 @@ def test_make_delivery_workers_is_read_as_the_concurrency_limit_and_flagged() ->
     assert both.deprecations() == ["MAKE_DELIVERY_WORKERS is deprecated and ignored: MAKE_MAX_CONCURRENCY=100 is "
                                    "set; remove MAKE_DELIVERY_WORKERS"]
     assert load(MAKE_MAX_RATE="0").make_max_rate == 0  # unpaced
+
+
+def test_telegram_pacing_can_be_turned_off_or_set() -> None:
+    """TELEGRAM_MAX_RATE=0 and TELEGRAM_CHAT_INTERVAL_SECONDS=0 turn each pacing off; other values are read as given."""
+    off = load(TELEGRAM_MAX_RATE="0", TELEGRAM_CHAT_INTERVAL_SECONDS="0")
+    assert (off.telegram_max_rate, off.telegram_chat_interval_seconds) == (0, 0)
+    set_ = load(TELEGRAM_MAX_RATE="25", TELEGRAM_CHAT_INTERVAL_SECONDS="1.5")
+    assert (set_.telegram_max_rate, set_.telegram_chat_interval_seconds) == (25, 1.5)
 
 
 def test_renewal_notice_title_is_a_setting_in_russian_by_default() -> None:

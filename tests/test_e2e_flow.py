@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from doubles import MakeDouble, TelegramDouble, wait_until
+from doubles import FloodControl, MakeDouble, TelegramDouble, wait_until
 from helpers import deliver, start_in_mode, text_update
 
 
@@ -231,3 +231,20 @@ def test_configured_kind_is_forwarded_and_unknown_kinds_counted(start_service, t
     metrics = wait_until(lambda: "brand" not in (m := service.get("/metrics").text)
                          and 'kind="other",outcome="ignored"} 1.0' in m and m, what="the unknown kind counted")
     assert 'gateway_updates_total{kind="poll_answer",outcome="stored"} 1.0' in metrics
+
+
+def test_replies_are_paced_to_telegrams_limits_without_a_429(start_service, telegram: TelegramDouble,
+                                                                make: MakeDouble) -> None:
+    """Four users write at once and Make answers each with three replies; against a Bot API that refuses more
+    than 4 messages a second, or two within 1 s to one chat, all twelve arrive in order without a 429."""
+    flood = FloodControl(overall=4, chat_gap=1.0)
+    telegram.reject_if = flood
+    make.reject_if = lambda event: (200, {"replies": [f"{event['chat_id']}:{n}" for n in range(3)]})
+    service = start_in_mode(start_service, "webhook", TELEGRAM_MAX_RATE="4")
+    for user in range(1, 5):
+        deliver(service, telegram, "webhook", text_update("hi", user_id=user))
+    wait_until(lambda: len(flood.accepted) == 12, timeout=30, what="every reply sent")
+    assert flood.refused == []
+    for user in range(1, 5):
+        assert [p["text"] for _, chat, p in flood.accepted if chat == user] == [f"{user}:{n}" for n in range(3)]
+    wait_until(lambda: service.health()["outbox_pending"] == 0, what="the outbox to drain")

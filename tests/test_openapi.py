@@ -26,7 +26,8 @@ def service() -> Iterator[Service]:
             "BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": make.url, "TELEGRAM_API_URL": telegram.url,
             "WEBHOOK_URL": "https://gateway.example.test/webhook", "HOST": "127.0.0.1", "PORT": "0",
             "STATE_DB": str(Path(tmp) / "state.sqlite3"), "DEBOUNCE_SECONDS": "0.1", "REPLY_TOKEN": REPLY_TOKEN,
-            "TYPING_MODE": "off"}).start()
+            # Hundreds of generated replies go to a few chat ids: spaced 1 s apart, each `/reply` would wait.
+            "TYPING_MODE": "off", "TELEGRAM_CHAT_INTERVAL_SECONDS": "0"}).start()
         yield running
         assert running.stop() == 0
         assert TOKEN not in running.text and "Traceback" not in running.text

@@ -233,7 +233,9 @@ def test_subscription_renewal_is_a_normal_payment_and_a_one_off_paid_twice_is_st
     shared payload are normal payments: `duplicate: false`, `subscription: "renewal"` / `"first"`, a renewal
     notice, no refund, and a later subscriber's checkout is approved; a one-off invoice paid twice is still
     a refunded duplicate, and every payment event has the `subscription` key."""
-    service = start_service(ADMIN_CHAT_ID=ADMIN, PAYMENT_AUTO_REFUND_STARS="true", TEXT_ADMIN_RENEWAL="Renewed ✓")
+    # No spacing between messages to a chat: five notices to the admin's group would take 12 s (20 a minute).
+    service = start_service(ADMIN_CHAT_ID=ADMIN, PAYMENT_AUTO_REFUND_STARS="true", TEXT_ADMIN_RENEWAL="Renewed ✓",
+                            TELEGRAM_CHAT_INTERVAL_SECONDS="0")
     stars = {"currency": "XTR", "total_amount": 100}
     for update in (_subscription(payment_update("sub-a1", "club", **stars), first=True),
                    _subscription(payment_update("sub-a2", "club", **stars), first=False),

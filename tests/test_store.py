@@ -193,6 +193,28 @@ def test_events_of_one_chat_are_claimed_in_order_and_other_chats_go_ahead(store:
     assert second is not None and second.event_id == "a2"
 
 
+def test_a_delivered_event_can_hold_back_the_next_of_its_queue(store: SQLiteStore) -> None:
+    """`next_not_before` makes the queue's next event due no earlier than that (pacing a chat): other queues
+    go ahead meanwhile, and an event already due later is not made due sooner."""
+    for event_id, key in (("a1", "chat:1"), ("a2", "chat:1"), ("b1", "chat:2")):
+        store.enqueue_event(event(event_id, key), T0)
+    store.enqueue_event(NewEvent("c1", "chat:3", "update", {}), T0)
+    store.enqueue_event(NewEvent("c2", "chat:3", "update", {}, due_at=T0 + 5), T0)
+    a1, b1, c1 = store.claim_due_events(T0, limit=10)
+    assert [a1.event_id, b1.event_id, c1.event_id] == ["a1", "b1", "c1"]
+    store.mark_delivered(a1.id, next_not_before=T0 + 1)
+    store.mark_delivered(c1.id, next_not_before=T0 + 1)
+    store.enqueue_event(event("b2", "chat:2"), T0)
+    store.mark_delivered(b1.id)
+    b2 = store.claim_due_event(T0)
+    assert b2 is not None and b2.event_id == "b2"  # its queue was not held back
+    assert store.claim_due_event(T0 + 0.99) is None
+    assert store.next_attempt_at() == T0 + 1
+    a2 = store.claim_due_event(T0 + 1)
+    assert a2 is not None and a2.event_id == "a2"
+    assert store.next_attempt_at() == T0 + 5  # c2 kept its own, later time
+
+
 def test_failed_event_waits_for_its_next_attempt_and_holds_its_chat(store: SQLiteStore) -> None:
     """A failed event is not claimable before `next_attempt_at`, nor is the next event of its chat."""
     store.enqueue_event(event("a1", "chat:1"), T0)
@@ -319,6 +341,10 @@ def test_outbox_statements_read_an_index_never_the_whole_queue(tmp_path: Path) -
     a1 = db.claim_due_event(T0)
     assert a1 is not None
     db.mark_failed(a1.id, T0, "x", dead=True)
+    db.enqueue_events([event("b1", "chat:2"), event("b2", "chat:2")], T0)
+    b1 = db.claim_due_event(T0)
+    assert b1 is not None
+    db.mark_delivered(b1.id, next_not_before=T0 + 1)
     db.next_attempt_at()
     db.outbox_stats(T0)
     db.payments_count()
