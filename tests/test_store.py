@@ -1047,3 +1047,53 @@ def test_flood_control_is_asked_only_for_a_new_update(store: SQLiteStore) -> Non
     assert len(asked) == 2  # the repeat was not counted
     batch = stored_batch(store, 42, 42)
     assert batch is not None and [m["text"] for m in batch.messages] == ["a"] and batch.flood_held == 1
+
+
+class _InterruptAt:
+    """The store's connection, with a KeyboardInterrupt (SIGTERM's, in the gateway) arriving in the leader as
+    it runs `sql`: `before` the statement reaches SQLite, or just after it returned."""
+
+    def __init__(self, db: sqlite3.Connection, sql: str, after: bool) -> None:
+        self._db, self._sql, self._after, self.armed = db, sql, after, True
+
+    def cursor(self) -> Any:
+        outer, cur = self, self._db.cursor()
+
+        class Cursor:
+            def execute(self, sql: str, *args: Any) -> Any:
+                hit = sql == outer._sql and outer.armed
+                if hit and not outer._after:
+                    outer.armed = False
+                    raise KeyboardInterrupt
+                result = cur.execute(sql, *args)
+                if hit:
+                    outer.armed = False
+                    raise KeyboardInterrupt
+                return result
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(cur, name)
+
+        return Cursor()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("sql, after", [("BEGIN IMMEDIATE", True), ("COMMIT", False), ("COMMIT", True)])
+def test_an_interrupt_in_the_leader_leaves_no_transaction_open(tmp_path: Path, sql: str, after: bool) -> None:
+    """A KeyboardInterrupt reaching the leader between its statements goes on in the leader, and the store keeps
+    working: no transaction is left open (which would refuse every later group until a restart). What a COMMIT
+    that went through stored stays stored; otherwise nothing of the group is."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    real = store._db
+    store._db = _InterruptAt(real, sql, after)  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.record_update(1, T0)
+    finally:
+        store._db = real
+    assert not real.in_transaction
+    assert store.record_update(2, T0)
+    assert store.seen(1) == (sql == "COMMIT" and after)
+
