@@ -433,7 +433,7 @@ class SQLiteStore:
                             cur.execute("RELEASE unit")
                         unit.error = None
                         woken |= self._new_work
-                    except BaseException as err:  # noqa: B036 - it becomes that unit's outcome, raised in its thread
+                    except Exception as err:  # it becomes that unit's outcome, raised in its thread
                         unit.result = None
                         unit.error = StoreError(f"state database error: {err}") if isinstance(
                             err, sqlite3.Error) else err
@@ -452,10 +452,11 @@ class SQLiteStore:
                 _fail(group, err)
                 return set()
             except BaseException:
-                # The leader itself interrupted between statements (SIGTERM arrives as KeyboardInterrupt in the
-                # main thread, just after the call it waited in, say): a transaction left open would refuse
-                # every later group. If the COMMIT went through, the group is stored; otherwise it is undone.
-                # Either way it goes on in the leader; the units not settled are told they were interrupted.
+                # The leader itself interrupted (SIGTERM arrives as KeyboardInterrupt in the main thread, wherever
+                # it is: just after the call it waited in, or inside the work of another thread's unit it runs):
+                # the interrupt is the leader's, so it goes on here, never handed to that other thread. A
+                # transaction left open would refuse every later group: if the COMMIT went through the group is
+                # stored, otherwise it is undone; the units not settled are told they were interrupted.
                 if committing and not self._db.in_transaction:
                     for unit in group:
                         unit.committed = unit.error is None
