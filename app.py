@@ -497,7 +497,7 @@ def configure_logging(config: Config) -> None:
     threads logging an update each, that wait was what ingest spent most time on). The queue is written
     out at exit."""
     global _log_listener
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Output(sys.stderr)
     handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
     handler.addFilter(RedactingFilter(*config.secrets()))
     records: queue.Queue[logging.LogRecord] = queue.Queue(_LOG_QUEUE_RECORDS)
@@ -536,7 +536,25 @@ class _LogWriter(QueueListener):
             self._thread.join(_LOG_STOP_SECONDS)
         except queue.Full:
             pass
+        if self._thread.is_alive():  # stuck in a write: logging.shutdown must not wait for it either
+            for handler in self.handlers:
+                if isinstance(handler, _Output):
+                    handler.abandon()
         self._thread = None
+
+
+class _Output(logging.StreamHandler):  # type: ignore[type-arg]
+    """The log-writer's output (stderr). `abandon()`: the writer is stuck in a write to it (nobody reads the
+    pipe), so what is left is given up: `logging.shutdown()`, run at exit after the writer's last chance, would
+    otherwise wait forever for the lock the stuck writer holds, then for the stream's own to flush it."""
+
+    def abandon(self) -> None:
+        self.lock = None  # type: ignore[assignment]  # acquire() and release() do nothing without one
+        self._abandoned = True
+
+    def flush(self) -> None:
+        if not getattr(self, "_abandoned", False):
+            super().flush()
 
 
 _log_listener: _LogWriter | None = None
