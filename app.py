@@ -569,6 +569,20 @@ class _WaitingQueueHandler(QueueHandler):
     def enqueue(self, record: logging.LogRecord) -> None:
         self.queue.put(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        """A record that cannot be formatted (an argument whose str() raises, arguments that do not fit the
+        format) is formatted here, in the logging thread, before any filter has masked it: logging's own report
+        would print its arguments and the error's text straight to stderr, secrets and all. It becomes a line
+        of its own in the queue instead, masked by the writer like every other."""
+        try:
+            note = logging.makeLogRecord({
+                "name": record.name, "levelno": logging.ERROR, "levelname": "ERROR",
+                "msg": "a log line (%s:%s) could not be formatted", "args": (record.pathname, record.lineno),
+                "exc_info": sys.exc_info()})
+            self.queue.put(self.prepare(note))
+        except Exception:  # noqa: BLE001 - reporting a logging error must never raise
+            pass
+
 
 class LineFormatter(logging.Formatter):
     """The standard format, with each second's time text made once (a busy gateway logs hundreds of lines a

@@ -213,3 +213,30 @@ def test_a_log_output_nobody_reads_does_not_keep_the_process_from_exiting(tmp_pa
             child.wait()
         assert child.stderr is not None
         child.stderr.close()
+
+
+def test_a_log_line_that_cannot_be_formatted_is_reported_masked() -> None:
+    """A log call whose arguments cannot be formatted is reported (a line of its own, with the error), but its
+    arguments and the error's text pass the same masking as every line: no secret reaches the output."""
+    webhook_secret = "webhook-secret-that-must-not-leak"
+    script = (
+        "import logging, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import app\n"
+        "class Settings:\n"
+        "    log_level = 'INFO'\n"
+        "    def secrets(self):\n"
+        f"        return ({TOKEN!r}, {webhook_secret!r})\n"
+        "app.configure_logging(Settings())\n"
+        "class Unprintable:\n"
+        "    def __str__(self):\n"
+        f"        raise ValueError('token ' + {TOKEN!r})\n"
+        "log = logging.getLogger('gateway')\n"
+        "log.info('value %s', Unprintable())\n"
+        f"log.info('two values %s %s', {webhook_secret!r})\n"
+        "log.info('after')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "could not be formatted" in done.stderr and "after" in done.stderr
+    for secret in (TOKEN, TOKEN.split(":")[1], webhook_secret):
+        assert secret not in done.stderr
