@@ -500,7 +500,7 @@ def configure_logging(config: Config) -> None:
     threads logging an update each, that wait was what ingest spent most time on). The queue is written
     out at exit."""
     global _log_listener
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Output(sys.stderr)
     handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
     handler.addFilter(RedactingFilter(*config.secrets()))
     records: queue.Queue[logging.LogRecord] = queue.Queue(_LOG_QUEUE_RECORDS)
@@ -539,7 +539,25 @@ class _LogWriter(QueueListener):
             self._thread.join(_LOG_STOP_SECONDS)
         except queue.Full:
             pass
+        if self._thread.is_alive():  # stuck in a write: logging.shutdown must not wait for it either
+            for handler in self.handlers:
+                if isinstance(handler, _Output):
+                    handler.abandon()
         self._thread = None
+
+
+class _Output(logging.StreamHandler):  # type: ignore[type-arg]
+    """The log-writer's output (stderr). `abandon()`: the writer is stuck in a write to it (nobody reads the
+    pipe), so what is left is given up: `logging.shutdown()`, run at exit after the writer's last chance, would
+    otherwise wait forever for the lock the stuck writer holds, then for the stream's own to flush it."""
+
+    def abandon(self) -> None:
+        self.lock = None  # type: ignore[assignment]  # acquire() and release() do nothing without one
+        self._abandoned = True
+
+    def flush(self) -> None:
+        if not getattr(self, "_abandoned", False):
+            super().flush()
 
 
 _log_listener: _LogWriter | None = None
@@ -553,6 +571,20 @@ class _WaitingQueueHandler(QueueHandler):
 
     def enqueue(self, record: logging.LogRecord) -> None:
         self.queue.put(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        """A record that cannot be formatted (an argument whose str() raises, arguments that do not fit the
+        format) is formatted here, in the logging thread, before any filter has masked it: logging's own report
+        would print its arguments and the error's text straight to stderr, secrets and all. It becomes a line
+        of its own in the queue instead, masked by the writer like every other."""
+        try:
+            note = logging.makeLogRecord({
+                "name": record.name, "levelno": logging.ERROR, "levelname": "ERROR",
+                "msg": "a log line (%s:%s) could not be formatted", "args": (record.pathname, record.lineno),
+                "exc_info": sys.exc_info()})
+            self.queue.put(self.prepare(note))
+        except Exception:  # noqa: BLE001 - reporting a logging error must never raise
+            pass
 
 
 class LineFormatter(logging.Formatter):

@@ -413,15 +413,16 @@ class SQLiteStore:
         with its result, or with the error that undid it (a failed commit undoes them all)."""
         alone = len(group) == 1  # no savepoint needed: a failure rolls back the whole transaction
         woken: set[str] = set()
+        committing = False
         with self._lock:
             try:
-                cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
-            except sqlite3.Error as err:
-                _fail(group, err)
-                return set()
-            self._inside.cursor = cur
-            try:
+                try:
+                    cur = self._db.cursor()
+                    cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
+                except sqlite3.Error as err:
+                    _fail(group, err)
+                    return set()
+                self._inside.cursor = cur
                 for unit in group:
                     self._new_work = set()
                     try:
@@ -432,7 +433,7 @@ class SQLiteStore:
                             cur.execute("RELEASE unit")
                         unit.error = None
                         woken |= self._new_work
-                    except BaseException as err:  # noqa: B036 - it becomes that unit's outcome, raised in its thread
+                    except Exception as err:  # it becomes that unit's outcome, raised in its thread
                         unit.result = None
                         unit.error = StoreError(f"state database error: {err}") if isinstance(
                             err, sqlite3.Error) else err
@@ -441,6 +442,7 @@ class SQLiteStore:
                             return set()
                 if alone and group[0].error is not None:
                     return set()
+                committing = True
                 cur.execute("COMMIT")
                 for unit in group:
                     unit.committed = unit.error is None
@@ -449,6 +451,18 @@ class SQLiteStore:
                 self._rollback()
                 _fail(group, err)
                 return set()
+            except BaseException:
+                # The leader itself interrupted (SIGTERM arrives as KeyboardInterrupt in the main thread, wherever
+                # it is: just after the call it waited in, or inside the work of another thread's unit it runs):
+                # the interrupt is the leader's, so it goes on here, never handed to that other thread. A
+                # transaction left open would refuse every later group: if the COMMIT went through the group is
+                # stored, otherwise it is undone; the units not settled are told they were interrupted.
+                if committing and not self._db.in_transaction:
+                    for unit in group:
+                        unit.committed = unit.error is None
+                else:
+                    self._rollback()
+                raise
             finally:
                 self._inside.cursor = None
                 self._new_work = set()

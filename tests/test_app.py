@@ -186,3 +186,57 @@ def test_health_is_reachable_with_plain_http_client(start_service) -> None:
     """The service answers on the port it printed, over real HTTP."""
     service = start_service()
     assert httpx.get(service.url + "/", timeout=5).status_code == 200
+
+
+def test_a_log_output_nobody_reads_does_not_keep_the_process_from_exiting(tmp_path: Path) -> None:
+    """The log-writer writes queued lines out at exit for a few seconds at most: with a stderr pipe nobody reads
+    (full, so the writer is stuck in a write), the process still exits, with its own status."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import logging, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import app\n"
+        "class Settings:\n"
+        "    log_level = 'INFO'\n"
+        "    def secrets(self):\n"
+        "        return ()\n"
+        "app.configure_logging(Settings())\n"
+        "for n in range(3000):  # far more than a pipe holds, far fewer than the queue does\n"
+        "    logging.getLogger('gateway').info('line %d %s', n, 'x' * 100)\n"
+        "sys.exit(3)\n", encoding="utf-8")
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert child.wait(timeout=30) == 3  # stderr never read
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stderr is not None
+        child.stderr.close()
+
+
+def test_a_log_line_that_cannot_be_formatted_is_reported_masked() -> None:
+    """A log call whose arguments cannot be formatted is reported (a line of its own, with the error), but its
+    arguments and the error's text pass the same masking as every line: no secret reaches the output."""
+    webhook_secret = "webhook-secret-that-must-not-leak"
+    script = (
+        "import logging, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import app\n"
+        "class Settings:\n"
+        "    log_level = 'INFO'\n"
+        "    def secrets(self):\n"
+        f"        return ({TOKEN!r}, {webhook_secret!r})\n"
+        "app.configure_logging(Settings())\n"
+        "class Unprintable:\n"
+        "    def __str__(self):\n"
+        f"        raise ValueError('token ' + {TOKEN!r})\n"
+        "log = logging.getLogger('gateway')\n"
+        "log.info('value %s', Unprintable())\n"
+        f"log.info('two values %s %s', {webhook_secret!r})\n"
+        "log.info('after')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "could not be formatted" in done.stderr and "after" in done.stderr
+    for secret in (TOKEN, TOKEN.split(":")[1], webhook_secret):
+        assert secret not in done.stderr

@@ -1073,3 +1073,104 @@ def test_flood_control_is_asked_only_for_a_new_update(store: SQLiteStore) -> Non
     assert len(asked) == 2  # the repeat was not counted
     batch = stored_batch(store, 42, 42)
     assert batch is not None and [m["text"] for m in batch.messages] == ["a"] and batch.flood_held == 1
+
+
+class _InterruptAt:
+    """The store's connection, with a KeyboardInterrupt (SIGTERM's, in the gateway) arriving in the leader as
+    it runs `sql`: `before` the statement reaches SQLite, or just after it returned."""
+
+    def __init__(self, db: sqlite3.Connection, sql: str, after: bool) -> None:
+        self._db, self._sql, self._after, self.armed = db, sql, after, True
+
+    def cursor(self) -> Any:
+        outer, cur = self, self._db.cursor()
+
+        class Cursor:
+            def execute(self, sql: str, *args: Any) -> Any:
+                hit = sql == outer._sql and outer.armed
+                if hit and not outer._after:
+                    outer.armed = False
+                    raise KeyboardInterrupt
+                result = cur.execute(sql, *args)
+                if hit:
+                    outer.armed = False
+                    raise KeyboardInterrupt
+                return result
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(cur, name)
+
+        return Cursor()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize("sql, after", [("BEGIN IMMEDIATE", True), ("COMMIT", False), ("COMMIT", True)])
+def test_an_interrupt_in_the_leader_leaves_no_transaction_open(tmp_path: Path, sql: str, after: bool) -> None:
+    """A KeyboardInterrupt reaching the leader between its statements goes on in the leader, and the store keeps
+    working: no transaction is left open (which would refuse every later group until a restart). What a COMMIT
+    that went through stored stays stored; otherwise nothing of the group is."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    real = store._db
+    store._db = _InterruptAt(real, sql, after)  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            store.record_update(1, T0)
+    finally:
+        store._db = real
+    assert not real.in_transaction
+    assert store.record_update(2, T0)
+    assert store.seen(1) == (sql == "COMMIT" and after)
+
+
+
+def test_a_stop_signal_reaching_the_leader_inside_another_threads_unit_stops_the_leader(tmp_path: Path) -> None:
+    """SIGTERM arrives as a KeyboardInterrupt in the main thread, wherever it is: also inside the work of another
+    thread's unit that the main thread runs as its group's leader. The interrupt is the main thread's (it must
+    stop), not that other thread's: the group is undone, its units are told they were not stored, and the
+    store goes on working."""
+    import os
+    import signal
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        pytest.skip("needs a POSIX signal handled in the main thread")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGUSR1, stop)
+    try:
+        store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+        release, holder = _hold_the_line(store)
+        other: dict[str, Any] = {}
+
+        def signalled_meanwhile(cur: Any) -> bool:
+            store._mark_seen(cur, 2, T0)
+            os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread, the one running this work
+            for _ in range(1000):
+                threading.Event().wait(0.001)
+            return True
+
+        def other_thread() -> None:
+            try:
+                other["outcome"] = store._run(signalled_meanwhile)
+            except BaseException as err:  # noqa: B036 - what this thread got is what the test checks
+                other["outcome"] = err
+
+        def main_then_other() -> None:
+            wait_until(lambda: len(store._line) == 2, what="the main thread's unit waiting")
+            threading.Thread(target=other_thread).start()
+            wait_until(lambda: len(store._line) == 3, what="the other thread's unit waiting")
+            release.set()
+
+        threading.Thread(target=main_then_other).start()
+        with pytest.raises(KeyboardInterrupt):
+            store._run(lambda cur: store._mark_seen(cur, 1, T0))  # leads the group after the holder's
+        holder.join(10)
+        wait_until(lambda: "outcome" in other, what="the other thread's answer")
+        assert isinstance(other["outcome"], StoreError)
+        assert not store.seen(1) and not store.seen(2)
+        assert store.record_update(3, T0)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
