@@ -2,7 +2,8 @@
 
 The store is the truth about a batch (its messages, first and last arrival, count); the heap here only
 says when to look at it again. A debounce reset pushes a new heap entry with a higher generation and
-the old one is skipped when popped, so the thread count stays one however many users are typing.
+the old one is skipped when popped (or dropped when stale entries pile up), so the thread count stays
+one however many users are typing, and the heap a small multiple of the open batches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from updates import batch_text
 log = logging.getLogger("gateway.batching")
 
 Key = tuple[int, int]  # (chat_id, user_id)
+
+# The heap is rebuilt without its stale entries when it holds more than _COMPACT_AT entries per open
+# batch (plus _COMPACT_FLOOR, so a handful of batches never rebuild it on every push).
+_COMPACT_AT = 3
+_COMPACT_FLOOR = 64
 
 
 def build_batch_event(batch: BatchRow, reason: str) -> NewEvent:
@@ -146,13 +152,32 @@ class BatchManager:
         """True while the scheduler thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def heap_entries(self) -> int:
+        """Entries in the deadline heap, stale ones included: at most about three per open batch."""
+        with self._lock:
+            return len(self._heap)
+
     def _schedule(self, key: Key, at_wall: float) -> None:
         due = self._monotonic() + max(0.0, at_wall - self._clock())
         with self._lock:
             generation = next(self._seq)  # unique, so an old entry never matches a later batch
             self._generation[key] = generation
             heapq.heappush(self._heap, (due, generation, key, generation))
-        self._wakeup.set()
+            if len(self._heap) > _COMPACT_AT * len(self._generation) + _COMPACT_FLOOR:
+                self._compact()
+            # The scheduler sleeps until the earliest entry it saw: only a new earliest one needs it awake.
+            # A debounce reset is due after its own batch's previous entry, so it wakes nobody.
+            earliest = self._heap[0][1] == generation
+        if earliest:
+            self._wakeup.set()
+
+    def _compact(self) -> None:
+        # Called under _lock. Each debounce reset leaves a stale entry until its due time, up to
+        # DEBOUNCE_SECONDS later: a long quiet period and chatty users would keep many per open batch.
+        # Dropping them once they outnumber the live ones 2 to 1 costs O(1) per push, amortized.
+        self._heap = [entry for entry in self._heap if self._generation.get(entry[2]) == entry[3]]
+        heapq.heapify(self._heap)
 
     def _forget(self, key: Key, generation: int | None) -> None:
         # A message may have opened a new batch (a newer generation) meanwhile: keep that one.

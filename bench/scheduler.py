@@ -82,7 +82,7 @@ def ours(users: int, tmp: str) -> None:
         manager.add(users + user + 1, user, user, {"id": user}, {"type": "text", "text": "again"})
     reset = (time.perf_counter() - started) / users * 1e6
     scheduler = in_scheduler[0] / users / 1000
-    heap = len(manager._heap)
+    heap = manager.heap_entries
     print(f"  ours: one scheduler thread        open {users} batches {opened:5.2f} s, +{threads} thread(s), "
           f"+{rss:5.1f} MB RSS")
     print(f"        per reset: whole add {reset:6.1f} us (SQLite write included), scheduler part {scheduler:5.2f} us;"
@@ -137,8 +137,8 @@ def heap_under(label: str, settings: DebounceSettings, users: int, messages: int
             counts[user] += 1
             due, _ = deadline(first[user], at, counts[user], settings)
             manager._schedule((user, user), due)
-        if len(manager._heap) > biggest:  # before the pass drops what is due: the most it held
-            biggest, live_then = len(manager._heap), manager.scheduled_deadlines
+        if manager.heap_entries > biggest:  # before the pass drops what is due: the most it held
+            biggest, live_then = manager.heap_entries, manager.scheduled_deadlines
         manager._close_due()
     seconds = time.perf_counter() - started
     print(f"  {label:<58} heap at most {biggest:>7,} entries, {live_then:>6,} of them live "
