@@ -10,13 +10,13 @@
 2. How big the deadline heap gets. A reset pushes a new entry and leaves the old one, skipped when
    popped at its due time; every entry is due at most DEBOUNCE_SECONDS after it was pushed (the cap,
    MAX_WAIT_SECONDS, only ever makes it sooner), so the stale ones count the resets of the last
-   DEBOUNCE_SECONDS, whatever MAX_WAIT_SECONDS. Simulated time, no thread: the scheduler's pass runs
-   every 0.1 s of simulated time, the deadlines come from `debounce.deadline()` as `add` computes
-   them. Patterns: one user's burst of 30 messages 0.1 s apart (DEBOUNCE_SECONDS=4); 10,000 users
-   sending a message every 2 s each for 120 s (the pace FLOOD_MAX_MESSAGES=30 per 60 s lets through)
-   with MAX_WAIT_SECONDS=3600 (and MAX_BATCH_MESSAGES out of the way), at DEBOUNCE_SECONDS=4 (the
-   default) and 60. The reference: the live
-   entries (open batches), the most the heap ever needs.
+   DEBOUNCE_SECONDS, whatever MAX_WAIT_SECONDS; and they are all dropped once there are more than two
+   per live one (plus 64). Simulated time, no thread: the scheduler's pass runs every 0.1 s of simulated
+   time, the deadlines come from `debounce.deadline()` as `add` computes them. Patterns: one user's
+   burst of 30 messages 0.1 s apart (DEBOUNCE_SECONDS=4); 10,000 users sending a message every 2 s
+   each for 120 s (the pace FLOOD_MAX_MESSAGES=30 per 60 s lets through) with MAX_WAIT_SECONDS=3600
+   (and MAX_BATCH_MESSAGES out of the way), at DEBOUNCE_SECONDS=4 (the default) and 60. The
+   reference: the live entries (open batches), the fewest the heap can hold.
 
 Run: python bench/scheduler.py [users]
 """

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from doubles import wait_until
 from batching import BatchManager
 from debounce import DebounceSettings
+from doubles import wait_until
 from store import BatchRow, MemoryStore
 
 T0 = 1_763_900_000.0
