@@ -2,7 +2,8 @@
 
 The store is the truth about a batch (its messages, first and last arrival, count); the heap here only
 says when to look at it again. A debounce reset pushes a new heap entry with a higher generation and
-the old one is skipped when popped, so the thread count stays one however many users are typing.
+the old one is skipped when popped (or dropped when stale entries pile up), so the thread count stays
+one however many users are typing, and the heap a small multiple of the open batches.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from updates import batch_text
 log = logging.getLogger("gateway.batching")
 
 Key = tuple[int, int]  # (chat_id, user_id)
+
+# The heap is rebuilt without its stale entries when it holds more than _COMPACT_AT entries per open
+# batch (plus _COMPACT_FLOOR, so a handful of batches never rebuild it on every push).
+_COMPACT_AT = 3
+_COMPACT_FLOOR = 64
 
 
 def build_batch_event(batch: BatchRow, reason: str) -> NewEvent:
@@ -55,13 +61,12 @@ class BatchManager:
         self._clock = clock
         self._monotonic = monotonic
         # _lock guards _generation (key -> latest generation: one per open batch with a deadline),
-        # _heap (entries (due monotonic, seq, key, generation); stale generations are skipped) and _wake_at.
+        # and _heap (entries (due monotonic, seq, key, generation); stale generations are skipped).
         self._lock = threading.Lock()
         self._generation: dict[Key, int] = {}
         self._heap: list[tuple[float, int, Key, int]] = []
         self._seq = itertools.count()
         self._wakeup = threading.Event()
-        self._wake_at = 0.0  # when the scheduler looks next (monotonic), under _lock: earlier deadlines wake it
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,18 +153,32 @@ class BatchManager:
         """True while the scheduler thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def heap_entries(self) -> int:
+        """Entries in the deadline heap, stale ones included: at most about three per open batch."""
+        with self._lock:
+            return len(self._heap)
+
     def _schedule(self, key: Key, at_wall: float) -> None:
         due = self._monotonic() + max(0.0, at_wall - self._clock())
         with self._lock:
             generation = next(self._seq)  # unique, so an old entry never matches a later batch
             self._generation[key] = generation
             heapq.heappush(self._heap, (due, generation, key, generation))
-            # A debounce reset moves a deadline later: the scheduler would wake for nothing. Only a deadline
-            # earlier than the one it waits for needs it now (at a backlog's rate, a wake-up per message
-            # cost more than the heap).
-            sooner = due < self._wake_at
-        if sooner:
+            if len(self._heap) > _COMPACT_AT * len(self._generation) + _COMPACT_FLOOR:
+                self._compact()
+            # The scheduler sleeps until the earliest entry it saw: only a new earliest one needs it awake.
+            # A debounce reset is due after its own batch's previous entry, so it wakes nobody.
+            earliest = self._heap[0][1] == generation
+        if earliest:
             self._wakeup.set()
+
+    def _compact(self) -> None:
+        # Called under _lock. Each debounce reset leaves a stale entry until its due time, up to
+        # DEBOUNCE_SECONDS later: a long quiet period and chatty users would keep many per open batch.
+        # Dropping them once they outnumber the live ones 2 to 1 costs O(1) per push, amortized.
+        self._heap = [entry for entry in self._heap if self._generation.get(entry[2]) == entry[3]]
+        heapq.heapify(self._heap)
 
     def _forget(self, key: Key, generation: int | None) -> None:
         # A message may have opened a new batch (a newer generation) meanwhile: keep that one.
@@ -187,7 +206,6 @@ class BatchManager:
                 if self._generation.get(key) == generation:
                     due_keys.append((key, generation))
             wait = self._heap[0][0] - now if self._heap else 60.0
-            self._wake_at = now if due_keys else now + max(0.0, wait)
         for key, generation in due_keys:  # store writes and Make hand-off happen outside the lock
             try:
                 self._close(key, generation)

@@ -256,10 +256,19 @@ class OutboxWorkers:
         if self._interval:
             free = 1  # paced: one start per interval, never a burst
         rows = self._store.claim_due_events(self._clock(), self._target, free)
-        if not rows:
-            next_at = self._store.next_attempt_at(self._target)
-            return _MAX_WAIT if next_at is None else min(_MAX_WAIT, max(0.01, next_at - self._clock()))
-        self._next_start = now + self._interval
+        if rows:
+            self._next_start = now + self._interval
+            if not self._start(rows):
+                return 1.0
+            if len(rows) == free:
+                return 0.0  # there may be more: look again at once
+        # Nothing more was due when we looked (no second, empty claim to learn it): new work, a row's retry
+        # time set (its thread coming free) and the next attempt due wake us.
+        next_at = self._store.next_attempt_at(self._target)
+        return _MAX_WAIT if next_at is None else min(_MAX_WAIT, max(0.01, next_at - self._clock()))
+
+    def _start(self, rows: list[OutboxRow]) -> bool:
+        """Hand claimed rows to worker threads; put back those that find none, and return False then."""
         for n, row in enumerate(rows):
             with self._lock:
                 self.in_flight += 1
@@ -273,9 +282,9 @@ class OutboxWorkers:
                 if self._window is not None:
                     self._window.ended(time.monotonic())  # never started: it frees its place in a second
                 self._unclaim(rows[n:], f"no thread to send it on ({err})")
-                return 1.0
+                return False
         self.dispatch_error = None
-        return 0.0
+        return True
 
     def _unclaim(self, rows: list[OutboxRow], reason: str) -> None:
         """Put claimed rows that never started back in their queues (no attempt counted), and claim nothing

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from debounce import DebounceManager, DebounceSettings, deadline
-from doubles import wait_until
 
 # The contract's defaults: DEBOUNCE_SECONDS=4, MAX_WAIT_SECONDS=15, MAX_BATCH_MESSAGES=50.
 CFG = DebounceSettings(debounce_seconds=4.0, max_wait_seconds=15.0, max_messages=50)
@@ -167,26 +166,3 @@ def test_held_in_a_row_counts_until_a_message_passes_again() -> None:
     assert flood.should_process(1, now=11.0)
     assert flood.held_in_a_row(1) == 0
 
-
-def test_a_batch_closed_at_once_wakes_a_scheduler_waiting_for_a_later_deadline() -> None:
-    """The scheduler sleeps until the earliest deadline, and a debounce reset (a later deadline) does not wake
-    it; but a batch that closes at once (max messages) must be looked at now, not after that sleep."""
-    from batching import BatchManager
-    from store import MemoryStore
-
-    store = MemoryStore()
-    closed: list[int] = []
-    manager = BatchManager(store, DebounceSettings(60, 120, 2),
-                           on_closed=lambda batch, reason: closed.append(batch.user_id))
-    manager.start()
-    try:
-        message = {"type": "text", "text": "hi"}
-        manager.add(1, 1, 1, {"id": 1}, message)  # deadline a minute away: the scheduler sleeps till then
-        wait_until(lambda: manager._wake_at > 0, what="the scheduler asleep")
-        manager.add(2, 2, 2, {"id": 2}, message)
-        manager.add(3, 2, 2, {"id": 2}, message)  # the second of two: closed at once
-        assert closed == [2]
-        wait_until(lambda: manager.active_batches == 1, what="the closed batch forgotten by the scheduler")
-    finally:
-        manager.stop()
-        store.close()
