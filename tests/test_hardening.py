@@ -9,9 +9,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
+from typing import Any
+
+import httpx
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -106,6 +110,63 @@ def test_chunked_body_over_the_limit_is_cut_off(start_service) -> None:
             pass
         status = _read_status(sock)
     assert status.split()[1] == "413"
+
+
+def _server_of(app: Any) -> Any:
+    """The gateway's waitress server for a bare WSGI `app` on a free port, its loop on a thread."""
+    from config import Config
+    from http_server import create_http_server
+    config = Config.from_env(environ={"BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+                                      "HOST": "127.0.0.1", "PORT": "0"}, dotenv_path=None)
+    server = create_http_server(app, config)
+    threading.Thread(target=server.run, daemon=True).start()
+    return server
+
+
+def test_the_server_loop_leaves_a_running_requests_output_to_its_task() -> None:
+    """While a request's task runs, the loop does not watch its socket for room (the task sends its own
+    output; watching made the loop spin and starve the task of the GIL); it does once the task is done, when
+    the connection is closing, and when the output passes the high watermark (the task then waits for it)."""
+    server = _server_of(lambda environ, start_response: [])
+    left, right = socket.socketpair()
+    try:
+        channel = server.channel_class(server, left, ("127.0.0.1", 1), server.adj, map={})
+        channel.total_outbufs_len = 139  # a response's headers, written by the task
+        channel.requests = [object()]
+        assert not channel.writable()
+        channel.will_close = True
+        assert channel.writable()
+        channel.will_close = False
+        channel.total_outbufs_len = server.adj.outbuf_high_watermark
+        assert channel.writable()
+        channel.total_outbufs_len = 139
+        channel.requests = []
+        assert channel.writable()
+    finally:
+        server.close()
+        left.close()
+        right.close()
+
+
+def test_a_response_past_the_high_watermark_reaches_a_slow_client_whole() -> None:
+    """A response larger than waitress's output high watermark, read slowly, arrives whole: the task waiting
+    for the loop to drain its output is not left waiting."""
+    chunk = b"x" * (1 << 20)
+    chunks = 24  # 24 MB, past the 16 MB high watermark
+
+    def big(environ: dict, start_response: Any) -> Any:
+        start_response("200 OK", [("Content-Length", str(len(chunk) * chunks))])
+        return (chunk for _ in range(chunks))
+
+    server = _server_of(big)
+    try:
+        received = 0
+        with httpx.stream("GET", f"http://127.0.0.1:{server.effective_port}/", timeout=30) as response:
+            for part in response.iter_raw(65536):
+                received += len(part)
+        assert response.status_code == 200 and received == len(chunk) * chunks
+    finally:
+        server.close()
 
 
 def test_a_request_trickling_in_is_dropped_and_others_are_served(start_service) -> None:
