@@ -140,10 +140,24 @@ def create_http_server(app: Any, config: Config) -> Any:
             # from the task. With 64 connections that spin was 86% of the process. The loop is woken when the
             # task ends (pull_trigger) and flushes what is left; past the high watermark the task waits for
             # the loop to drain its output, so then the loop must watch the socket.
+            # Only while the task holds the output lock, though (it is in write_soon, and wakes the loop on
+            # leaving with output left, see write_soon below): output a task left behind and is not writing to
+            # (a pipelined request's response, the next request's task running; a streaming response between
+            # chunks) is the loop's to send as the client reads it, or it would wait for the task's next write.
             if (self.requests and not self.will_close and not self.close_when_flushed
                     and self.total_outbufs_len < self.adj.outbuf_high_watermark):
-                return False
+                if not self.outbuf_lock.acquire(False):
+                    return False
+                self.outbuf_lock.release()
             return bool(super().writable())
+
+        def write_soon(self, data: Any) -> int:
+            written = int(super().write_soon(data))
+            # waitress wakes the loop while still holding the output lock, when writable() above may yet say
+            # no: wake it again now that the lock is free, so output left over is watched.
+            if self.total_outbufs_len and self.connected:
+                self.server.pull_trigger()
+            return written
 
         def readable(self) -> bool:
             # The server's loop asks every connection this at least once a second.

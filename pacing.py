@@ -102,7 +102,9 @@ class ChatSpacing:
         starting at `now` (until `sent` says when its answer came), so no other may start meanwhile."""
         with self._lock:
             due = self._due.get(chat_id)
-            if due is not None and due > now:
+            # A due time further off than the chat's interval was set before the wall clock stepped back:
+            # it would hold the chat for the step (an hour, say), not for its interval.
+            if due is not None and now < due <= now + chat_interval(chat_id, self.interval):
                 return due
             self._set(chat_id, now)
             return None
@@ -113,8 +115,9 @@ class ChatSpacing:
             return self._set(chat_id, now)
 
     def _set(self, chat_id: Any, now: float) -> float:
-        if now >= self._sweep_at:
-            self._due = {chat: at for chat, at in self._due.items() if at > now}
+        if now >= self._sweep_at or self._sweep_at - now > GROUP_INTERVAL_SECONDS + self.interval:  # or stepped back
+            self._due = {chat: at for chat, at in self._due.items()
+                         if now < at <= now + GROUP_INTERVAL_SECONDS + self.interval}
             self._sweep_at = now + GROUP_INTERVAL_SECONDS + self.interval
         due = self._due[chat_id] = now + chat_interval(chat_id, self.interval)
         return due

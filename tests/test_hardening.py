@@ -133,7 +133,22 @@ def test_the_server_loop_leaves_a_running_requests_output_to_its_task() -> None:
         channel = server.channel_class(server, left, ("127.0.0.1", 1), server.adj, map={})
         channel.total_outbufs_len = 139  # a response's headers, written by the task
         channel.requests = [object()]
-        assert not channel.writable()
+        holding, release = threading.Event(), threading.Event()
+
+        def task_writing() -> None:  # the task in write_soon, holding the output lock
+            with channel.outbuf_lock:
+                holding.set()
+                release.wait(5)
+
+        writer = threading.Thread(target=task_writing)
+        writer.start()
+        holding.wait(5)
+        try:
+            assert not channel.writable()
+        finally:
+            release.set()
+            writer.join()
+        assert channel.writable()  # left behind by a task that is not writing: the loop sends it
         channel.will_close = True
         assert channel.writable()
         channel.will_close = False
@@ -166,6 +181,39 @@ def test_a_response_past_the_high_watermark_reaches_a_slow_client_whole() -> Non
                 received += len(part)
         assert response.status_code == 200 and received == len(chunk) * chunks
     finally:
+        server.close()
+
+
+def test_a_pipelined_response_reaches_a_slow_reader_while_the_next_request_runs() -> None:
+    """Two requests sent at once on one connection: the first one's response, more than the socket takes at
+    once, reaches a client reading it while the second request's task is still at work (it used to wait,
+    unsent, until that task wrote or ended)."""
+    size = 3_000_000
+
+    def app(environ: dict, start_response: Any) -> Any:
+        if environ["PATH_INFO"] == "/big":
+            start_response("200 OK", [("Content-Length", str(size))])
+            return [b"x" * size]
+        time.sleep(4)
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = _server_of(app)
+    client = socket.socket()
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(("127.0.0.1", int(server.effective_port)))
+        client.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\nGET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)  # the client reads a moment later: the socket is full by then
+        client.settimeout(10)
+        started, received = time.monotonic(), 0
+        while received < size:
+            data = client.recv(65536)
+            assert data
+            received += len(data)
+        assert time.monotonic() - started < 2
+    finally:
+        client.close()
         server.close()
 
 

@@ -103,3 +103,17 @@ def test_chats_whose_time_has_passed_are_forgotten() -> None:
     assert len(spacing) == 1000
     spacing.sent(5000, T0 + 60)
     assert len(spacing) == 1
+
+
+def test_a_wall_clock_stepped_back_holds_no_chat_for_the_step() -> None:
+    """The clock set back an hour (NTP, a VM resumed): a chat that had a message just before is held for its
+    interval at most, not for the hour, and chats are still forgotten once their time has passed."""
+    spacing = ChatSpacing(1.0)
+    assert spacing.sent(42, T0) == T0 + 1.0
+    back = T0 - 3600
+    assert spacing.reserve(42, back) is None
+    assert spacing.reserve(42, back + 0.1) == back + 1.0
+    for chat in range(1000, 2000):
+        spacing.sent(chat, back + 0.5)
+    spacing.sent(7, back + 10)
+    assert len(spacing) == 1
