@@ -507,17 +507,6 @@ class SQLiteStore:
             return True
         return self._run(work)
 
-    def hold_message(self, update_id: int, chat_id: int, user_id: int, now: float) -> bool:
-        """Record a message flood control held back (counted for the user's next batch); return whether it was new."""
-        def work(cur: sqlite3.Cursor) -> bool:
-            if not self._mark_seen(cur, update_id, now):
-                return False
-            cur.execute(
-                "INSERT INTO flood_held (chat_id, user_id, held) VALUES (?, ?, 1) "
-                "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (chat_id, user_id))
-            return True
-        return self._run(work)
-
     def add_message(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
                     item: dict[str, Any], now: float, max_messages: int, build: Builder,
                     admit: Callable[[], bool] | None = None) -> AddResult:

@@ -12,7 +12,7 @@ import pytest
 from batching import build_batch_event
 from debounce import DebounceSettings, deadline
 from doubles import wait_until
-from store import BatchRow, MemoryStore, NewEvent, SQLiteStore, StoreError, StoreNotFound, StorePathError
+from store import AddResult, BatchRow, MemoryStore, NewEvent, SQLiteStore, StoreError, StoreNotFound, StorePathError
 
 T0 = 1_763_900_000.0  # wall-clock seconds, as the store keeps them
 SETTINGS = DebounceSettings(debounce_seconds=4.0, max_wait_seconds=15.0, max_messages=50)
@@ -37,6 +37,12 @@ def add(store: SQLiteStore, update_id: int, text: str, now: float, chat_id: int 
     """Add a text message from Alice (or another user) to her open batch."""
     return store.add_message(update_id, chat_id, user_id, ALICE, item(update_id, text), now, max_messages,
                              build_batch_event)
+
+
+def hold(store: SQLiteStore, update_id: int, user_id: int, now: float) -> AddResult:
+    """A message from `user_id` in their private chat that flood control holds back."""
+    return store.add_message(update_id, user_id, user_id, ALICE, item(update_id, "held"), now, 50, build_batch_event,
+                             lambda: False)
 
 
 def stored_batch(store: SQLiteStore, chat_id: int, user_id: int) -> BatchRow | None:
@@ -591,9 +597,9 @@ def test_meta_facts_are_stored(store: SQLiteStore) -> None:
 
 def test_held_messages_are_counted_in_the_next_batch(store: SQLiteStore) -> None:
     """Messages held back by flood control are counted once each, and the user's next batch reports them."""
-    assert store.hold_message(10, 42, 42, T0)
-    assert store.hold_message(11, 42, 42, T0 + 1)
-    assert not store.hold_message(11, 42, 42, T0 + 2)  # a redelivered held update counts once
+    assert hold(store, 10, 42, T0).held
+    assert hold(store, 11, 42, T0 + 1).held
+    assert not hold(store, 11, 42, T0 + 2).new  # a redelivered held update counts once
     assert store.seen(10) and store.seen(11)
     result = add(store, 12, "later", T0 + 3, max_messages=1)
     assert result.closed and result.batch is not None and result.batch.flood_held == 2
@@ -605,7 +611,7 @@ def test_held_messages_are_counted_in_the_next_batch(store: SQLiteStore) -> None
 
 def test_held_messages_of_other_users_are_not_mixed(store: SQLiteStore) -> None:
     """One user's held messages do not appear in another user's batch."""
-    store.hold_message(10, 1, 1, T0)
+    hold(store, 10, 1, T0)
     result = add(store, 11, "hi", T0, chat_id=2, user_id=2)
     stored = stored_batch(store, 2, 2)
     assert result.new and stored is not None and stored.flood_held == 0
