@@ -1180,3 +1180,66 @@ def test_a_stop_signal_reaching_the_leader_inside_another_threads_unit_stops_the
         assert store.record_update(3, T0)
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+# The WAL checkpoint
+
+
+def _wal_pages(path: Path) -> int:
+    """How many pages the WAL holds now, asked from a connection of its own (a PASSIVE checkpoint waits for
+    nobody; on a WAL already copied back it copies nothing)."""
+    with sqlite3.connect(path) as db:
+        return db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+
+
+def test_no_commit_copies_the_wal_back_a_thread_of_its_own_does(tmp_path: Path) -> None:
+    """Commits never checkpoint (SQLite would, inside whichever commit crossed 1,000 pages, stalling its whole
+    group): the `wal-checkpoint` thread copies the WAL back, after which the next write starts it over."""
+    path = tmp_path / "state.sqlite3"
+    store = SQLiteStore(str(path))
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    checkpointer = store._checkpointer
+    assert checkpointer is not None and checkpointer._thread.name == "wal-checkpoint" and checkpointer._thread.is_alive()
+    for n in range(1, 400):
+        store.record_update(n, T0, [event(f"e{n}", f"chat:{n}", text="x" * 500)])
+    pages, copied = checkpointer.checkpoint()
+    assert pages > 100 and copied == pages  # everything was copied back
+    store.record_update(400, T0)  # the first write after that starts the WAL over
+    assert _wal_pages(path) < 10
+    store.close()
+    assert not checkpointer._thread.is_alive()
+
+
+def test_a_wal_past_its_limit_is_started_over_even_under_writes_that_never_pause(tmp_path: Path) -> None:
+    """Eight threads writing without a pause never leave the WAL fully copied for a PASSIVE checkpoint; past
+    `wal_reset_pages` the checkpoint waits for the writer of the moment and the WAL starts over, so it stays
+    bounded instead of growing with everything ever written."""
+    path = tmp_path / "state.sqlite3"
+    store = SQLiteStore(str(path), wal_reset_pages=200)
+    stop = threading.Event()
+    written = [0]
+
+    def write(first: int) -> None:
+        n = first
+        while not stop.is_set():
+            store.record_update(n, T0, [event(f"e{n}", f"chat:{n}", text="x" * 500)])
+            n += 8
+            written[0] += 1
+
+    writers = [threading.Thread(target=write, args=(k,)) for k in range(8)]
+    for writer in writers:
+        writer.start()
+    try:
+        wait_until(lambda: written[0] >= 2000, timeout=60, what="2,000 updates written")
+        before = store._checkpointer.checkpoint()[0]  # past 200 pages: copied back, and the WAL starts over
+        at = written[0]
+        wait_until(lambda: written[0] >= at + 50, timeout=60, what="writes going on after the checkpoint")
+        after = _wal_pages(path)
+        assert stop.is_set() is False  # still writing: the WAL started over under the writers
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join(10)
+    assert before >= 200 and after < before / 2
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM seen_updates").fetchone()[0] == written[0]
