@@ -198,6 +198,7 @@ _BUSY_TIMEOUT_SECONDS = 2.0  # SQLite's wait for a lock held by another process
 _LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others waiting on SQLite
 _CHECKPOINT_SECONDS = 0.5  # how often the wal-checkpoint thread copies the WAL back into the database file
 _CHECKPOINT_RESET_PAGES = 10_000  # a WAL this long (~40 MB) is reset even if writers must wait a moment
+_CHECKPOINT_RESTART_WAIT_SECONDS = 0.2  # the longest a RESTART waits (holding writers) for a lock or a reader
 _GROUP_MAX = 512  # units one commit takes at most: bounds how long the last of them waits for it
 
 # Every query below that reads the ready heads says `is_head = 1 AND status = 'pending'` literally, so
@@ -965,11 +966,20 @@ class _Checkpointer:
         self._thread.start()
 
     def checkpoint(self) -> tuple[int, int]:
-        """Copy what the WAL holds into the file now; return (pages in the WAL, pages copied)."""
+        """Copy what the WAL holds into the file now; return (pages in the WAL, pages copied).
+
+        A RESTART holds the write lock while it waits for readers, so it is tried only when the PASSIVE one
+        copied everything (otherwise a read transaction of another process pins the WAL: a RESTART could not
+        start it over, and would only stop every writer for the whole busy timeout, again each turn), and with
+        a short busy timeout of its own (a reader that began since may still make it wait)."""
         with self._lock:
             _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if pages >= self._reset_pages:
-                _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+            if pages >= self._reset_pages and copied == pages:
+                self._db.execute(f"PRAGMA busy_timeout={int(_CHECKPOINT_RESTART_WAIT_SECONDS * 1000)}")
+                try:
+                    _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
             return pages, copied
 
     def _run(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -1243,3 +1244,26 @@ def test_a_wal_past_its_limit_is_started_over_even_under_writes_that_never_pause
     assert before >= 200 and after < before / 2
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM seen_updates").fetchone()[0] == written[0]
+
+
+def test_a_reader_pinning_the_wal_does_not_make_the_checkpoint_stop_the_writers(tmp_path: Path) -> None:
+    """Another process's read transaction pins the WAL past `wal_reset_pages`: a RESTART could not start it
+    over and, holding the write lock while it waited for that reader, stopped every commit for the whole busy
+    timeout (2 s), again each turn. The checkpoint leaves it alone and commits go on at once."""
+    path = tmp_path / "state.sqlite3"
+    store = SQLiteStore(str(path), wal_reset_pages=20)
+    for n in range(1, 50):
+        store.record_update(n, T0, [event(f"e{n}", f"chat:{n}", text="x" * 500)])
+    reader = sqlite3.connect(path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM seen_updates").fetchone()
+        for n in range(50, 150):
+            store.record_update(n, T0, [event(f"e{n}", f"chat:{n}", text="x" * 500)])
+        assert store._checkpointer is not None
+        started = time.monotonic()
+        pages, copied = store._checkpointer.checkpoint()
+        assert time.monotonic() - started < 0.5 and pages >= 20 and copied < pages
+    finally:
+        reader.close()
+    store.close()
