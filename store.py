@@ -983,11 +983,19 @@ class _Checkpointer:
             return pages, copied
 
     def _run(self) -> None:
+        failing = False  # said once when checkpoints start failing and once when they work again, not each turn
         while not self._stopping.wait(_CHECKPOINT_SECONDS):
             try:
-                self.checkpoint()
-            except sqlite3.Error as err:  # locked from outside, closed: the next turn tries again
-                log.debug("WAL checkpoint skipped: %s", err)
+                pages, copied = self.checkpoint()
+            except sqlite3.Error as err:  # locked from outside, disk full: the next turn tries again
+                if not failing:
+                    log.warning("cannot copy the state's WAL back into its file (%s); it grows until this works "
+                                "again (retrying every %g s)", err, _CHECKPOINT_SECONDS)
+                failing = True
+                continue
+            if failing:
+                log.info("the state's WAL is copied back into its file again (%d of %d pages)", copied, pages)
+                failing = False
 
     def close(self) -> None:
         """Stop the thread and close its connection; safe to call twice."""
