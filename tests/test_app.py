@@ -188,19 +188,24 @@ def test_health_is_reachable_with_plain_http_client(start_service) -> None:
     assert httpx.get(service.url + "/", timeout=5).status_code == 200
 
 
+def _logging_configured(*secrets: str) -> str:
+    """The start of a script that configures the gateway's logging as `main()` does, masking `secrets`."""
+    return ("import logging, sys\n"
+            f"sys.path.insert(0, {str(ROOT)!r})\n"
+            "import app\n"
+            "class Settings:\n"
+            "    log_level = 'INFO'\n"
+            "    def secrets(self):\n"
+            f"        return {secrets!r}\n"
+            "app.configure_logging(Settings())\n")
+
+
 def test_a_log_output_nobody_reads_does_not_keep_the_process_from_exiting(tmp_path: Path) -> None:
     """The log-writer writes queued lines out at exit for a few seconds at most: with a stderr pipe nobody reads
     (full, so the writer is stuck in a write), the process still exits, with its own status."""
     script = tmp_path / "stuck.py"
     script.write_text(
-        "import logging, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import app\n"
-        "class Settings:\n"
-        "    log_level = 'INFO'\n"
-        "    def secrets(self):\n"
-        "        return ()\n"
-        "app.configure_logging(Settings())\n"
+        _logging_configured() +
         "for n in range(3000):  # far more than a pipe holds, far fewer than the queue does\n"
         "    logging.getLogger('gateway').info('line %d %s', n, 'x' * 100)\n"
         "sys.exit(3)\n", encoding="utf-8")
@@ -220,14 +225,7 @@ def test_a_log_line_that_cannot_be_formatted_is_reported_masked() -> None:
     arguments and the error's text pass the same masking as every line: no secret reaches the output."""
     webhook_secret = "webhook-secret-that-must-not-leak"
     script = (
-        "import logging, sys\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import app\n"
-        "class Settings:\n"
-        "    log_level = 'INFO'\n"
-        "    def secrets(self):\n"
-        f"        return ({TOKEN!r}, {webhook_secret!r})\n"
-        "app.configure_logging(Settings())\n"
+        _logging_configured(TOKEN, webhook_secret) +
         "class Unprintable:\n"
         "    def __str__(self):\n"
         f"        raise ValueError('token ' + {TOKEN!r})\n"
