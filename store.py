@@ -437,12 +437,8 @@ class SQLiteStore:
         committing = False
         with self._lock:
             try:
-                try:
-                    cur = self._db.cursor()
-                    cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
-                except sqlite3.Error as err:
-                    _fail(group, err)
-                    return set()
+                cur = self._db.cursor()
+                cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
                 self._inside.cursor = cur
                 for unit in group:
                     self._new_work = set()
@@ -468,7 +464,7 @@ class SQLiteStore:
                 for unit in group:
                     unit.committed = unit.error is None
                 return woken
-            except sqlite3.Error as err:  # the commit (or a savepoint) failed: nothing of the group is stored
+            except sqlite3.Error as err:  # BEGIN, a savepoint or the commit failed: nothing of the group is stored
                 self._rollback()
                 _fail(group, err)
                 return set()
