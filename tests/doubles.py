@@ -125,8 +125,8 @@ class MakeDouble(LocalServer):
     def __init__(self, port: int = 0) -> None:
         self.requests: list[dict[str, Any]] = []
         self._scripts: list[tuple[int, Any, dict[str, str], float]] = []
-        # When set, an event for which it returns a (status, body) pair gets that answer instead.
-        self.reject_if: Callable[[dict[str, Any]], tuple[int, Any] | None] | None = None
+        # When set, an event for which it returns (status, body[, headers]) gets that answer instead.
+        self.reject_if: Callable[[dict[str, Any]], tuple[Any, ...] | None] | None = None
         # Calls open right now, the most ever open at once, and chats that had two calls open at once.
         self.open = 0
         self.max_open = 0
@@ -165,7 +165,8 @@ class MakeDouble(LocalServer):
         rejected = self.reject_if(event) if self.reject_if is not None else None
         with self.lock:
             if rejected is not None:
-                scripted = (*rejected, {}, 0.0)
+                status, reply, *headers = rejected
+                scripted = (status, reply, headers[0] if headers else {}, 0.0)
             else:
                 scripted = self._scripts.pop(0) if self._scripts else (200, "Accepted", {}, 0.0)
         status, reply, reply_headers, delay = scripted

@@ -1,0 +1,417 @@
+"""The Make scenarios we ship (`make/*.blueprint.json`): shaped like Make's own exports, mapping only fields the
+gateway really sends, listing exactly the contract's fields, and answering in a way the gateway reads.
+
+Nothing here can reach Make. What can be known is checked: the shape against real exported blueprints
+(`tests/data/make_exports`), and the behaviour by playing each blueprint (`make_scenario.Scenario`) as the
+Make double's answer while the real gateway runs end to end against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from doubles import ROOT, TOKEN, MakeDouble, Service, TelegramDouble, wait_until
+from make_scenario import (COMPLETION, RESPOND, ROUTER, TO_JSON, TRIGGER, Response, Scenario, modules,
+                           references)
+
+MAKE_DIR = ROOT / "make"
+BLUEPRINTS = sorted(MAKE_DIR.glob("*.blueprint.json"))
+EXPORTS = sorted((Path(__file__).parent / "data" / "make_exports").glob("*.blueprint.json"))
+SAMPLES = Path(__file__).parent / "data" / "telegram_updates.json"
+MAIN = MAKE_DIR / "telegram-gateway.blueprint.json"
+ECHO = MAKE_DIR / "echo.blueprint.json"
+
+# Telegram's own objects, carried verbatim: the blueprint lists the fields a scenario usually maps, each of
+# which must really arrive; every other level is the gateway's own and is listed exactly.
+VERBATIM = {"update", "pre_checkout_query", "payment.order_info", "messages[].contact", "messages[].location",
+            "messages[].venue", "messages[].poll", "messages[].dice"}
+MAKE_TYPES = {"text": (str,), "number": (int, float), "boolean": (bool,), "collection": (dict,), "array": (list,)}
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A blueprint file, parsed."""
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def model_answer(mapper: dict[str, Any]) -> str:
+    """The model's answer in the tests: Markdown with quotes, a backslash and line breaks, as models write,
+    which breaks any JSON body typed by hand around it."""
+    said = mapper["messages"][-1]["content"]
+    return f'Вы написали: "{said}" \\o/\n\n**Спасибо!**'
+
+
+def model_visible(said: str) -> str:
+    """What the chat shows of `model_answer`: the Markdown read, the rest as written."""
+    return f'Вы написали: "{said}" \\o/\n\nСпасибо!'
+
+
+# ---------------------------------------------------------------------------------------------- shape
+
+
+def check_shape(blueprint: dict[str, Any]) -> None:
+    """Assert the shape every blueprint exported by Make has."""
+    assert isinstance(blueprint["name"], str) and blueprint["name"]
+    assert isinstance(blueprint["flow"], list) and blueprint["flow"]
+    ids = [module["id"] for module in modules(blueprint["flow"])]
+    assert len(ids) == len(set(ids)), f"module ids repeat: {ids}"
+    for module in modules(blueprint["flow"]):
+        assert isinstance(module["id"], int) and not isinstance(module["id"], bool)
+        app, _, name = module["module"].partition(":")
+        assert app and name, module["module"]
+        assert isinstance(module["version"], int) and module["version"] >= 1
+        assert isinstance(module.get("parameters", {}), dict)
+        assert isinstance(module.get("mapper", {}), (dict, type(None)))
+        designer = module["metadata"]["designer"]
+        assert isinstance(designer["x"], (int, float)) and isinstance(designer["y"], (int, float))
+        if "routes" in module:
+            assert module["module"] == ROUTER
+            assert all(isinstance(route["flow"], list) for route in module["routes"])
+        if module.get("filter"):
+            assert isinstance(module["filter"]["name"], str)
+            for alternative in module["filter"]["conditions"]:
+                assert all({"a", "o"} <= set(term) for term in alternative)
+    metadata = blueprint["metadata"]
+    assert isinstance(metadata["instant"], bool) and isinstance(metadata["version"], int)
+    assert isinstance(metadata["scenario"], dict) and isinstance(metadata["designer"], dict)
+
+
+@pytest.mark.parametrize("path", EXPORTS, ids=lambda p: p.name)
+def test_real_exports_have_the_shape_checked(path: Path) -> None:
+    """The shape rule is Make's, not ours: every real export kept as test data passes it."""
+    check_shape(load(path))
+
+
+def test_real_exports_are_kept_with_their_sources() -> None:
+    """At least two real exports, each named in the folder's README with where it came from."""
+    readme = (EXPORTS[0].parent / "README.md").read_text(encoding="utf-8") if EXPORTS else ""
+    assert len(EXPORTS) >= 2
+    for path in EXPORTS:
+        assert path.name in readme
+
+
+@pytest.mark.parametrize("path", BLUEPRINTS, ids=lambda p: p.name)
+def test_blueprint_has_the_shape_of_real_exports(path: Path) -> None:
+    """Each blueprint has the shape of Make's exports, keys the real exports use at each level, and the
+    scenario settings the issue asks: instant, run in parallel."""
+    blueprint = load(path)
+    check_shape(blueprint)
+    exports = [load(p) for p in EXPORTS]
+    assert set(blueprint) <= set().union(*(set(e) for e in exports))
+    assert set(blueprint["metadata"]) <= set().union(*(set(e["metadata"]) for e in exports))
+    assert set(blueprint["metadata"]["scenario"]) == set().union(*(set(e["metadata"]["scenario"]) for e in exports))
+    known_module_keys = set().union(*(set(m) for e in exports for m in modules(e["flow"])))
+    for module in modules(blueprint["flow"]):
+        assert set(module) <= known_module_keys, (module["id"], set(module) - known_module_keys)
+    assert blueprint["metadata"]["instant"] is True
+    assert blueprint["metadata"]["scenario"]["sequential"] is False
+    assert blueprint["flow"][0]["module"] == TRIGGER
+
+
+def test_the_shipped_blueprints_are_the_two_the_readme_describes() -> None:
+    """The main scenario and the echo one exist, and the README walks through both by file name."""
+    assert BLUEPRINTS == sorted([MAIN, ECHO])
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for path in BLUEPRINTS:
+        assert f"make/{path.name}" in readme
+
+
+def test_main_blueprint_routes_each_event_type_to_its_answer() -> None:
+    """Webhook → router; a route per event type (batch → model → JSON → response; button press → response;
+    payment → response), each answer JSON with its Content-Type."""
+    blueprint = load(MAIN)
+    flow = blueprint["flow"]
+    assert [m["module"] for m in flow] == [TRIGGER, ROUTER]
+    kinds = [[m["module"] for m in route["flow"]] for route in flow[1]["routes"]]
+    assert kinds == [[COMPLETION, TO_JSON, RESPOND], [RESPOND], [RESPOND]]
+    for module in modules(flow):
+        if module["module"] == RESPOND:
+            headers = {h["key"].lower(): h["value"] for h in module["mapper"]["headers"]}
+            assert headers["content-type"] == "application/json"
+            assert str(module["mapper"]["status"]) == "200"
+
+
+def test_echo_blueprint_is_webhook_json_response() -> None:
+    """The echo: webhook → (batches only) text as JSON → response, no AI and no connection to pick."""
+    blueprint = load(ECHO)
+    assert [m["module"] for m in blueprint["flow"]] == [TRIGGER, TO_JSON, RESPOND]
+    assert not any("__IMTCONN__" in (m.get("parameters") or {}) for m in modules(blueprint["flow"]))
+
+
+# ---------------------------------------------------------------------------- the data structure
+
+
+def interface_tree(spec: list[dict[str, Any]]) -> dict[str, Any]:
+    """A Make interface (the webhook's data structure) as {name: (type, children)}; an array's item is `[]`."""
+    tree = {}
+    for item in spec:
+        tree[item["name"]] = _node(item)
+    return tree
+
+
+def _node(item: dict[str, Any]) -> tuple[str, Any]:
+    kind = item["type"]
+    if kind == "collection":
+        return kind, interface_tree(item.get("spec") or [])
+    if kind == "array":
+        inner = item.get("spec")
+        return kind, {"[]": _node(inner)} if isinstance(inner, dict) else {}
+    return kind, {}
+
+
+def observed_tree(values: list[Any]) -> dict[str, Any]:
+    """The fields seen at one level across `values` (dicts), as {name: (python types, children)}."""
+    tree: dict[str, Any] = {}
+    for value in values:
+        if not isinstance(value, dict):
+            continue
+        for name, item in value.items():
+            types, _ = tree.get(name, (set(), None))
+            types.add(type(item))
+            tree[name] = (types, None)
+    for name in tree:
+        items = [v[name] for v in values if isinstance(v, dict) and name in v]
+        children = observed_tree([i for i in items if isinstance(i, dict)])
+        inner = [x for i in items if isinstance(i, list) for x in i]
+        if inner:
+            children = {"[]": (set(map(type, inner)), observed_tree([x for x in inner if isinstance(x, dict)]))}
+        tree[name] = (tree[name][0], children)
+    return tree
+
+
+def compare(listed: dict[str, Any], seen: dict[str, Any], where: str = "") -> list[str]:
+    """What is wrong with the listed fields against those seen: missing, never sent, or of another type."""
+    problems = []
+    verbatim = where.rstrip(".") in VERBATIM or any(where.startswith(v + ".") for v in VERBATIM)
+    if not verbatim:
+        problems += [f"{where}{name}: sent but not listed" for name in sorted(set(seen) - set(listed))]
+    for name, (kind, children) in listed.items():
+        if name not in seen:
+            problems.append(f"{where}{name}: listed but never sent")
+            continue
+        types, seen_children = seen[name]
+        allowed = MAKE_TYPES.get(kind, ())
+        wrong = {t.__name__ for t in types if t is not type(None) and not (issubclass(t, allowed) and not (
+            t is bool and kind == "number"))}
+        if wrong:
+            problems.append(f"{where}{name}: listed as {kind}, sent as {sorted(wrong)}")
+        if children:
+            problems += compare(children, seen_children or {}, f"{where}{name}." if name != "[]" else where[:-1]
+                                + "[].")
+    return problems
+
+
+# ------------------------------------------------------------------------- end to end, played
+
+
+def extra_updates() -> list[dict[str, Any]]:
+    """Updates the shared samples lack, so that every field of the contract is sent at least once: a venue, a
+    Stars subscription's first payment, and a burst whose text needs escaping in JSON."""
+    user = {"id": 771001, "is_bot": False, "first_name": "Вера", "username": "vera", "language_code": "ru"}
+    chat = {"id": 771001, "first_name": "Вера", "username": "vera", "type": "private"}
+    now = int(time.time())
+    venue = {"location": {"latitude": 55.7539, "longitude": 37.6208}, "title": "Красная площадь",
+             "address": "Москва"}
+    stars = {"currency": "XTR", "total_amount": 250, "invoice_payload": "club-monthly",
+             "subscription_expiration_date": now + 30 * 86400, "is_recurring": True, "is_first_recurring": True,
+             "telegram_payment_charge_id": "stxsub-771001-1"}
+    return [
+        {"update_id": 771000001, "message": {"message_id": 1, "from": user, "chat": chat, "date": now,
+                                             "text": 'Он сказал "привет" \\ и ушёл'}},
+        {"update_id": 771000002, "message": {"message_id": 2, "from": user, "chat": chat, "date": now,
+                                             "text": "И ещё\tодно"}},
+        {"update_id": 771000003, "message": {"message_id": 3, "from": {**user, "id": 771002},
+                                             "chat": {**chat, "id": 771002}, "date": now, "venue": venue,
+                                             "location": venue["location"]}},
+        {"update_id": 771000004, "message": {"message_id": 4, "from": {**user, "id": 771003},
+                                             "chat": {**chat, "id": 771003}, "date": now,
+                                             "successful_payment": stars}},
+    ]
+
+
+@dataclass
+class Played:
+    """One end-to-end run of the gateway against a Make double playing `blueprint`."""
+
+    path: Path
+    blueprint: dict[str, Any]
+    scenario: Scenario
+    telegram: TelegramDouble
+    answers: list[tuple[dict[str, Any], Response]] = field(default_factory=list)
+    sample_output: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return [event for event, _ in self.answers]
+
+
+@pytest.fixture(scope="module", params=[MAIN, ECHO], ids=lambda p: p.name)
+def played(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Played]:
+    """Every shared sample update and `extra_updates()` posted to the real gateway (webhook mode, Make checks
+    checkouts), and `send-sample --all` run, while the Make double answers as the blueprint would."""
+    blueprint = load(request.param)
+    run = Played(request.param, blueprint, Scenario(blueprint, model_answer), TelegramDouble())
+    make = MakeDouble()
+    lock = threading.Lock()
+
+    def answer(event: dict[str, Any]) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            response = run.scenario.run(event)
+        except Exception as err:  # kept for the test to report; the gateway sees a failing scenario
+            with lock:
+                run.errors.append(f"{event.get('event_type')} {event.get('event_id')}: {err}")
+            return 500, b"Scenario failed to complete.", {}
+        with lock:
+            run.answers.append((event, response))
+        return response.status, response.body.encode(), response.headers
+
+    make.reject_if = answer
+    tmp = tmp_path_factory.mktemp("played")
+    env = {"BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": make.url + "/hook", "TELEGRAM_API_URL": run.telegram.url,
+           "HOST": "127.0.0.1", "PORT": "0", "STATE_DB": str(tmp / "state.sqlite3"), "DEBOUNCE_SECONDS": "0.3",
+           "MAX_WAIT_SECONDS": "5", "MAKE_RETRY_MAX_SECONDS": "0.5", "TYPING_MODE": "simulate",
+           "WEBHOOK_URL": "https://gateway.example.test/webhook", "PAYMENT_CHECK_WITH_MAKE": "true",
+           "TELEGRAM_CHAT_INTERVAL_SECONDS": "0.05", "TELEGRAM_MAX_RATE": "1000"}
+    service = Service(tmp, env).start()
+    try:
+        from config import derive_webhook_secret
+        headers = {"X-Telegram-Bot-Api-Secret-Token": derive_webhook_secret(TOKEN)}
+        updates = [s["update"] for s in json.loads(SAMPLES.read_text(encoding="utf-8"))] + extra_updates()
+        for update in updates:
+            response = service.post("/webhook", json=update, headers=headers)
+            assert response.status_code == 200, response.text
+
+        def settled() -> bool:
+            if run.errors:  # the gateway would retry a failing scenario for ever: say why at once
+                raise AssertionError("the scenario failed:\n" + "\n".join(run.errors[:5]))
+            health = service.health()
+            return health["active_batches"] == 0 and health["outbox_pending"] == 0 and any(
+                e.get("event_id") == "payment-stxsub-771001-1" for e in run.events)
+
+        wait_until(settled, 30, "every event delivered")
+        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
+        sample = subprocess.run([sys.executable, str(ROOT / "app.py"), "send-sample", "--all"], cwd=tmp,
+                                env={**base, "MAKE_WEBHOOK_URL": make.url + "/hook"}, capture_output=True,
+                                text=True, timeout=60)
+        assert sample.returncode == 0, sample.stderr
+        run.sample_output = sample.stdout
+        yield run
+    finally:
+        service.stop()
+        make.close()
+        run.telegram.close()
+        assert TOKEN not in service.text
+
+
+def test_played_runs_had_no_error(played: Played) -> None:
+    """Every event played through the blueprint without a mapping that reads a missing field (Make would insert
+    nothing there, and a reply would go out empty) or a module the player does not know."""
+    assert played.events
+    assert not played.errors, "\n".join(played.errors)
+
+
+def test_every_mapping_read_a_field_the_gateway_sent(played: Played) -> None:
+    """Each `{{N.…}}` of the blueprint read a value from a real event at least once (the strict player fails on
+    any it could not read), so no mapping names a field the gateway does not send."""
+    written = {reference.text() for reference in references(played.blueprint)}
+    assert written and written <= played.scenario.resolved, sorted(written - played.scenario.resolved)
+
+
+def test_every_route_was_taken(played: Played) -> None:
+    """Each route of a router met an event that passes its filter: no route waits for an event type that
+    never comes."""
+    firsts = {route["flow"][0]["id"] for m in modules(played.blueprint["flow"]) for route in m.get("routes") or []}
+    assert firsts <= played.scenario.routes_taken
+
+
+def test_the_data_structure_lists_exactly_the_contracts_fields(played: Played) -> None:
+    """The webhook's data structure (its `interface`) lists every field the gateway sent in any event, none it
+    never sends, each with its type; Telegram's verbatim objects list only fields that arrive."""
+    interface = played.blueprint["flow"][0]["metadata"]["interface"]
+    types = {event["event_type"] for event in played.events}
+    assert types == {"message_batch", "update", "payment", "payment_refunded", "pre_checkout"}
+    problems = compare(interface_tree(interface), observed_tree(played.events))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_chat_gets_the_scenarios_answer(played: Played) -> None:
+    """The burst with quotes, a backslash and a tab came back as the scenario answered it: through the JSON
+    module, the text is whole (a hand-typed JSON body would have broken on it)."""
+    said = 'Он сказал "привет" \\ и ушёл\nИ ещё\tодно'
+    batch = next(e for e in played.events if e.get("chat_id") == 771001 and e["event_type"] == "message_batch")
+    assert batch["text"] == said
+    sent = wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
+                               if m["chat_id"] == 771001], 10, "the reply in the chat")
+    assert sent == [model_visible(said) if played.path == MAIN else said]
+
+
+def test_buttons_and_payments_get_the_main_scenarios_answers(played: Played) -> None:
+    """With the main scenario, every press on a button is answered with the scenario's `callback_answer`, and a
+    payment gets the thank-you with its amount and currency as the contract writes them."""
+    if played.path != MAIN:
+        pytest.skip("the echo scenario answers batches only")
+    presses = [e["update"]["callback_query"]["id"] for e in played.events
+               if e.get("update_type") == "callback_query" and not e.get("sample")]
+    respond = next(m for m in modules(played.blueprint["flow"]) if m["module"] == RESPOND and "callback" in
+                   m["mapper"]["body"])
+    wanted = json.loads(respond["mapper"]["body"])["callback_answer"]["text"]
+    assert presses
+    answered = wait_until(lambda: all(str(p) in played.telegram.callback_answers for p in presses), 10,
+                          "every press answered")
+    assert answered and {played.telegram.callback_answers[str(p)].get("text") for p in presses} == {wanted}
+    thanks = wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
+                                 if m["chat_id"] == 771003], 10, "the thank-you for the Stars payment")
+    assert len(thanks) == 1 and "250 XTR" in thanks[0]
+
+
+def test_send_sample_reads_the_scenarios_answers(played: Played) -> None:
+    """`send-sample --all` against the played scenario says what the gateway would do with each answer: the
+    main scenario answers a batch, a button and a payment; the echo one a batch only."""
+    lines = dict(line.split(": ", 1) for line in played.sample_output.splitlines())
+    assert "would send 1 message(s)" in lines["message_batch"]
+    assert "checkout would be approved" in lines["pre_checkout"]
+    if played.path == MAIN:
+        assert "callback_answer would answer the button" in lines["update"]
+        assert "would send 1 message(s)" in lines["payment"]
+    else:
+        assert "gateway would send nothing" in lines["update"] and "gateway would send nothing" in lines["payment"]
+
+
+# --------------------------------------------------------------- answers read by the gateway's code
+
+HOSTILE = ['Кавычки " и \\ обратная черта', "строка\nи\r\nещё\tтаб", "}} {{1.text}} ]", "\u2028 \u0000 😀👍🏽 \ud83d",
+           '{"reply": "not me"}', "**жирный** _курсив_ `код`", "слово " * 1000]
+
+
+@pytest.mark.parametrize("said", HOSTILE, ids=range(len(HOSTILE)))
+@pytest.mark.parametrize("path", [MAIN, ECHO], ids=lambda p: p.name)
+def test_answer_bodies_are_json_the_gateway_reads_whole(path: Path, said: str) -> None:
+    """Each Webhook response body, with hostile text substituted as Make would (the model's answer, or the
+    user's text for the echo), is JSON that the gateway's own code (`make_client.classify`, then
+    `delivery.answer_calls`) reads as exactly the reply the scenario meant: the same messages as an answer
+    built by a JSON library."""
+    from delivery import answer_calls
+    from make_client import classify
+    from samples import sample_events
+    from store import OutboxRow
+    event = sample_events(time.time())[0]
+    payload = {**event.payload, "text": said}
+    row = OutboxRow(1, event.event_id, event.order_key, event.event_type, payload, time.time(), 1, None)
+    answer = Scenario(load(path), lambda mapper: said).run(payload)
+    assert answer.status == 200 and answer.headers == {"Content-Type": "application/json"}
+    outcome = classify(answer.status, answer.headers, answer.body)
+    meant = {"reply": {"text": said, "format": "markdown"}} if path == MAIN else {"reply": said}
+    reference = classify(200, {}, json.dumps(meant))
+    assert not outcome.problem and outcome.body == meant
+    calls = [call.payload for call in answer_calls(row, outcome, "plain")]
+    assert calls and calls == [call.payload for call in answer_calls(row, reference, "plain")]
