@@ -6,7 +6,8 @@ each route in turn, and a route runs only if the filter on its first module pass
 OR'ed lists of AND'ed `{a, o, b}`); `{{N.path}}` in a field is module N's output at `path` (array indexes
 start at 1); a field holding one mapping and nothing else keeps the value's type, text around mappings turns
 them into text; the first Webhook response answers the HTTP call, and a run that reaches none answers
-`200 Accepted`. Stricter than Make: a mapped path the event does not have is an error (Make would insert
+`200 Accepted`; a module that fails runs its error handler (`onerror`, ending with `builtin:Ignore`), or
+fails the run, which Make answers `500`. Stricter than Make: a mapped path the event does not have is an error (Make would insert
 nothing), so a renamed field fails a test instead of sending an empty reply.
 """
 
@@ -26,10 +27,15 @@ ROUTER = "builtin:BasicRouter"
 RESPOND = "gateway:WebhookRespond"
 TO_JSON = "json:TransformToJSON"
 COMPLETION = "openai-gpt-3:CreateCompletion"
+IGNORE = "builtin:Ignore"
 
 
 class Unsupported(Exception):
     """The blueprint uses a module, operator or mapping form this player does not know."""
+
+
+class ModuleFailed(Exception):
+    """A module's service failed (raised by `complete`): the module's error handler runs, if it has one."""
 
 
 @dataclass(frozen=True)
@@ -75,11 +81,12 @@ def lookup(value: Any, path: tuple[str | int, ...]) -> Any:
 
 
 def modules(flow: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Every module of a flow, routes included, in order."""
+    """Every module of a flow, routes and error handlers included, in order."""
     for module in flow:
         yield module
         for route in module.get("routes") or []:
             yield from modules(route["flow"])
+        yield from modules(module.get("onerror") or [])
 
 
 def strings(value: Any) -> Iterator[str]:
@@ -130,7 +137,7 @@ class Scenario:
     blueprint: dict[str, Any]
     complete: Callable[[dict[str, Any]], str]
     resolved: set[str] = field(default_factory=set)  # mappings that have read a value, over all runs
-    routes_taken: set[int] = field(default_factory=set)  # ids of the first module of each route that ran
+    ran: set[int] = field(default_factory=set)  # ids of the modules that ran, over all runs
 
     def run(self, event: dict[str, Any]) -> Response:
         """One run of the scenario for the event posted to its webhook."""
@@ -138,6 +145,7 @@ class Scenario:
         if flow[0]["module"] != TRIGGER:
             raise Unsupported(f"the trigger is {flow[0]['module']}, not {TRIGGER}")
         outputs = {flow[0]["id"]: event}
+        self.ran.add(flow[0]["id"])
         answers: list[Response] = []
         self._run(flow[1:], outputs, answers)
         if len(answers) > 1:
@@ -146,18 +154,24 @@ class Scenario:
 
     def _run(self, flow: list[dict[str, Any]], outputs: dict[int, Any], answers: list[Response]) -> None:
         for module in flow:
-            if "filter" in module and module["filter"] and not self._passes(module["filter"], outputs):
+            if module.get("filter") and not self._passes(module["filter"], outputs):
                 return
+            self.ran.add(module["id"])
             kind, mapper = module["module"], module.get("mapper") or {}
             if kind == ROUTER:
                 for route in module["routes"]:
-                    first = route["flow"][0]
-                    if not first.get("filter") or self._passes(first["filter"], outputs):
-                        self.routes_taken.add(first["id"])
                     self._run(route["flow"], dict(outputs), answers)
                 return
+            if kind == IGNORE:
+                return
             if kind == COMPLETION:
-                text = self.complete(self._value(mapper, outputs))
+                try:
+                    text = self.complete(self._value(mapper, outputs))
+                except ModuleFailed:
+                    if not module.get("onerror"):
+                        raise
+                    self._run(module["onerror"], outputs, answers)
+                    return
                 outputs[module["id"]] = {"result": text, "choices": [
                     {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
             elif kind == TO_JSON:
@@ -178,9 +192,10 @@ class Scenario:
         return False
 
     def _holds(self, term: dict[str, Any], outputs: dict[int, Any]) -> bool:
-        if term["o"] != "text:equal":
+        if term["o"] not in ("text:equal", "text:notequal"):
             raise Unsupported(f"filter operator {term['o']}")
-        return self._text(term["a"], outputs, strict=False) == self._text(term.get("b", ""), outputs, strict=False)
+        equal = self._text(term["a"], outputs, strict=False) == self._text(term.get("b", ""), outputs, strict=False)
+        return equal if term["o"] == "text:equal" else not equal
 
     def _read(self, expression: str, outputs: dict[int, Any], strict: bool = True) -> Any:
         reference = parse_reference(expression)

@@ -21,8 +21,8 @@ from typing import Any, Iterator
 import pytest
 
 from doubles import ROOT, TOKEN, MakeDouble, Service, TelegramDouble, wait_until
-from make_scenario import (COMPLETION, RESPOND, ROUTER, TO_JSON, TRIGGER, Response, Scenario, modules,
-                           references)
+from make_scenario import (COMPLETION, IGNORE, RESPOND, ROUTER, TO_JSON, TRIGGER, ModuleFailed, Response,
+                           Scenario, modules, references)
 
 MAKE_DIR = ROOT / "make"
 BLUEPRINTS = sorted(MAKE_DIR.glob("*.blueprint.json"))
@@ -43,10 +43,18 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+MODEL_DOWN = "(the model fails on this one)"
+
+
 def model_answer(mapper: dict[str, Any]) -> str:
     """The model's answer in the tests: Markdown with quotes, a backslash and line breaks, as models write,
-    which breaks any JSON body typed by hand around it."""
-    said = mapper["messages"][-1]["content"]
+    which breaks any JSON body typed by hand around it. It fails on `MODEL_DOWN`."""
+    system, user = mapper["messages"]
+    assert mapper["select"] == "chat" and mapper["model"] and system["role"] == "system" and system["content"]
+    assert user["role"] == "user" and user["content"].strip()
+    if MODEL_DOWN in user["content"]:
+        raise ModuleFailed("[500] The server had an error while processing your request.")
+    said = user["content"]
     return f'Вы написали: "{said}" \\o/\n\n**Спасибо!**'
 
 
@@ -132,7 +140,8 @@ def test_main_blueprint_routes_each_event_type_to_its_answer() -> None:
     flow = blueprint["flow"]
     assert [m["module"] for m in flow] == [TRIGGER, ROUTER]
     kinds = [[m["module"] for m in route["flow"]] for route in flow[1]["routes"]]
-    assert kinds == [[COMPLETION, TO_JSON, RESPOND], [RESPOND], [RESPOND]]
+    assert kinds == [[COMPLETION, TO_JSON, RESPOND], [RESPOND], [RESPOND], [RESPOND]]
+    assert [m["module"] for m in flow[1]["routes"][0]["flow"][0]["onerror"]] == [RESPOND, IGNORE]
     for module in modules(flow):
         if module["module"] == RESPOND:
             headers = {h["key"].lower(): h["value"] for h in module["mapper"]["headers"]}
@@ -225,6 +234,8 @@ def extra_updates() -> list[dict[str, Any]]:
              "subscription_expiration_date": now + 30 * 86400, "is_recurring": True, "is_first_recurring": True,
              "telegram_payment_charge_id": "stxsub-771001-1"}
     return [
+        {"update_id": 771000005, "message": {"message_id": 5, "from": {**user, "id": 771004},
+                                             "chat": {**chat, "id": 771004}, "date": now, "text": MODEL_DOWN}},
         {"update_id": 771000001, "message": {"message_id": 1, "from": user, "chat": chat, "date": now,
                                              "text": 'Он сказал "привет" \\ и ушёл'}},
         {"update_id": 771000002, "message": {"message_id": 2, "from": user, "chat": chat, "date": now,
@@ -327,11 +338,11 @@ def test_every_mapping_read_a_field_the_gateway_sent(played: Played) -> None:
     assert written and written <= played.scenario.resolved, sorted(written - played.scenario.resolved)
 
 
-def test_every_route_was_taken(played: Played) -> None:
-    """Each route of a router met an event that passes its filter: no route waits for an event type that
-    never comes."""
-    firsts = {route["flow"][0]["id"] for m in modules(played.blueprint["flow"]) for route in m.get("routes") or []}
-    assert firsts <= played.scenario.routes_taken
+def test_every_module_ran(played: Played) -> None:
+    """Every module, each route and the error handler included, ran for some event: no route waits for an
+    event type that never comes, and every answer it can give was checked."""
+    ids = {module["id"] for module in modules(played.blueprint["flow"])}
+    assert ids == played.scenario.ran, sorted(ids - played.scenario.ran)
 
 
 def test_the_data_structure_lists_exactly_the_contracts_fields(played: Played) -> None:
@@ -355,23 +366,55 @@ def test_the_chat_gets_the_scenarios_answer(played: Played) -> None:
     assert sent == [model_visible(said) if played.path == MAIN else said]
 
 
-def test_buttons_and_payments_get_the_main_scenarios_answers(played: Played) -> None:
-    """With the main scenario, every press on a button is answered with the scenario's `callback_answer`, and a
-    payment gets the thank-you with its amount and currency as the contract writes them."""
-    if played.path != MAIN:
-        pytest.skip("the echo scenario answers batches only")
-    presses = [e["update"]["callback_query"]["id"] for e in played.events
-               if e.get("update_type") == "callback_query" and not e.get("sample")]
-    respond = next(m for m in modules(played.blueprint["flow"]) if m["module"] == RESPOND and "callback" in
-                   m["mapper"]["body"])
-    wanted = json.loads(respond["mapper"]["body"])["callback_answer"]["text"]
+def json_of(response: Response) -> dict[str, Any]:
+    """A JSON answer's body, or {} for Make's plain `Accepted`."""
+    return json.loads(response.body) if response.headers.get("Content-Type") == "application/json" else {}
+
+
+def test_every_answer_reaches_the_chat(played: Played) -> None:
+    """Every reply the scenario gave reached its chat (a long one in parts), and every press on a button was
+    answered: with the scenario's `callback_answer`, or empty where it gives none (the echo)."""
+
+    def squeezed(text: str) -> str:
+        return "".join(text.split())
+
+    replies = [(e["chat_id"], json_of(r)["reply"]) for e, r in played.answers
+               if not e.get("sample") and "reply" in json_of(r)]
+    assert len(replies) > 20
+    for chat_id, reply in replies:
+        def arrived() -> bool:
+            sent = "".join(squeezed(m["text"]) for m in played.telegram.calls_of("sendMessage")
+                           if m["chat_id"] == chat_id)
+            return squeezed(reply) in sent if isinstance(reply, str) else bool(sent)
+        wait_until(arrived, 10, f"the reply {str(reply)[:40]!r} in chat {chat_id}")
+    presses = {e["update"]["callback_query"]["id"]: r for e, r in played.answers
+               if e.get("update_type") == "callback_query" and not e.get("sample")}
     assert presses
-    answered = wait_until(lambda: all(str(p) in played.telegram.callback_answers for p in presses), 10,
-                          "every press answered")
-    assert answered and {played.telegram.callback_answers[str(p)].get("text") for p in presses} == {wanted}
-    thanks = wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
-                                 if m["chat_id"] == 771003], 10, "the thank-you for the Stars payment")
-    assert len(thanks) == 1 and "250 XTR" in thanks[0]
+    wait_until(lambda: set(presses) <= set(played.telegram.callback_answers), 10, "every press answered")
+    for query_id, response in presses.items():
+        wanted = json.loads(response.body)["callback_answer"]["text"] if played.path == MAIN else None
+        assert played.telegram.callback_answers[query_id].get("text") == wanted
+
+
+def test_the_main_scenario_thanks_apologises_and_asks_for_text(played: Played) -> None:
+    """With the main scenario: a Stars payment is thanked with its amount and currency as the contract writes
+    them; a burst the model fails on gets the error handler's apology, not a retry; a burst without text is
+    asked for text instead of reaching the model (`model_answer` fails on an empty text). The echo sends back the text, and nothing for no text."""
+    def said_to(chat_id: int) -> list[str]:
+        return wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
+                                   if m["chat_id"] == chat_id], 10, f"a message to {chat_id}")
+
+    textless = [e for e, r in played.answers if e["event_type"] == "message_batch" and not e["text"]]
+    assert textless
+    if played.path == MAIN:
+        assert len(said_to(771003)) == 1 and "250 XTR" in said_to(771003)[0]
+        apology = said_to(771004)
+        assert len(apology) == 1 and MODEL_DOWN not in apology[0]
+        assert sum(1 for e in played.events if e.get("chat_id") == 771004) == 1  # answered, never posted again
+        assert all(json.loads(r.body)["reply"] for e, r in played.answers if e in textless)
+    else:
+        assert said_to(771004) == [MODEL_DOWN]
+        assert not any(m["chat_id"] == 771003 for m in played.telegram.calls_of("sendMessage"))
 
 
 def test_send_sample_reads_the_scenarios_answers(played: Played) -> None:
