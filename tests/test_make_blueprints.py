@@ -213,6 +213,8 @@ def compare(listed: dict[str, Any], seen: dict[str, Any], where: str = "") -> li
             t is bool and kind == "number"))}
         if wrong:
             problems.append(f"{where}{name}: listed as {kind}, sent as {sorted(wrong)}")
+        elif types <= {type(None)}:
+            problems.append(f"{where}{name}: listed as {kind}, but only ever sent as null")
         if children:
             problems += compare(children, seen_children or {}, f"{where}{name}." if name != "[]" else where[:-1]
                                 + "[].")
