@@ -7,8 +7,13 @@ OR'ed lists of AND'ed `{a, o, b}`); `{{N.path}}` in a field is module N's output
 start at 1); a field holding one mapping and nothing else keeps the value's type, text around mappings turns
 them into text; the first Webhook response answers the HTTP call, and a run that reaches none answers
 `200 Accepted`; a module that fails runs its error handler (`onerror`, ending with `builtin:Ignore`), or
-fails the run, which Make answers `500`. Stricter than Make: a mapped path the event does not have is an error (Make would insert
-nothing), so a renamed field fails a test instead of sending an empty reply.
+fails the run, which Make answers `500`. Stricter than Make: a mapped path the event does not have is an
+error (Make would insert nothing), so a renamed field fails a test instead of sending an empty reply.
+
+Assumed, as Make's documentation describes them but no kept export shows: Transform to JSON turns a text
+into a JSON string, quotes included (as `json.dumps` does); `text:notequal` is `text:equal` negated; an
+empty `b` is the empty text; `trim()` strips spaces at both ends; a boolean operator reads a missing value
+as false.
 """
 
 from __future__ import annotations
@@ -53,11 +58,17 @@ class Reference:
         return out
 
 
+_TRIM = re.compile(r"trim\((.*)\)", re.S)
+LITERALS = {"true": True, "false": False}
+
+
 def parse_reference(expression: str) -> Reference:
-    """The reference in one `{{…}}`; only plain paths (no functions) are allowed in our blueprints."""
-    match = _REFERENCE.fullmatch(expression.strip())
+    """The reference in one `{{…}}`, inside `trim(…)` or not; nothing else is allowed in our blueprints."""
+    expression = expression.strip()
+    inner = _TRIM.fullmatch(expression)
+    match = _REFERENCE.fullmatch(inner.group(1).strip() if inner else expression)
     if match is None:
-        raise Unsupported(f"mapping {{{{{expression}}}}} is not a plain `N.path`")
+        raise Unsupported(f"mapping {{{{{expression}}}}} is not `N.path` or `trim(N.path)`")
     path: list[str | int] = []
     for name, index in _STEP.findall(match.group(2)):
         path.append(name)
@@ -106,7 +117,8 @@ def references(blueprint: dict[str, Any]) -> list[Reference]:
     found = []
     for module in modules(blueprint["flow"]):
         for text in strings([module.get("mapper"), module.get("filter")]):
-            found.extend(parse_reference(m.group(1)) for m in MAPPING.finditer(text))
+            found.extend(parse_reference(m.group(1)) for m in MAPPING.finditer(text)
+                         if m.group(1).strip() not in LITERALS)
     return found
 
 
@@ -192,12 +204,19 @@ class Scenario:
         return False
 
     def _holds(self, term: dict[str, Any], outputs: dict[int, Any]) -> bool:
-        if term["o"] not in ("text:equal", "text:notequal"):
+        kind, _, negated = term["o"].partition(":")
+        if kind == "text" and negated in ("equal", "notequal"):
+            a, b = (self._text(term.get(side, ""), outputs, strict=False) for side in ("a", "b"))
+        elif kind == "boolean" and negated in ("equal", "notequal"):
+            # Make reads `true` (or the text "true") as true, anything else, a missing value included, as false.
+            a, b = (self._value(term.get(side, ""), outputs, strict=False) in (True, "true") for side in ("a", "b"))
+        else:
             raise Unsupported(f"filter operator {term['o']}")
-        equal = self._text(term["a"], outputs, strict=False) == self._text(term.get("b", ""), outputs, strict=False)
-        return equal if term["o"] == "text:equal" else not equal
+        return (a == b) if negated == "equal" else (a != b)
 
     def _read(self, expression: str, outputs: dict[int, Any], strict: bool = True) -> Any:
+        if expression.strip() in LITERALS:
+            return LITERALS[expression.strip()]
         reference = parse_reference(expression)
         try:
             value = lookup(outputs[reference.module], reference.path)
@@ -207,18 +226,20 @@ class Scenario:
                                      f"{json.dumps(outputs.get(reference.module))[:300]}") from None
             return None
         self.resolved.add(reference.text())
+        if _TRIM.fullmatch(expression.strip()):
+            return as_text(value).strip()
         return value
 
     def _text(self, template: str, outputs: dict[int, Any], strict: bool = True) -> str:
         return MAPPING.sub(lambda m: as_text(self._read(m.group(1), outputs, strict)), template)
 
-    def _value(self, value: Any, outputs: dict[int, Any]) -> Any:
+    def _value(self, value: Any, outputs: dict[int, Any], strict: bool = True) -> Any:
         """A mapper field as the module gets it: one mapping alone keeps its type; otherwise text."""
         if isinstance(value, dict):
-            return {key: self._value(item, outputs) for key, item in value.items()}
+            return {key: self._value(item, outputs, strict) for key, item in value.items()}
         if isinstance(value, list):
-            return [self._value(item, outputs) for item in value]
+            return [self._value(item, outputs, strict) for item in value]
         if isinstance(value, str):
             alone = MAPPING.fullmatch(value.strip())
-            return self._read(alone.group(1), outputs) if alone else self._text(value, outputs)
+            return self._read(alone.group(1), outputs, strict) if alone else self._text(value, outputs, strict)
         return value

@@ -44,6 +44,7 @@ def load(path: Path) -> dict[str, Any]:
 
 
 MODEL_DOWN = "(the model fails on this one)"
+MODEL_SILENT = "(the model answers this one with nothing)"
 
 
 def model_answer(mapper: dict[str, Any]) -> str:
@@ -54,6 +55,8 @@ def model_answer(mapper: dict[str, Any]) -> str:
     assert user["role"] == "user" and user["content"].strip()
     if MODEL_DOWN in user["content"]:
         raise ModuleFailed("[500] The server had an error while processing your request.")
+    if MODEL_SILENT in user["content"]:
+        return " \n"
     said = user["content"]
     return f'Вы написали: "{said}" \\o/\n\n**Спасибо!**'
 
@@ -125,6 +128,68 @@ def test_blueprint_has_the_shape_of_real_exports(path: Path) -> None:
     assert blueprint["flow"][0]["module"] == TRIGGER
 
 
+def field_problems(value: Any, spec: dict[str, Any], where: str) -> list[str]:
+    """What is wrong with a mapper value against the field spec a real export's `expect` gives for it."""
+    kind, rules = spec.get("type"), spec.get("validate") or {}
+    if isinstance(value, str) and "{{" in value:
+        return []  # mapped: its value is known only when the scenario runs
+    if kind in ("number", "uinteger", "integer"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return [f"{where}: {value!r} is not a number"]
+        low, high = rules.get("min", float("-inf")), rules.get("max", float("inf"))
+        return [] if low <= number <= high else [f"{where}: {value!r} outside {low}..{high}"]
+    if kind == "select":
+        allowed = rules.get("enum") or [o["value"] for o in spec.get("options") or []]
+        return [] if not allowed or value in allowed else [f"{where}: {value!r} is not one of {allowed}"]
+    if kind == "array":
+        if not isinstance(value, list) or len(value) > rules.get("maxItems", len(value)):
+            return [f"{where}: {value!r:.60} is not a list of at most {rules.get('maxItems')}"]
+        inner = spec.get("spec")
+        if isinstance(inner, dict) and inner.get("type") == "collection":
+            return [p for i, item in enumerate(value) for p in mapper_problems(item, inner["spec"], f"{where}[{i}]")]
+    return []
+
+
+def mapper_problems(mapper: dict[str, Any], expect: list[dict[str, Any]], where: str) -> list[str]:
+    """Fields an export's `expect` does not know, missing required ones, and values outside their rules."""
+    known = {spec["name"]: spec for spec in expect}
+    problems = [f"{where}.{name}: not a field of this module" for name in mapper if name not in known]
+    problems += [f"{where}.{name}: required" for name, spec in known.items() if spec.get("required") and
+                 name not in mapper]
+    for name, value in mapper.items():
+        if name in known:
+            problems += field_problems(value, known[name], f"{where}.{name}")
+    return problems
+
+
+@pytest.mark.parametrize("path", BLUEPRINTS, ids=lambda p: p.name)
+def test_module_settings_are_those_make_exports_know(path: Path) -> None:
+    """Each module that a real export also uses has that export's version and parameter names, and its mapper
+    names only fields the export's `expect` lists for the module, required ones present, numbers within bounds
+    and choices among the allowed (Make would drop a misspelt `max_tokens` without a word)."""
+    exported: dict[str, list[dict[str, Any]]] = {}
+    for export in EXPORTS:
+        for module in modules(load(export)["flow"]):
+            exported.setdefault(module["module"], []).append(module)
+    problems = []
+    for module in modules(load(path)["flow"]):
+        where = f"module {module['id']} ({module['module']})"
+        seen = exported.get(module["module"])
+        if not seen:
+            continue
+        if module["version"] not in {m["version"] for m in seen}:
+            problems.append(f"{where}: version {module['version']}, exports have {[m['version'] for m in seen]}")
+        names = set().union(*(set(m.get("parameters") or {}) for m in seen))
+        problems += [f"{where}: parameter {name} unknown" for name in set(module.get("parameters") or {}) - names]
+        expects = [m["metadata"]["expect"] for m in seen if m["metadata"].get("expect")]
+        if expects:
+            problems += mapper_problems(module.get("mapper") or {}, expects[0], where)
+    assert len({m["module"] for m in modules(load(path)["flow"])} & set(exported)) >= 3
+    assert not problems, "\n".join(problems)
+
+
 def test_the_shipped_blueprints_are_the_two_the_readme_describes() -> None:
     """The main scenario and the echo one exist, and the README walks through both by file name."""
     assert BLUEPRINTS == sorted([MAIN, ECHO])
@@ -134,14 +199,17 @@ def test_the_shipped_blueprints_are_the_two_the_readme_describes() -> None:
 
 
 def test_main_blueprint_routes_each_event_type_to_its_answer() -> None:
-    """Webhook → router; a route per event type (batch → model → JSON → response; button press → response;
-    payment → response), each answer JSON with its Content-Type."""
+    """Webhook → router; a route per kind of event (batch with text → model → answered? JSON → response, or an
+    apology, and an apology when the model fails; batch without text, button press, payment, payment made
+    twice → response), each answer JSON with its Content-Type."""
     blueprint = load(MAIN)
     flow = blueprint["flow"]
     assert [m["module"] for m in flow] == [TRIGGER, ROUTER]
     kinds = [[m["module"] for m in route["flow"]] for route in flow[1]["routes"]]
-    assert kinds == [[COMPLETION, TO_JSON, RESPOND], [RESPOND], [RESPOND], [RESPOND]]
-    assert [m["module"] for m in flow[1]["routes"][0]["flow"][0]["onerror"]] == [RESPOND, IGNORE]
+    assert kinds == [[COMPLETION, ROUTER], [RESPOND], [RESPOND], [RESPOND], [RESPOND]]
+    model, answered = flow[1]["routes"][0]["flow"]
+    assert [m["module"] for m in model["onerror"]] == [RESPOND, IGNORE]
+    assert [[m["module"] for m in route["flow"]] for route in answered["routes"]] == [[TO_JSON, RESPOND], [RESPOND]]
     for module in modules(flow):
         if module["module"] == RESPOND:
             headers = {h["key"].lower(): h["value"] for h in module["mapper"]["headers"]}
@@ -224,31 +292,36 @@ def compare(listed: dict[str, Any], seen: dict[str, Any], where: str = "") -> li
 # ------------------------------------------------------------------------- end to end, played
 
 
+HOSTILE_BURST = 'Он сказал "привет" \\ и ушёл\nИ ещё\tодно'
+
+
 def extra_updates() -> list[dict[str, Any]]:
-    """Updates the shared samples lack, so that every field of the contract is sent at least once: a venue, a
-    Stars subscription's first payment, and a burst whose text needs escaping in JSON."""
-    user = {"id": 771001, "is_bot": False, "first_name": "Вера", "username": "vera", "language_code": "ru"}
-    chat = {"id": 771001, "first_name": "Вера", "username": "vera", "type": "private"}
+    """Updates the shared samples lack, so that every field of the contract is sent and every module runs: a
+    text that needs escaping in JSON, texts the model fails on or answers with nothing, a venue, a Stars
+    subscription's first payment, and a payment in roubles made twice for one invoice."""
     now = int(time.time())
+
+    def message(user_id: int, **content: Any) -> dict[str, Any]:
+        user = {"id": user_id, "is_bot": False, "first_name": "Вера", "username": "vera", "language_code": "ru"}
+        chat = {"id": user_id, "first_name": "Вера", "username": "vera", "type": "private"}
+        return {"update_id": 771000000 + len(updates), "message": {
+            "message_id": len(updates) + 1, "from": user, "chat": chat, "date": now, **content}}
+
     venue = {"location": {"latitude": 55.7539, "longitude": 37.6208}, "title": "Красная площадь",
              "address": "Москва"}
     stars = {"currency": "XTR", "total_amount": 250, "invoice_payload": "club-monthly",
              "subscription_expiration_date": now + 30 * 86400, "is_recurring": True, "is_first_recurring": True,
-             "telegram_payment_charge_id": "stxsub-771001-1"}
-    return [
-        {"update_id": 771000005, "message": {"message_id": 5, "from": {**user, "id": 771004},
-                                             "chat": {**chat, "id": 771004}, "date": now, "text": MODEL_DOWN}},
-        {"update_id": 771000001, "message": {"message_id": 1, "from": user, "chat": chat, "date": now,
-                                             "text": 'Он сказал "привет" \\ и ушёл'}},
-        {"update_id": 771000002, "message": {"message_id": 2, "from": user, "chat": chat, "date": now,
-                                             "text": "И ещё\tодно"}},
-        {"update_id": 771000003, "message": {"message_id": 3, "from": {**user, "id": 771002},
-                                             "chat": {**chat, "id": 771002}, "date": now, "venue": venue,
-                                             "location": venue["location"]}},
-        {"update_id": 771000004, "message": {"message_id": 4, "from": {**user, "id": 771003},
-                                             "chat": {**chat, "id": 771003}, "date": now,
-                                             "successful_payment": stars}},
-    ]
+             "telegram_payment_charge_id": "stxsub-771003-1"}
+    roubles = {"currency": "RUB", "total_amount": 149050, "invoice_payload": "order-771006",
+               "telegram_payment_charge_id": "rub-771006-1", "provider_payment_charge_id": "prov-771006-1"}
+    updates: list[dict[str, Any]] = []
+    for user_id, content in ((771001, {"text": HOSTILE_BURST}), (771002, {"venue": venue, "location": venue["location"]}),
+                             (771003, {"successful_payment": stars}), (771004, {"text": MODEL_DOWN}),
+                             (771005, {"text": MODEL_SILENT}), (771006, {"successful_payment": roubles}),
+                             (771006, {"successful_payment": {**roubles, "telegram_payment_charge_id": "rub-771006-2",
+                                                              "provider_payment_charge_id": "prov-771006-2"}})):
+        updates.append(message(user_id, **content))
+    return updates
 
 
 @dataclass
@@ -309,7 +382,7 @@ def played(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 raise AssertionError("the scenario failed:\n" + "\n".join(run.errors[:5]))
             health = service.health()
             return health["active_batches"] == 0 and health["outbox_pending"] == 0 and any(
-                e.get("event_id") == "payment-stxsub-771001-1" for e in run.events)
+                e.get("event_id") == "payment-rub-771006-2" for e in run.events)
 
         wait_until(settled, 30, "every event delivered")
         base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
@@ -360,7 +433,7 @@ def test_the_data_structure_lists_exactly_the_contracts_fields(played: Played) -
 def test_the_chat_gets_the_scenarios_answer(played: Played) -> None:
     """The burst with quotes, a backslash and a tab came back as the scenario answered it: through the JSON
     module, the text is whole (a hand-typed JSON body would have broken on it)."""
-    said = 'Он сказал "привет" \\ и ушёл\nИ ещё\tодно'
+    said = HOSTILE_BURST
     batch = next(e for e in played.events if e.get("chat_id") == 771001 and e["event_type"] == "message_batch")
     assert batch["text"] == said
     sent = wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
@@ -398,25 +471,37 @@ def test_every_answer_reaches_the_chat(played: Played) -> None:
         assert played.telegram.callback_answers[query_id].get("text") == wanted
 
 
-def test_the_main_scenario_thanks_apologises_and_asks_for_text(played: Played) -> None:
-    """With the main scenario: a Stars payment is thanked with its amount and currency as the contract writes
-    them; a burst the model fails on gets the error handler's apology, not a retry; a burst without text is
-    asked for text instead of reaching the model (`model_answer` fails on an empty text). The echo sends back the text, and nothing for no text."""
+def test_what_each_route_says_reaches_its_chat(played: Played) -> None:
+    """The main scenario thanks each one-off payment with its amount and currency as the contract writes them
+    (`1490.50 RUB`, not minor units) and tells a second payment of one invoice that it will be refunded;
+    apologises when the model fails (its error handler: the batch is answered, not posted again) or answers
+    nothing; asks for text when a burst has none (`model_answer` fails on an empty text). The echo sends back
+    each text and nothing else."""
     def said_to(chat_id: int) -> list[str]:
         return wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
                                    if m["chat_id"] == chat_id], 10, f"a message to {chat_id}")
 
-    textless = [e for e, r in played.answers if e["event_type"] == "message_batch" and not e["text"]]
+    payments = [e for e in played.events if e["event_type"] == "payment" and not e.get("sample")]
+    assert {e["payment"]["currency"] for e in payments} >= {"RUB", "XTR"}
+    textless = [e for e in played.events if e["event_type"] == "message_batch" and not e["text"].strip()]
     assert textless
-    if played.path == MAIN:
-        assert len(said_to(771003)) == 1 and "250 XTR" in said_to(771003)[0]
-        apology = said_to(771004)
-        assert len(apology) == 1 and MODEL_DOWN not in apology[0]
-        assert sum(1 for e in played.events if e.get("chat_id") == 771004) == 1  # answered, never posted again
-        assert all(json.loads(r.body)["reply"] for e, r in played.answers if e in textless)
-    else:
-        assert said_to(771004) == [MODEL_DOWN]
-        assert not any(m["chat_id"] == 771003 for m in played.telegram.calls_of("sendMessage"))
+    if played.path == ECHO:
+        assert said_to(771004) == [MODEL_DOWN] and said_to(771005) == [MODEL_SILENT]
+        assert any(e["chat_id"] == 771002 for e in textless)  # the venue alone: a burst without text
+        assert not any(m["chat_id"] in (771002, 771003, 771006) for m in played.telegram.calls_of("sendMessage"))
+        return
+    for event in payments:
+        amount = f"{event['payment']['amount']} {event['payment']['currency']}"
+        wait_until(lambda: any(amount in text for text in said_to(event["chat_id"])), 10, f"{amount} thanked")
+    assert sum(e["duplicate"] for e in payments) == 1
+    paid_twice = wait_until(lambda: len(said_to(771006)) == 2 and said_to(771006), 10, "two answers to 771006")
+    assert "1490.50 RUB" in paid_twice[0] and "1490.50" not in paid_twice[1]
+    apology, silence = said_to(771004), said_to(771005)
+    assert len(apology) == 1 and apology == silence and MODEL_DOWN not in apology[0]
+    assert sum(1 for e in played.events if e.get("chat_id") == 771004) == 1  # answered, never posted again
+    asked = said_to(771002)  # the venue alone
+    assert len(asked) == 1 and asked[0] not in apology
+    assert all(asked[0] in said_to(e["chat_id"]) for e in textless)
 
 
 def test_send_sample_reads_the_scenarios_answers(played: Played) -> None:
