@@ -1,7 +1,8 @@
 """`python app.py send-sample [--all]`: sample events, built by the gateway's own code, posted to Make.
 
 Make's Custom webhook learns its data structure from the first request it gets ("Redetermine data
-structure"); these samples carry exactly the fields the gateway sends, so every field is mappable at once.
+structure"): the first sample, a `message_batch`, carries exactly the fields the gateway sends in one, so
+they are mappable at once; `--all` then shows what the scenario answers to every type.
 Each is marked `"sample": true` and has a new event id, so a scenario that drops repeats still takes it.
 """
 

@@ -167,8 +167,8 @@ def mapper_problems(mapper: dict[str, Any], expect: list[dict[str, Any]], where:
 @pytest.mark.parametrize("path", BLUEPRINTS, ids=lambda p: p.name)
 def test_module_settings_are_those_make_exports_know(path: Path) -> None:
     """Each module that a real export also uses has that export's version and parameter names, and its mapper
-    names only fields the export's `expect` lists for the module, required ones present, numbers within bounds
-    and choices among the allowed (Make would drop a misspelt `max_tokens` without a word)."""
+    names only fields the export's `expect` lists for the module, required ones present, numbers within the
+    bounds it gives and choices among the allowed (Make would drop a misspelt `max_tokens` without a word)."""
     exported: dict[str, list[dict[str, Any]]] = {}
     for export in EXPORTS:
         for module in modules(load(export)["flow"]):
@@ -209,6 +209,8 @@ def test_main_blueprint_routes_each_event_type_to_its_answer() -> None:
     assert kinds == [[COMPLETION, ROUTER], [RESPOND], [RESPOND], [RESPOND], [RESPOND]]
     model, answered = flow[1]["routes"][0]["flow"]
     assert [m["module"] for m in model["onerror"]] == [RESPOND, IGNORE]
+    # The gateway reads one answer (`result`), of a length a chat can take.
+    assert model["mapper"]["n_completions"] == "1" and 1 <= int(model["mapper"]["max_tokens"]) <= 4000
     assert [[m["module"] for m in route["flow"]] for route in answered["routes"]] == [[TO_JSON, RESPOND], [RESPOND]]
     for module in modules(flow):
         if module["module"] == RESPOND:
@@ -492,6 +494,7 @@ def test_what_each_route_says_reaches_its_chat(played: Played) -> None:
     assert textless
     if played.path == ECHO:
         assert said_to(771004) == [MODEL_DOWN] and said_to(771005) == [MODEL_SILENT]
+        assert all(r.body == "Accepted" for e, r in played.answers if e in textless)
         assert any(e["chat_id"] == 771002 for e in textless)  # the venue alone: a burst without text
         assert not any(m["chat_id"] in (771002, 771003, 771006) for m in played.telegram.calls_of("sendMessage"))
         return
