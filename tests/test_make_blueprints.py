@@ -49,7 +49,8 @@ MODEL_SILENT = "(the model answers this one with nothing)"
 
 def model_answer(mapper: dict[str, Any]) -> str:
     """The model's answer in the tests: Markdown with quotes, a backslash and line breaks, as models write,
-    which breaks any JSON body typed by hand around it. It fails on `MODEL_DOWN`."""
+    which breaks any JSON body typed by hand around it. It fails on `MODEL_DOWN`, and answers nothing but
+    blanks to `MODEL_SILENT`."""
     system, user = mapper["messages"]
     assert mapper["select"] == "chat" and mapper["model"] and system["role"] == "system" and system["content"]
     assert user["role"] == "user" and user["content"].strip()
@@ -294,7 +295,7 @@ def compare(listed: dict[str, Any], seen: dict[str, Any], where: str = "") -> li
 # ------------------------------------------------------------------------- end to end, played
 
 
-HOSTILE_BURST = 'Он сказал "привет" \\ и ушёл\nИ ещё\tодно'
+HOSTILE_TEXT = 'Он сказал "привет" \\ и ушёл\nИ ещё\tодно'
 
 
 def extra_updates() -> list[dict[str, Any]]:
@@ -317,7 +318,7 @@ def extra_updates() -> list[dict[str, Any]]:
     roubles = {"currency": "RUB", "total_amount": 149050, "invoice_payload": "order-771006",
                "telegram_payment_charge_id": "rub-771006-1", "provider_payment_charge_id": "prov-771006-1"}
     updates: list[dict[str, Any]] = []
-    for user_id, content in ((771001, {"text": HOSTILE_BURST}),
+    for user_id, content in ((771001, {"text": HOSTILE_TEXT}),
                              (771002, {"venue": venue, "location": venue["location"]}),
                              (771003, {"successful_payment": stars}), (771004, {"text": MODEL_DOWN}),
                              (771005, {"text": MODEL_SILENT}), (771006, {"successful_payment": roubles}),
@@ -438,9 +439,9 @@ def test_the_data_structure_lists_exactly_the_contracts_fields(played: Played) -
 
 
 def test_the_chat_gets_the_scenarios_answer(played: Played) -> None:
-    """The burst with quotes, a backslash and a tab came back as the scenario answered it: through the JSON
+    """A text with quotes, a backslash, a line break and a tab came back as the scenario answered it: through the JSON
     module, the text is whole (a hand-typed JSON body would have broken on it)."""
-    said = HOSTILE_BURST
+    said = HOSTILE_TEXT
     batch = next(e for e in played.events if e.get("chat_id") == 771001 and e["event_type"] == "message_batch")
     assert batch["text"] == said
     sent = wait_until(lambda: [m["text"] for m in played.telegram.calls_of("sendMessage")
