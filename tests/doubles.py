@@ -240,6 +240,12 @@ class RawServer:
         self._server.close()
 
 
+def child_env(**env: str) -> dict[str, str]:
+    """`env` for a child process, with only what it needs of ours to start (PATH and the like), nothing else."""
+    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
+    return {**base, **env}
+
+
 def free_port() -> int:
     """A port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -260,8 +266,7 @@ class Service:
 
     def start(self, timeout: float = 20.0) -> "Service":
         """Start the service and wait until it listens."""
-        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
-        env = {**base, "PYTHONUNBUFFERED": "1", **self.env}
+        env = child_env(PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *self.args], cwd=self.workdir, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         started = len(self.output)

@@ -9,7 +9,6 @@ Make double's answer while the real gateway runs end to end against it.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from doubles import ROOT, TOKEN, MakeDouble, Service, TelegramDouble, wait_until
+from doubles import ROOT, TOKEN, MakeDouble, Service, TelegramDouble, child_env, wait_until
 from make_scenario import (COMPLETION, IGNORE, RESPOND, ROUTER, TO_JSON, TRIGGER, ModuleFailed, Response,
                            Scenario, modules, references)
 
@@ -389,9 +388,8 @@ def played(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
                 e.get("event_id") == "payment-rub-771006-2" for e in run.events)
 
         wait_until(settled, 30, "every event delivered")
-        base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
         sample = subprocess.run([sys.executable, str(ROOT / "app.py"), "send-sample", "--all"], cwd=tmp,
-                                env={**base, "MAKE_WEBHOOK_URL": make.url + "/hook"}, capture_output=True,
+                                env=child_env(MAKE_WEBHOOK_URL=make.url + "/hook"), capture_output=True,
                                 text=True, timeout=60)
         assert sample.returncode == 0, sample.stderr
         run.sample_output = sample.stdout

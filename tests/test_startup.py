@@ -28,7 +28,7 @@ import pytest
 import store as store_module
 from app import serve
 from config import Config
-from doubles import ROOT, TOKEN, MakeDouble, RawServer, TelegramDouble, free_port, wait_until
+from doubles import ROOT, TOKEN, MakeDouble, RawServer, TelegramDouble, child_env, free_port, wait_until
 from helpers import deliver, start_in_mode, text_update
 from http_server import listen_problem
 from store import NewEvent, SQLiteStore
@@ -41,8 +41,7 @@ def run_app(cwd: Path, env: dict[str, str], *args: str, timeout: float = 60,
             **popen: Any) -> subprocess.CompletedProcess[str]:
     """Run `python app.py ARGS` in `cwd` with exactly `env` (plus PATH and the like); stdout and stderr kept apart;
     `popen` goes to `subprocess.run` (e.g. the user to run as)."""
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
-    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd, env={**base, **env},
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], cwd=cwd, env=child_env(**env),
                           capture_output=True, text=True, timeout=timeout, **popen)
 
 
@@ -409,9 +408,8 @@ def test_a_host_with_two_addresses_is_served_on_both(tmp_path: Path, telegram: T
 @needs_ipv6
 def test_an_ipv6_host_is_written_in_brackets(tmp_path: Path, service_settings: dict[str, str]) -> None:
     """HOST=:: logs `http://[::]:PORT`, a URL one can use, and the service answers there."""
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, text=True,
-                            env={**base, **service_settings, "HOST": "::", "PYTHONUNBUFFERED": "1"},
+                            env=child_env(**{**service_settings, "HOST": "::", "PYTHONUNBUFFERED": "1"}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output: list[str] = []
     threading.Thread(target=lambda: output.extend(proc.stdout or ()), daemon=True).start()
@@ -632,9 +630,8 @@ def test_sigterm_during_the_start_get_me_is_a_logged_stop(tmp_path: Path, telegr
     """SIGTERM while the first getMe waits for Telegram: the log says "stopping" then "stopped", exit status 0."""
     held = threading.Event()
     telegram.script("getMe", (200, {"ok": True, "result": {"id": 1, "is_bot": True, "first_name": "B"}}, held))
-    base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "SYSTEMROOT", "TMPDIR") if k in os.environ}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], cwd=tmp_path, text=True,
-                            env={**base, **service_settings, "PYTHONUNBUFFERED": "1"},
+                            env=child_env(**{**service_settings, "PYTHONUNBUFFERED": "1"}),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_until(lambda: telegram.calls_of("getMe"), timeout=20, what="the first getMe")
