@@ -184,6 +184,8 @@ def test_each_update_is_logged_once_at_info_without_its_text(start_service, tele
     wait_until(lambda: make.accepted(), what="the batch at Make")
     deliver(service, telegram, "webhook", update)  # Telegram sends it again
     deliver(service, telegram, "webhook", {"update_id": 880002, "edited_message": {**update["message"], "text": marker}})
+    # Log lines reach stdout through the log-writer thread: they may follow the 200 by a moment.
+    wait_until(lambda: any("update 880002" in line for line in service.output), what="the edit's log line")
     lines = [line for line in service.output if "update 880001" in line]
     assert len(lines) == 2, lines
     assert "update 880001 (message) from chat 4242: stored" in lines[0]
