@@ -32,11 +32,12 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from batching import BatchManager
 from config import Config, ConfigError
 from debounce import DebounceManager, DebounceSettings
-from http_server import MAX_BODY_BYTES, create_http_server, listen_problem, listening_urls
+from http_server import MAX_BODY_BYTES, HTTPServer, listen_problem, listening_urls
 from delivery import DeliveryWorkers
 from make_client import MakeClient
 from metrics import GatewayMetrics
@@ -53,7 +54,7 @@ from telegram_api import (BadRequest, InvalidToken, RedactingFilter, RedactingSt
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
-from webhook import WebhookRoute, parse_json
+from webhook import WebhookRoute, parse_json, read_body
 
 log = logging.getLogger("gateway")
 
@@ -430,7 +431,9 @@ def create_app(config: Config) -> Flask:
         if not hmac.compare_digest(given, f"Bearer {config.reply_token}".encode()):
             return jsonify(ok=False, error="wrong or missing bearer token"), HTTPStatus.UNAUTHORIZED
         try:
-            body = parse_json(request.get_data(cache=False))
+            body = parse_json(read_body(request.environ, MAX_BODY_BYTES))
+        except RequestEntityTooLarge:
+            return jsonify(ok=False, error="body over the size limit"), HTTPStatus.REQUEST_ENTITY_TOO_LARGE
         except (ValueError, RecursionError):
             body = None
         try:
@@ -514,9 +517,8 @@ def configure_logging(config: Config) -> None:
     # httpx logs every request URL at INFO, and every Bot API URL holds the token.
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # waitress warns once per request that waits for a free thread: a backlog would print thousands of lines
-    # (and pay for them) while it is being taken in.
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    # granian's workers say "Started worker-1" and the like at INFO: nothing an operator acts on.
+    logging.getLogger("_granian").setLevel(logging.WARNING)
 
 
 class _LogWriter(QueueListener):
@@ -655,12 +657,12 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
         log.info("stopped")
         return 0
     gateway: Gateway = app.extensions["gateway"]
-    server: Any = None
+    server: HTTPServer | None = None
     try:
         if setup is not None:
             setup(app, gateway)
         try:
-            server = create_http_server(app, config)
+            server = HTTPServer(app, config)
         except OSError as err:
             gateway.close()
             raise StartError(listen_problem(err, config.host, config.port)) from None
@@ -670,7 +672,8 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
             gateway.identify()
         except InvalidToken as err:  # nothing would ever work: say so before listening, and stop
             signals.stopping = True
-            _close_unrun(server, gateway)
+            server.close()
+            gateway.close()
             raise StartError(token_refused(err, config)) from None
         except TelegramError as err:
             log.warning("Telegram did not answer getMe (%s); starting anyway and asking again in the background "
@@ -679,9 +682,8 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
         signals.stopping = True
         log.info("stopping")
         if server is not None:
-            _close_unrun(server, gateway)
-        else:
-            gateway.close()
+            server.close()
+        gateway.close()
         log.info("stopped")
         return 0
     try:
@@ -692,6 +694,7 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
         if not config.make_webhook_url.startswith("https://") and not _loopback(config.make_webhook_url):
             log.warning("MAKE_WEBHOOK_URL is not https://: events (users' messages) travel unencrypted")
         gateway.start()
+        server.start()
         # A HOST naming several addresses (localhost: 127.0.0.1 and ::1) has one listening socket each.
         urls = listening_urls(server)
         log.info("listening on %s (mode %s, state %s)", urls[0], config.mode, config.state_db)
@@ -699,7 +702,7 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
             log.info("also listening on %s", url)
         if on_listening is not None:
             on_listening(urls[0])
-        server.run()  # waitress stops its request threads on KeyboardInterrupt
+        server.run()
     except KeyboardInterrupt:
         pass
     finally:
@@ -711,13 +714,6 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
         gateway.close()
         log.info("stopped")
     return 2 if gateway.fatal else 0
-
-
-def _close_unrun(server: Any, gateway: Gateway) -> None:
-    """Close a server whose loop never ran (and the request threads waitress started for it), and the gateway."""
-    server.task_dispatcher.shutdown()
-    server.close()
-    gateway.close()
 
 
 @dataclass(frozen=True)

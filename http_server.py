@@ -1,57 +1,62 @@
-"""The WSGI server in front of the routes: waitress, bounded against hostile or broken clients.
+"""The HTTP server in front of the routes: granian (Rust, hyper), embedded, bounded against hostile clients.
+
+granian parses HTTP in Rust without the GIL and calls the WSGI app on a pool of `HTTP_THREADS` Python
+threads. It runs here as one in-process worker per listening address (the gateway keeps its state in this
+process), on sockets this module binds, with no signal handlers of its own: `python app.py` handles SIGTERM.
 
 - A body over `MAX_BODY_BYTES` is refused with 413 from its headers, before a byte of it is read (also
   when the client asks `Expect: 100-continue`: it gets the 413, never a "go ahead"); a chunked body is
-  cut off at the same limit. Flask's `MAX_CONTENT_LENGTH` is the same constant.
-- A request must arrive whole within `HTTP_REQUEST_TIMEOUT_SECONDS` of its first byte (slowloris), and a
+  cut off at the same limit by the routes that read one (Flask's `MAX_CONTENT_LENGTH`, `webhook.py`).
+- A request's headers must arrive whole within `HTTP_REQUEST_TIMEOUT_SECONDS` (slowloris), and a
   connection with no request under way (just opened, or between kept-alive requests) closes after as
-  long; a request the app is working on is never cut.
-- At most `HTTP_MAX_CONNECTIONS` connections are held; more wait in the system's accept queue.
+  long; a request the app is working on is never cut. A body is read only by a route whose client has
+  shown its secret in the headers (`/webhook`, `/reply`); a request answered without reading its body
+  has its connection closed at once, so a client without the secret cannot hold one by trickling a body.
+- At most `HTTP_MAX_CONNECTIONS` connections are held per listening address; more wait in the system's
+  accept queue.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
-import select
 import socket
-import time
-from typing import Any
+import sys
+import threading
+from typing import Any, Callable, Iterable
 
 from config import Config
 
 log = logging.getLogger("gateway.http")
 
 MAX_BODY_BYTES = 1024 * 1024  # far above any real update; anything bigger is refused with 413
-_SELECT_LIMIT = 500  # sockets select() watches safely where poll() is missing (Windows: 512)
 _OTHER_FILES = 128  # besides Make's connections: Telegram's pool (32), the state files, logs, listening sockets
 _MIN_CONNECTIONS = 16  # fewer would leave the service all but deaf; past the file limit, accepts fail instead
-_OWN_SOCKETS = 2  # waitress counts its listening socket and its wake-up pipe against its connection limit
+_BACKLOG = 1024  # connections the system queues for the server beyond those it holds
+_STOP_SECONDS = 5.0  # how long a stop waits for requests under way before it goes on without them
 
 
-def connection_limit(config: Config) -> int:
-    """`HTTP_MAX_CONNECTIONS`, raising the process's open-file limit to fit it (and the outgoing
-    connections to Make and Telegram) where the system allows, else lowered to what fits, with a warning."""
+def connection_limit(config: Config, listeners: int = 1) -> int:
+    """`HTTP_MAX_CONNECTIONS` (held by each of `listeners` listening addresses), raising the process's open-file
+    limit to fit them (and the outgoing connections to Make and Telegram) where the system allows, else lowered
+    to what fits, with a warning."""
     wanted = config.http_max_connections
-    if not hasattr(select, "poll") and wanted > _SELECT_LIMIT:  # Windows: select() alone
-        log.warning("HTTP_MAX_CONNECTIONS=%d is more than select() can watch here; holding %d", wanted, _SELECT_LIMIT)
-        return _SELECT_LIMIT
     try:
         import resource
     except ImportError:
         return wanted
     reserve = config.make_max_concurrency + _OTHER_FILES
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
-        target = wanted + reserve if hard == resource.RLIM_INFINITY else min(hard, wanted + reserve)
+    if soft != resource.RLIM_INFINITY and soft < wanted * listeners + reserve:
+        target = wanted * listeners + reserve
+        target = target if hard == resource.RLIM_INFINITY else min(hard, target)
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
             soft = target
         except (OSError, ValueError) as err:
             log.warning("cannot raise the open-file limit to %d: %s", target, err)
-    if soft != resource.RLIM_INFINITY and soft < wanted + reserve:
-        fits = max(_MIN_CONNECTIONS, soft - reserve)
+    if soft != resource.RLIM_INFINITY and soft < wanted * listeners + reserve:
+        fits = max(_MIN_CONNECTIONS, (soft - reserve) // listeners)
         log.warning("HTTP_MAX_CONNECTIONS=%d does not fit in %d open files (ulimit -n) beside %d for Make, Telegram "
                     "and the state; holding %d connections", wanted, soft, reserve, fits)
         return fits
@@ -88,103 +93,175 @@ def url_of(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def listening_urls(server: Any) -> list[str]:
+def listening_urls(server: "HTTPServer") -> list[str]:
     """The base URL of each address `server` listens on, IPv4 first (the one tools and people try first).
 
-    A HOST that resolves to several addresses (localhost: 127.0.0.1 and ::1) makes waitress return a
-    `MultiSocketServer`, which lists them in `effective_listen`, each with its own port when PORT is 0."""
-    listening = getattr(server, "effective_listen", None) or [(server.effective_host, server.effective_port)]
-    addresses = [(str(host), int(port)) for host, port in listening]
+    A HOST that resolves to several addresses (localhost: 127.0.0.1 and ::1) has a socket each, each with its
+    own port when PORT is 0."""
+    addresses = [(str(host), int(port)) for host, port in server.addresses]
     return [url_of(host, port) for host, port in sorted(addresses, key=lambda address: ":" in address[0])]
 
 
-def create_http_server(app: Any, config: Config) -> Any:
-    """The waitress server for the WSGI `app`, with the limits above, bound and listening; raises `OSError` if it
-    cannot listen (see `listen_problem`)."""
-    from waitress import create_server
-    from waitress.channel import HTTPChannel
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
-    request_timeout = config.http_request_timeout_seconds
 
-    class BoundedChannel(HTTPChannel):  # type: ignore[misc]
-        """A connection whose each request must arrive whole within `request_timeout` of its first byte."""
+class HTTPServer:
+    """granian serving `app` on sockets bound at construction (an `OSError` if it cannot listen, see
+    `listen_problem`): `run()` serves until KeyboardInterrupt (SIGTERM and Ctrl-C arrive as one), `close()`
+    stops taking requests and waits a few seconds for those under way."""
 
-        request_started: float | None = None
+    def __init__(self, app: WSGIApp, config: Config) -> None:
+        self._sockets = _bind(config.host, config.port)
+        self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in self._sockets]
+        self._app = app
+        self._config = config
+        self._connections = connection_limit(config, len(self._sockets))
+        self._stopped: list[threading.Event] = []
+        self._signals: list[Any] = []
+        self._closed = False
 
-        def received(self, data: bytes) -> bool:
-            if self.request is None and data:
-                self.request_started = time.monotonic()
-            try:
-                result = super().received(data)
-            except ValueError as err:  # e.g. a Content-Length of 5,000 digits: Python will not read it
-                log.warning("closing a connection from %s: unreadable request (%s)", self._peer(), err)
-                self.will_close = True
-                return False
-            if self.request is None:  # complete (or refused): the next request's clock starts at its first byte
-                self.request_started = None
-            return bool(result)
+    def run(self) -> None:
+        """Serve (if `start()` has not yet) until KeyboardInterrupt, which it lets through (the caller then calls
+        `close()`)."""
+        if not self._signals:
+            self.start()
+        idle = threading.Event()
+        while True:  # in short waits: a signal reaches the main thread between them, on every system
+            idle.wait(0.5)
 
-        def send_continue(self) -> None:
-            # waitress would say "100 Continue" to a request it has already refused (a body over the
-            # limit), and then read that body: the refusal goes out instead.
-            if self.request is not None and self.request.error is not None:
-                self.request.expect_continue = False
-                return
-            super().send_continue()
+    def start(self) -> None:
+        """Serve on the worker threads granian starts, and return."""
+        from granian._granian import SocketHolder, WorkerSignal, WSGIWorker
+        from granian.http import HTTP1Settings
 
-        def writable(self) -> bool:
-            # While a request's task runs, the task flushes its own output (write_soon sends at once, and wakes
-            # the loop if the socket took only part). waitress would still have the loop watch the socket for
-            # room whenever output waits: the socket has room, poll() returns at once, handle_write cannot take
-            # the output lock the task holds while it waits for the GIL, and the loop spins, keeping the GIL
-            # from the task. With 64 connections that spin was 86% of the process. The loop is woken when the
-            # task ends (pull_trigger) and flushes what is left; past the high watermark the task waits for
-            # the loop to drain its output, so then the loop must watch the socket.
-            # Only while the task holds the output lock, though (it is in write_soon, and wakes the loop on
-            # leaving with output left, see write_soon below): output a task left behind and is not writing to
-            # (a pipelined request's response, the next request's task running; a streaming response between
-            # chunks) is the loop's to send as the client reads it, or it would wait for the task's next write.
-            if (self.requests and not self.will_close and not self.close_when_flushed
-                    and self.total_outbufs_len < self.adj.outbuf_high_watermark):
-                if not self.outbuf_lock.acquire(False):
-                    return False
-                self.outbuf_lock.release()
-            return bool(super().writable())
+        settings = HTTP1Settings(header_read_timeout=max(1, round(self._config.http_request_timeout_seconds * 1000)),
+                                 keep_alive=True)
+        callback = _wsgi_callback(self._app)
+        for sock in self._sockets:
+            # granian closes the listener it is given when it stops: it gets a duplicate, ours is closed by close().
+            handle = sock.dup().detach()
+            stopped, signal = threading.Event(), WorkerSignal()
+            signal.add_cb(stopped.set)
+            worker = WSGIWorker(
+                1, (None, SocketHolder(handle, False, _BACKLOG)), None,
+                1, 512,  # Rust threads: one does all the HTTP; its blocking pool (unused by WSGI) as granian has it
+                self._config.http_threads, 30,  # the Python threads that run requests; an idle one ends after 30 s
+                self._connections, "1", settings, None, None,  # connections held; HTTP/1.1 only; no static files
+                False, None, None, None, "tls1.3", None, [], False,  # no TLS: a proxy in front terminates it
+                (None, None))  # no metrics of granian's own
+            worker.serve_mtr(_scheduler(callback), _unused_loop(), signal)
+            self._signals.append(signal)
+            self._stopped.append(stopped)
 
-        def write_soon(self, data: Any) -> int:
-            written = int(super().write_soon(data))
-            # waitress wakes the loop while still holding the output lock, when writable() above may yet say
-            # no: wake it again now that the lock is free, so output left over is watched.
-            if self.total_outbufs_len and self.connected:
-                self.server.pull_trigger()
-            return written
+    def close(self) -> None:
+        """Stop taking requests, wait up to a few seconds for those under way, and release the sockets."""
+        if self._closed:
+            return
+        self._closed = True
+        for signal in self._signals:
+            signal.set()
+        for sock in self._sockets:
+            sock.close()
+        for stopped in self._stopped:
+            if not stopped.wait(_STOP_SECONDS):
+                log.warning("requests still under way after %g s; stopping without them", _STOP_SECONDS)
+                break
 
-        def readable(self) -> bool:
-            # The server's loop asks every connection this at least once a second.
-            started = self.request_started
-            if (started is not None and not self.requests and not self.will_close
-                    and time.monotonic() - started > request_timeout):
-                log.warning("closing a connection from %s: its request did not arrive whole in %g s",
-                            self._peer(), request_timeout)
-                self.will_close = True
-            return bool(super().readable())
 
-        def _peer(self) -> str:
-            return str(self.addr[0]) if self.addr else "?"
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """A listening socket for each address `host` names (IPv6 ones for IPv6 only, as an IPv4 one may follow),
+    all on `port`, or each on a port of its own when it is 0. Raises `OSError` (`socket.gaierror` for a name
+    that does not resolve) and closes what it bound."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(found):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            if sys.platform != "win32":  # there it would let another program take the port from us
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(_BACKLOG)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
-    # waitress turns a HOST that does not resolve into a bare ValueError: resolve it first, for a clear error.
-    socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    idle_seconds = max(1, math.ceil(request_timeout))  # waitress takes whole seconds
-    connections = connection_limit(config)
-    server = create_server(
-        app, host=config.host, port=config.port, threads=config.http_threads, ident="telegram-make-gateway",
-        # waitress refuses a Content-Length >= this limit; Flask's MAX_CONTENT_LENGTH refuses > its own.
-        max_request_body_size=MAX_BODY_BYTES + 1, connection_limit=connections + _OWN_SOCKETS,
-        channel_timeout=idle_seconds, cleanup_interval=1,
-        # select() cannot watch more than about 1,000 sockets; poll() can, where the system has it.
-        asyncore_use_poll=hasattr(select, "poll"))
-    # Several listening addresses (a HOST that resolves to IPv4 and IPv6) make several servers in one map.
-    listeners = [server] if hasattr(server, "channel_class") else list(server.map.values())
-    for listener in listeners:
-        listener.channel_class = BoundedChannel
-    return server
+
+def _unused_loop() -> Any:
+    """The event loop granian's worker asks for; a WSGI worker never runs it."""
+    import asyncio
+    return asyncio.new_event_loop()
+
+
+def _scheduler(callback: Callable[[Any, dict[str, Any]], int]) -> Any:
+    """granian's scheduler for `callback`, which its request threads call as `callback(protocol, scope)`."""
+    from granian._futures import _new_cbscheduler
+    return _new_cbscheduler(_unused_loop(), callback, impl_asyncio=False)
+
+
+_ENVIRON = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+            "wsgi.run_once": False, "wsgi.input_terminated": True, "SCRIPT_NAME": "",
+            "SERVER_SOFTWARE": "telegram-make-gateway"}
+_SERVER_HEADER = ("Server", "telegram-make-gateway")
+_TOO_LARGE = b'{"ok":false,"error":"body over the size limit"}\n'
+
+
+def _wsgi_callback(app: WSGIApp) -> Callable[[Any, dict[str, Any]], int]:
+    """What granian calls for each request: the WSGI environ from its scope (and nothing of this process's
+    environment, where the bot token is), `app` called, its answer handed back; a body over the limit
+    refused from its Content-Length before the app sees it."""
+
+    def callback(protocol: Any, scope: dict[str, Any]) -> int:
+        environ = _ENVIRON | scope
+        try:
+            declared = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:  # hyper refuses a malformed Content-Length itself; this is belt and braces
+            declared = MAX_BODY_BYTES + 1
+        if declared > MAX_BODY_BYTES:
+            protocol.response_bytes(413, [("Content-Type", "application/json"), ("Connection", "close"),
+                                          _SERVER_HEADER], _TOO_LARGE)
+            return 413
+        answer: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., Any]:
+            answer[:] = [int(status[:3]), headers]
+            return _no_write
+
+        try:
+            body = app(environ, start_response)
+            status, headers = answer
+            headers.append(_SERVER_HEADER)
+            if isinstance(body, list):
+                protocol.response_bytes(status, headers, b"".join(body))
+            else:
+                protocol.response_iter(status, headers, _Chunks(body))
+            return status
+        except Exception:  # noqa: BLE001 - one request's failure is logged and answered 500, never the server's
+            log.exception("%s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            protocol.response_bytes(500, [("Content-Type", "text/plain"), _SERVER_HEADER], b"internal error\n")
+            return 500
+
+    return callback
+
+
+def _no_write(data: bytes) -> None:
+    raise NotImplementedError("write() is not supported: return the body from the app")
+
+
+class _Chunks:
+    """A WSGI body iterable as granian reads it: `__next__` and `close()` (called once it is sent or given up)."""
+
+    __slots__ = ("_body", "__next__")
+
+    def __init__(self, body: Iterable[bytes]) -> None:
+        self._body = body
+        self.__next__ = iter(body).__next__
+
+    def close(self) -> None:
+        close = getattr(self._body, "close", None)
+        if close is not None:
+            close()

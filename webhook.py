@@ -17,7 +17,6 @@ from http import HTTPStatus
 from typing import Any, Callable, Iterable
 
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.wsgi import get_input_stream
 
 from router import UpdateRouter
 from store import StoreError
@@ -45,6 +44,28 @@ def parse_json(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
 
 
+def read_body(environ: dict[str, Any], limit: int) -> bytes:
+    """The request's body, all of it; `RequestEntityTooLarge` if it is over `limit` bytes (a declared length
+    over it is refused before a byte is read, a chunked body once `limit` + 1 bytes have come)."""
+    try:
+        declared = int(environ.get("CONTENT_LENGTH") or -1)
+    except ValueError:
+        declared = -1
+    if declared > limit:
+        raise RequestEntityTooLarge()
+    wanted = declared if declared >= 0 else limit + 1
+    stream, parts, got = environ["wsgi.input"], [], 0
+    while got < wanted:  # a WSGI read may return less than asked before the end
+        part = stream.read(wanted - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    if got > limit:
+        raise RequestEntityTooLarge()
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def json_body(answer: dict[str, Any]) -> bytes:
     """An answer as Flask's `jsonify` writes it (compact, one line)."""
     return json.dumps(answer, separators=(",", ":")).encode() + b"\n"
@@ -70,7 +91,7 @@ class WebhookRoute:
         if not hmac.compare_digest(given, self._secret):
             return _error(start_response, HTTPStatus.UNAUTHORIZED, "wrong secret token")
         try:
-            raw = get_input_stream(environ, max_content_length=self._max_body).read()
+            raw = read_body(environ, self._max_body)
         except RequestEntityTooLarge:
             return _error(start_response, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body over the size limit")
         try:
