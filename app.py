@@ -15,18 +15,17 @@ from __future__ import annotations
 import _thread
 import argparse
 import atexit
+import collections
 import contextlib
 import hmac
 import json
 import logging
-import queue
 import signal
 import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from logging.handlers import QueueHandler, QueueListener
 from http import HTTPStatus
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -49,7 +48,7 @@ from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from samples import send_samples
 from store import BatchRow, SQLiteStore, StoreError, StoreNotFound
-from telegram_api import (BadRequest, InvalidToken, RedactingFilter, RedactingStream, RetryAfter, TelegramClient,
+from telegram_api import (BadRequest, InvalidToken, RedactingStream, RetryAfter, TelegramClient,
                           TelegramError, printable, redact)
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
 from typing_keepalive import TypingKeepAlive
@@ -498,21 +497,19 @@ def read_reply_body(body: Any, default_format: str = "plain") -> tuple[int, Repl
 def configure_logging(config: Config) -> None:
     """One line per record, with time and level; secrets masked; httpx's URL logging turned down.
 
-    Records are written by one `log-writer` thread: a request thread only queues its record, so no thread
-    waits for the terminal or the log collector while holding the handler's lock (with dozens of request
-    threads logging an update each, that wait was what ingest spent most time on). The queue is written
-    out at exit."""
-    global _log_listener
-    handler = _Output(sys.stderr)
-    handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
-    handler.addFilter(RedactingFilter(*config.secrets()))
-    records: queue.Queue[logging.LogRecord] = queue.Queue(_LOG_QUEUE_RECORDS)
-    if _log_listener is not None:
-        _log_listener.stop()
-    _log_listener = _LogWriter(records, handler)
-    _log_listener.start()
+    Records are written by one `log-writer` thread: a logging thread only appends its record to a queue, and
+    wakes the writer only if it sleeps. Under a burst the writer takes what has gathered every few
+    milliseconds and writes it at once, so that a thousand updates a second cost no thousand wake-ups, lock
+    hand-overs and writes (with dozens of request threads logging an update each, that was what ingest spent
+    most time on). The queue is written out at exit."""
+    global _log_writer
+    formatter = LineFormatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s")
+    if _log_writer is not None:
+        _log_writer.stop()
+    _log_writer = _LogWriter(sys.stderr, formatter, config.secrets())
+    _log_writer.start()
     root = logging.getLogger()
-    root.handlers[:] = [_WaitingQueueHandler(records)]
+    root.handlers[:] = [_QueueingHandler(_log_writer)]
     root.setLevel(config.log_level)
     # httpx logs every request URL at INFO, and every Bot API URL holds the token.
     for noisy in ("httpx", "httpcore"):
@@ -521,70 +518,120 @@ def configure_logging(config: Config) -> None:
     logging.getLogger("_granian").setLevel(logging.WARNING)
 
 
-class _LogWriter(QueueListener):
-    """The `log-writer` thread: writes queued records; at stop, what is queued, for a few seconds at most (an
-    output nobody reads must not keep the process from exiting)."""
+class _LogWriter:
+    """The `log-writer` thread and its queue: writes the records logging threads `put()`, a burst at a time,
+    each burst's lines masked at once (`redact`). At `stop()`, what is queued, for a few seconds at most: an
+    output nobody reads must not keep the process from exiting."""
 
-    _thread_name = "log-writer"
+    def __init__(self, stream: Any, formatter: logging.Formatter, secrets: tuple[str, ...]) -> None:
+        self._stream = stream
+        self._formatter = formatter
+        self._secrets = secrets
+        self._records: collections.deque[logging.LogRecord | None] = collections.deque()  # None: stop
+        self._sleeping = False
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stuck = False  # the output would not take a write: given up (see stop)
 
     def start(self) -> None:
         """Start the thread, named and a daemon (it must never hold the process up)."""
-        self._thread = threading.Thread(target=self._monitor, name=self._thread_name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
+
+    def put(self, record: logging.LogRecord | None) -> None:
+        """Queue `record` (from any thread). When the output is stuck and the queue full, wait: a thread that
+        logs must not grow memory without bound."""
+        while len(self._records) >= _LOG_QUEUE_RECORDS and not self._stuck:
+            time.sleep(0.005)
+        self._records.append(record)
+        # The writer says it sleeps before it looks at the queue a last time, and a record is queued before
+        # its thread looks at that: one of the two always sees the other.
+        if self._sleeping:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._sleeping = True
+            if not self._records:
+                self._wake.wait()
+            self._sleeping = False
+            self._wake.clear()
+            while self._records:
+                if not self._write_queued():
+                    return
+                time.sleep(_LOG_GATHER_SECONDS)  # a burst goes on: let its next lines gather
+
+    def _write_queued(self) -> bool:
+        """Write every record queued now; False once the stop sentinel is among them."""
+        lines, going = [], True
+        records = self._records
+        while records:
+            record = records.popleft()
+            if record is None:
+                going = False
+                break
+            try:
+                lines.append(self._formatter.format(record))
+            except Exception:  # noqa: BLE001 - a record that cannot be formatted costs its line, not the writer
+                lines.append(f"a log line ({record.pathname}:{record.lineno}) could not be written")
+        if lines:
+            try:
+                self._stream.write(redact("\n".join(lines) + "\n", *self._secrets))
+                self._stream.flush()
+            except (OSError, ValueError):  # a closed or broken output: nothing left to tell it
+                pass
+        return going
 
     def stop(self) -> None:
         """Write what is queued (waiting at most a few seconds), then end the thread."""
-        if self._thread is None:
+        thread, self._thread = self._thread, None
+        if thread is None:
             return
-        try:
-            self.queue.put(self._sentinel, timeout=_LOG_STOP_SECONDS)
-            self._thread.join(_LOG_STOP_SECONDS)
-        except queue.Full:
-            pass
-        if self._thread.is_alive():  # stuck in a write: logging.shutdown must not wait for it either
-            for handler in self.handlers:
-                if isinstance(handler, _Output):
-                    handler.abandon()
-        self._thread = None
+        self._stuck = True  # from now on nobody waits for room: the writer may be stuck in a write
+        self.put(None)
+        thread.join(_LOG_STOP_SECONDS)
 
 
-class _Output(logging.StreamHandler):  # type: ignore[type-arg]
-    """The log-writer's output (stderr). `abandon()`: the writer is stuck in a write to it (nobody reads the
-    pipe), so what is left is given up: `logging.shutdown()`, run at exit after the writer's last chance, would
-    otherwise wait forever for the lock the stuck writer holds, then for the stream's own to flush it."""
-
-    def abandon(self) -> None:
-        self.lock = None  # type: ignore[assignment]  # acquire() and release() do nothing without one
-        self._abandoned = True
-
-    def flush(self) -> None:
-        if not getattr(self, "_abandoned", False):
-            super().flush()
-
-
-_log_listener: _LogWriter | None = None
+_log_writer: _LogWriter | None = None
 _LOG_STOP_SECONDS = 5.0
 _LOG_QUEUE_RECORDS = 10_000  # lines waiting for the writer; more, and a logging thread waits as it used to
+_LOG_GATHER_SECONDS = 0.005
 
 
-class _WaitingQueueHandler(QueueHandler):
-    """Queues records for the `log-writer` thread; when the output is stuck (nobody reads the pipe) and the
-    queue is full, the logging thread waits instead of the queue growing without bound."""
+class _QueueingHandler(logging.Handler):
+    """Hands records to the `log-writer`, their message formatted here (an argument may change later) and
+    masked there."""
 
-    def enqueue(self, record: logging.LogRecord) -> None:
-        self.queue.put(record)
+    def __init__(self, writer: _LogWriter) -> None:
+        super().__init__()
+        self._writer = writer
+
+    def handle(self, record: logging.LogRecord) -> bool:  # no handler lock: the queue needs none
+        self.emit(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if record.args:
+                record.msg, record.args = record.getMessage(), None
+            if record.exc_info:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+                record.exc_info = None
+            self._writer.put(record)
+        except Exception:  # noqa: BLE001 - reported as a line of its own, masked like every other
+            self.handleError(record)
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
         """A record that cannot be formatted (an argument whose str() raises, arguments that do not fit the
-        format) is formatted here, in the logging thread, before any filter has masked it: logging's own report
-        would print its arguments and the error's text straight to stderr, secrets and all. It becomes a line
-        of its own in the queue instead, masked by the writer like every other."""
+        format) is reported as a line of its own in the queue, masked by the writer like every other: logging's
+        own report would print its arguments and the error's text straight to stderr, secrets and all."""
         try:
             note = logging.makeLogRecord({
                 "name": record.name, "levelno": logging.ERROR, "levelname": "ERROR",
-                "msg": "a log line (%s:%s) could not be formatted", "args": (record.pathname, record.lineno),
-                "exc_info": sys.exc_info()})
-            self.queue.put(self.prepare(note))
+                "msg": "a log line (%s:%s) could not be formatted", "args": None,
+                "exc_text": logging.Formatter().formatException(sys.exc_info())})  # type: ignore[arg-type]
+            note.msg = note.msg % (record.pathname, record.lineno)
+            self._writer.put(note)
         except Exception:  # noqa: BLE001 - reporting a logging error must never raise
             pass
 
@@ -607,8 +654,8 @@ class LineFormatter(logging.Formatter):
 
 @atexit.register
 def _write_queued_log() -> None:
-    if _log_listener is not None:
-        _log_listener.stop()
+    if _log_writer is not None:
+        _log_writer.stop()
 
 
 class _StopSignal:

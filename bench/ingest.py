@@ -7,9 +7,8 @@ handler that does nothing and stores nothing. Both get the same load from `wrk` 
 `bench/wrk_updates.lua`: every request a new update id, 500 users). Between runs the gateway's batches are
 delivered, and at the end every message it acknowledged must have reached the Make double exactly once.
 
-Then the WSGI servers on the same load: a bare Flask no-op and a bare WSGI no-op on waitress and on
-granian (the ceiling each server puts on any app), and the gateway's own app on granian
-(`bench/granian_gateway.py`).
+Then the WSGI servers on the same load: a bare Flask no-op and a bare WSGI no-op on waitress (the server
+before granian) and on granian (the ceiling each server puts on any app).
 
 Needs `wrk` (Debian/Ubuntu: `apt install wrk`; macOS: `brew install wrk`) and the peers' packages:
 `pip install -r bench/requirements.txt`. Run: python bench/ingest.py [seconds per run]
@@ -81,19 +80,16 @@ def gateway_env(tmp: str, telegram: TelegramDouble, make: MakeDouble) -> dict[st
             "FLOOD_MAX_MESSAGES": "100000"}
 
 
-def gateway_runs(seconds: int, server: str) -> list[tuple[int, dict[str, float]]]:
-    """The gateway on `server` (waitress: `python app.py`; granian) under each load, its batches delivered
+def gateway_runs(seconds: int, settings: dict[str, str] | None = None) -> list[tuple[int, dict[str, float]]]:
+    """The gateway (`python app.py`, with `settings` over the defaults) under each load, its batches delivered
     between runs, then the check that every acknowledged message reached Make once."""
     telegram, make = TelegramDouble(), MakeDouble()
     runs = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            env = gateway_env(tmp, telegram, make)
-            if server == "waitress":
-                gateway: Any = Service(Path(tmp), env).start()
-                url, stop = gateway.url, gateway.stop
-            else:
-                url, stop = _granian(Path(tmp), env, "bench.granian_gateway:app", factory=True)
+            env = {**gateway_env(tmp, telegram, make), **(settings or {})}
+            gateway = Service(Path(tmp), env).start()
+            url, stop = gateway.url, gateway.stop
             secret = derive_webhook_secret(TOKEN)
             wrk(url + "/webhook", 16, 1, 1, secret)  # warm-up
             for n, connections in enumerate(CONNECTIONS, start=1):
@@ -107,7 +103,7 @@ def gateway_runs(seconds: int, server: str) -> list[tuple[int, dict[str, float]]
         telegram.close()
         make.close()
     # wrk does not count the requests still under way when it stops, which the gateway may have stored.
-    print(f"gateway on {server}: {len(ids)} messages reached Make in {len(make.accepted())} batches, "
+    print(f"gateway {settings or ''}: {len(ids)} messages reached Make in {len(make.accepted())} batches, "
           f"{len(ids) - len(set(ids))} twice; wrk counted {acknowledged} acknowledged (+ up to "
           f"{sum(CONNECTIONS) + 16} cut off by its stops)")
     return runs
@@ -121,13 +117,13 @@ def _drained(url: str) -> None:
                what="every batch delivered")
 
 
-def _granian(workdir: Path, env: dict[str, str], target: str, factory: bool = False) -> tuple[str, Callable[[], Any]]:
-    """Serve the WSGI app `target` with granian (one worker, 8 threads like HTTP_THREADS); (url, stop)."""
+def _granian(workdir: Path, target: str) -> tuple[str, Callable[[], Any]]:
+    """Serve the WSGI app `target` with granian's own command (one worker, 8 threads like HTTP_THREADS);
+    (url, stop)."""
     port = free_port()
     command = [str(Path(sys.executable).parent / "granian"), "--interface", "wsgi", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1", "--blocking-threads", "8", "--log-level", "warning",
-               *(["--factory"] if factory else []), target]
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **env, "PYTHONPATH": str(ROOT)},
+               "--port", str(port), "--workers", "1", "--blocking-threads", "8", "--log-level", "warning", target]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_until(lambda: _listening(url), timeout=30, what=f"granian serving {target}")
@@ -153,7 +149,7 @@ def server_runs(seconds: int) -> list[tuple[str, int, dict[str, float]]]:
                     process.terminate()
                     process.wait(30)
             else:
-                url, stop = _granian(ROOT, {}, f"bench.noop_apps:{app_name}")
+                url, stop = _granian(ROOT, f"bench.noop_apps:{app_name}")
             try:
                 wrk(url + "/webhook", 16, 1, 1, "")
                 for n, connections in enumerate(CONNECTIONS, start=1):
@@ -205,17 +201,17 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench/ingest.py needs wrk: apt install wrk (or brew install wrk)")
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    ours = gateway_runs(seconds, "waitress")
+    ours = gateway_runs(seconds)
     for connections, f in ours:
-        print(line("gateway, waitress (durable)", connections, f), flush=True)
-    if not importlib.util.find_spec("aiogram") or not importlib.util.find_spec("granian"):
-        print("aiogram or granian is not installed (pip install -r bench/requirements.txt): peers left out")
+        print(line("gateway (durable)", connections, f), flush=True)
+    if not importlib.util.find_spec("aiogram") or not importlib.util.find_spec("waitress"):
+        print("aiogram or waitress is not installed (pip install -r bench/requirements.txt): peers left out")
         return
     theirs = peer_runs(seconds)
     for connections, f in theirs:
         print(line("aiogram 3 no-op webhook", connections, f), flush=True)
-    for connections, f in gateway_runs(seconds, "granian"):
-        print(line("gateway, granian (durable)", connections, f), flush=True)
+    for (connections, mine), (_, peer) in zip(ours, theirs):
+        print(f"  at {connections} connections the gateway takes {mine['rate'] / peer['rate']:.2f}x aiogram's rate")
     for name, connections, f in server_runs(seconds):
         print(line(name, connections, f), flush=True)
 
