@@ -80,7 +80,7 @@ class Config:
     webhook_secret: str = ""
     host: str = "0.0.0.0"
     port: int = 5000
-    http_threads: int = 8
+    http_threads: int = 32
     http_max_connections: int = 1000
     http_request_timeout_seconds: float = 10.0
     debounce_seconds: float = 4.0

@@ -543,16 +543,13 @@ class SQLiteStore:
                 cur.execute("INSERT INTO flood_held (chat_id, user_id, held) VALUES (?, ?, 1) "
                             "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (chat_id, user_id))
                 return AddResult(new=True, held=True)
-            row = cur.execute("SELECT batch_id, count, first_at FROM batches WHERE chat_id=? AND user_id=?",
-                              (chat_id, user_id)).fetchone()
-            if row is None:
-                batch_id, count, first_at = uuid.uuid4().hex, 1, now
-                cur.execute("INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1)",
-                            (batch_id, chat_id, user_id, user_json, now, now))
-            else:
-                batch_id, count, first_at = row[0], row[1] + 1, row[2]
-                cur.execute("UPDATE batches SET last_at=?, count=?, user_json=? WHERE batch_id=?",
-                            (now, count, user_json, batch_id))
+            # One statement opens the batch or counts the message into the open one (each statement hands the
+            # GIL over and back: under a burst, that is what a unit costs).
+            batch_id, count, first_at = cur.execute(
+                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (chat_id, user_id) DO UPDATE SET "
+                "last_at=excluded.last_at, count=count + 1, user_json=excluded.user_json "
+                "RETURNING batch_id, count, first_at",
+                (uuid.uuid4().hex, chat_id, user_id, user_json, now, now)).fetchone()
             cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)", (batch_id, count, item_json))
             if count >= max_messages:  # only a closing batch is read back whole, for its event
                 batch = self._load_batch(cur, chat_id, user_id)
