@@ -80,7 +80,7 @@ def test_health_reports_the_contract_fields(start_service, telegram: TelegramDou
     health = wait_until(lambda: (h := service.health())["active_batches"] == 1 and h, what="an open batch")
     response = service.get("/")
     assert response.status_code == 200
-    assert response.headers["Server"] == "telegram-make-gateway"  # waitress, not Flask's development server
+    assert response.headers["Server"] == "telegram-make-gateway"  # the gateway's server, not Flask's development server
     assert health["status"] == "ok" and health["mode"] == "polling"
     assert health["last_update_id"] == 4242
     assert health["batch_timers"] == 1 and health["outbox_pending"] == 0
