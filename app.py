@@ -20,6 +20,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -521,17 +522,22 @@ def configure_logging(config: Config) -> None:
 class _LogWriter:
     """The `log-writer` thread and its queue: writes the records logging threads `put()`, a burst at a time,
     each burst's lines masked at once (`redact`). At `stop()`, what is queued, for a few seconds at most: an
-    output nobody reads must not keep the process from exiting."""
+    output nobody reads must not keep the process from exiting.
+
+    To a pipe or a file it writes with `os.write` on a descriptor of its own: stuck in a write to a pipe nobody
+    reads, it then holds none of the stream's locks, which the main thread's last flush and the interpreter's
+    exit would wait for forever."""
 
     def __init__(self, stream: Any, formatter: logging.Formatter, secrets: tuple[str, ...]) -> None:
         self._stream = stream
+        self._fd, self._encoding = _raw_output(stream)
         self._formatter = formatter
         self._secrets = secrets
         self._records: collections.deque[logging.LogRecord | None] = collections.deque()  # None: stop
         self._sleeping = False
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stuck = False  # the output would not take a write: given up (see stop)
+        self._stuck = False  # the writer is gone, or may be stuck in a write: nobody waits for room any more
 
     def start(self) -> None:
         """Start the thread, named and a daemon (it must never hold the process up)."""
@@ -539,7 +545,7 @@ class _LogWriter:
         self._thread.start()
 
     def put(self, record: logging.LogRecord | None) -> None:
-        """Queue `record` (from any thread). When the output is stuck and the queue full, wait: a thread that
+        """Queue `record` (from any thread). While the output is slow and the queue full, wait: a thread that
         logs must not grow memory without bound."""
         while len(self._records) >= _LOG_QUEUE_RECORDS and not self._stuck:
             time.sleep(0.005)
@@ -550,37 +556,49 @@ class _LogWriter:
             self._wake.set()
 
     def _run(self) -> None:
-        while True:
-            self._sleeping = True
-            if not self._records:
-                self._wake.wait()
-            self._sleeping = False
-            self._wake.clear()
-            while self._records:
-                if not self._write_queued():
-                    return
-                time.sleep(_LOG_GATHER_SECONDS)  # a burst goes on: let its next lines gather
+        try:
+            while True:
+                self._sleeping = True
+                if not self._records:
+                    self._wake.wait()
+                self._sleeping = False
+                self._wake.clear()
+                while self._records:
+                    if not self._write_queued():
+                        return
+                    time.sleep(_LOG_GATHER_SECONDS)  # a burst goes on: let its next lines gather
+        finally:
+            self._stuck = True  # whatever ended the writer, no logging thread may wait for it
 
     def _write_queued(self) -> bool:
-        """Write every record queued now; False once the stop sentinel is among them."""
+        """Write what is queued now (up to `_LOG_WRITE_LINES` records); False once the stop sentinel is among
+        them. A failure costs those lines, never the writer."""
         lines, going = [], True
         records = self._records
-        while records:
+        for _ in range(min(len(records), _LOG_WRITE_LINES)):
             record = records.popleft()
             if record is None:
                 going = False
                 break
             try:
                 lines.append(self._formatter.format(record))
-            except Exception:  # noqa: BLE001 - a record that cannot be formatted costs its line, not the writer
+            except Exception:  # noqa: BLE001 - a record that cannot be formatted costs its line
                 lines.append(f"a log line ({record.pathname}:{record.lineno}) could not be written")
         if lines:
             try:
-                self._stream.write(redact("\n".join(lines) + "\n", *self._secrets))
-                self._stream.flush()
-            except (OSError, ValueError):  # a closed or broken output: nothing left to tell it
+                self._write(redact("\n".join(lines) + "\n", *self._secrets))
+            except Exception:  # noqa: BLE001 - a closed, broken or missing output: nothing left to tell it
                 pass
         return going
+
+    def _write(self, text: str) -> None:
+        if self._fd is None:
+            self._stream.write(text)
+            self._stream.flush()
+            return
+        data = text.encode(self._encoding, "backslashreplace")
+        while data:
+            data = data[os.write(self._fd, data):]
 
     def stop(self) -> None:
         """Write what is queued (waiting at most a few seconds), then end the thread."""
@@ -590,12 +608,29 @@ class _LogWriter:
         self._stuck = True  # from now on nobody waits for room: the writer may be stuck in a write
         self.put(None)
         thread.join(_LOG_STOP_SECONDS)
+        if not thread.is_alive() and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _raw_output(stream: Any) -> tuple[int | None, str]:
+    """A descriptor of our own for the file or pipe under `stream` (through a `RedactingStream`), and its
+    encoding; (None, "") for a terminal (whoever looks at it reads it) or a stream with no descriptor."""
+    target = getattr(stream, "target", stream)
+    try:
+        fd = target.fileno()
+        if os.isatty(fd):
+            return None, ""
+        return os.dup(fd), getattr(target, "encoding", None) or "utf-8"
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both an OSError and a ValueError
+        return None, ""
 
 
 _log_writer: _LogWriter | None = None
 _LOG_STOP_SECONDS = 5.0
 _LOG_QUEUE_RECORDS = 10_000  # lines waiting for the writer; more, and a logging thread waits as it used to
 _LOG_GATHER_SECONDS = 0.005
+_LOG_WRITE_LINES = 1000  # records one write takes at most: a steady flood still reaches the output in steps
 
 
 class _QueueingHandler(logging.Handler):
@@ -612,11 +647,12 @@ class _QueueingHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            if record.args:
+            if record.args or record.exc_info:
+                record = _copied(record)  # other handlers (pytest's caplog) must see the record as it was
                 record.msg, record.args = record.getMessage(), None
-            if record.exc_info:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-                record.exc_info = None
+                if record.exc_info:
+                    record.exc_text = logging.Formatter().formatException(record.exc_info)
+                    record.exc_info = None
             self._writer.put(record)
         except Exception:  # noqa: BLE001 - reported as a line of its own, masked like every other
             self.handleError(record)
@@ -634,6 +670,13 @@ class _QueueingHandler(logging.Handler):
             self._writer.put(note)
         except Exception:  # noqa: BLE001 - reporting a logging error must never raise
             pass
+
+
+def _copied(record: logging.LogRecord) -> logging.LogRecord:
+    """A shallow copy of `record` (a fifth of what `copy.copy` costs: one is made per update logged)."""
+    copied = logging.LogRecord.__new__(type(record))
+    copied.__dict__.update(record.__dict__)
+    return copied
 
 
 class LineFormatter(logging.Formatter):

@@ -199,6 +199,7 @@ _LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others wa
 _CHECKPOINT_SECONDS = 0.5  # how often the wal-checkpoint thread copies the WAL back into the database file
 _CHECKPOINT_RESET_PAGES = 10_000  # a WAL this long (~40 MB) is reset even if writers must wait a moment
 _CHECKPOINT_RESTART_WAIT_SECONDS = 0.2  # the longest a RESTART waits (holding writers) for a lock or a reader
+MIN_SQLITE = (3, 35)  # RETURNING
 _GROUP_MAX = 512  # units one commit takes at most: bounds how long the last of them waits for it
 
 # Every query below that reads the ready heads says `is_head = 1 AND status = 'pending'` literally, so
@@ -296,6 +297,10 @@ class SQLiteStore:
         the file left as it was). `read_only` opens it for reading only (`dead_events`), so a user who may only
         read it can, and no write lock is ever taken. `wal_reset_pages`: how long the WAL may grow under writes
         that never pause before one of them waits for it to start over (see `_Checkpointer`)."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(f"SQLite {'.'.join(map(str, MIN_SQLITE))} or newer is needed (UPSERT ... RETURNING); this "
+                             f"Python has {sqlite3.sqlite_version}: run the gateway with a Python built with a newer "
+                             "SQLite (python.org's installers and the official Docker images have one)")
         self.path = path
         self._instance_lock = None
         self._read_only = read_only
@@ -535,6 +540,7 @@ class SQLiteStore:
         # Serialized before queueing: the thread committing everyone's units should do only the SQL.
         user_json = json.dumps(user, ensure_ascii=True, allow_nan=False)
         item_json = json.dumps(item, ensure_ascii=True, allow_nan=False)
+        new_batch_id = uuid.uuid4().hex  # used only if the message opens a batch
 
         def work(cur: sqlite3.Cursor) -> AddResult:
             if not self._mark_seen(cur, update_id, now):
@@ -549,7 +555,8 @@ class SQLiteStore:
                 "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (chat_id, user_id) DO UPDATE SET "
                 "last_at=excluded.last_at, count=count + 1, user_json=excluded.user_json "
                 "RETURNING batch_id, count, first_at",
-                (uuid.uuid4().hex, chat_id, user_id, user_json, now, now)).fetchone()
+                (new_batch_id, chat_id, user_id, user_json, now, now)).fetchone()
+            first_at = float(first_at)  # RETURNING gives a whole-number REAL back as an int
             cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)", (batch_id, count, item_json))
             if count >= max_messages:  # only a closing batch is read back whole, for its event
                 batch = self._load_batch(cur, chat_id, user_id)

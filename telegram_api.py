@@ -102,6 +102,11 @@ class RedactingStream(io.TextIOBase):
         self._pending = ""  # a line not finished yet: a secret may still be split across two writes
         self._lock = threading.Lock()  # log records come from every thread
 
+    @property
+    def target(self) -> IO[str]:
+        """The stream this one writes to (the log-writer writes there itself, masking as this does)."""
+        return self._target
+
     def add_secrets(self, secrets: Iterable[str]) -> None:
         """Mask these too from now on (the settings are read after the first line may be printed)."""
         self._secrets = tuple(dict.fromkeys((*self._secrets, *(s for s in secrets if s))))

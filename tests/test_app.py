@@ -220,6 +220,103 @@ def test_a_log_output_nobody_reads_does_not_keep_the_process_from_exiting(tmp_pa
         child.stderr.close()
 
 
+def _without_unbuffered() -> dict[str, str]:
+    """This process's environment without PYTHONUNBUFFERED: stderr buffered, as a service usually runs."""
+    return {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+
+
+def test_the_real_main_exits_with_its_status_when_nobody_reads_its_output(tmp_path: Path) -> None:
+    """`python app.py` run the way a careless parent runs it (stderr a pipe nobody reads, stderr buffered): the
+    log-writer, stuck in a write, holds no lock that `main()`'s last flush or the interpreter's exit waits for."""
+    script = tmp_path / "main_stuck.py"
+    script.write_text(
+        "import logging, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "import app\n"
+        "def serve(config):\n"
+        "    for n in range(3000):  # far more than a pipe holds\n"
+        "        logging.getLogger('gateway').info('line %d %s', n, 'x' * 100)\n"
+        "    return 3\n"
+        "app.serve = serve\n"
+        "sys.exit(app.main())\n", encoding="utf-8")
+    env = {**_without_unbuffered(), "BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+           "STATE_DB": str(tmp_path / "state.sqlite3")}
+    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    try:
+        assert child.wait(timeout=60) == 3  # stderr never read
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        assert child.stderr is not None
+        child.stderr.close()
+
+
+def test_logging_goes_on_when_there_is_no_output_at_all() -> None:
+    """With no stderr (`sys.stderr` is None, as under pythonw on Windows) every write fails: more lines than the
+    queue holds are logged all the same, and nothing waits for a writer that cannot write."""
+    script = ("import logging, sys\n"
+              "sys.stderr = None\n" + _logging_configured().split("\n", 1)[1] +
+              "for n in range(25000):\n"
+              "    logging.getLogger('gateway').info('line %d', n)\n"
+              "print('logged all', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "logged all" in done.stdout
+
+
+def test_other_handlers_see_each_record_as_it_was_logged() -> None:
+    """The queueing handler formats a record's message for the writer on a copy: another handler on the same
+    logger (pytest's caplog, an error tracker) still gets the format, its arguments and the exception."""
+    script = (_logging_configured() +
+              "seen = []\n"
+              "class Keep(logging.Handler):\n"
+              "    def emit(self, record):\n"
+              "        seen.append((record.msg, record.args, bool(record.exc_info)))\n"
+              "logging.getLogger().addHandler(Keep())\n"
+              "try:\n"
+              "    raise ValueError('boom')\n"
+              "except ValueError:\n"
+              "    logging.getLogger('gateway').exception('failed for chat %s', 42)\n"
+              "print(seen, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[('failed for chat %s', (42,), True)]"
+    assert "failed for chat 42" in done.stderr and "ValueError: boom" in done.stderr
+
+
+def test_a_steady_flood_of_lines_reaches_the_output_in_bounded_writes() -> None:
+    """Threads that log without pause refill the queue as fast as the writer drains it: each write still takes
+    at most a thousand lines, so the output keeps moving and the writer's memory stays bounded."""
+    script = ("import logging, sys, threading, time\n"
+              f"sys.path.insert(0, {str(ROOT)!r})\n"
+              "import app\n"
+              "class Counting:\n"
+              "    def __init__(self): self.writes = []\n"
+              "    def write(self, text): self.writes.append(text.count('\\n'))\n"
+              "    def flush(self): pass\n"
+              "out = Counting()\n"
+              "sys.stderr = out\n"
+              "class Settings:\n"
+              "    log_level = 'INFO'\n"
+              "    def secrets(self): return ()\n"
+              "app.configure_logging(Settings())\n"
+              "end = time.monotonic() + 2\n"
+              "def flood():\n"
+              "    log = logging.getLogger('gateway')\n"
+              "    while time.monotonic() < end:\n"
+              "        log.info('line %s', 'x' * 50)\n"
+              "threads = [threading.Thread(target=flood) for _ in range(8)]\n"
+              "for t in threads: t.start()\n"
+              "for t in threads: t.join()\n"
+              "app._log_writer.stop()\n"
+              "print(max(out.writes), len(out.writes), sum(out.writes), flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    largest, writes, lines = map(int, done.stdout.split())
+    assert largest <= 1000 and lines > 1000 and writes > 1
+
+
 def test_a_log_line_that_cannot_be_formatted_is_reported_masked() -> None:
     """A log call whose arguments cannot be formatted is reported (a line of its own, with the error), but its
     arguments and the error's text pass the same masking as every line: no secret reaches the output."""

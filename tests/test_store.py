@@ -1267,3 +1267,12 @@ def test_a_reader_pinning_the_wal_does_not_make_the_checkpoint_stop_the_writers(
     finally:
         reader.close()
     store.close()
+
+
+def test_a_sqlite_without_returning_is_refused_at_start_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python linked to a SQLite older than 3.35 (Debian 11, Ubuntu 20.04's system SQLite) could not store a
+    single message (UPSERT ... RETURNING): it is refused when the store opens, saying what to do."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(StoreError, match=r"SQLite 3\.35 or newer is needed .*this Python has 3\.34\.1"):
+        SQLiteStore(":memory:")
