@@ -37,7 +37,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from batching import BatchManager
 from config import Config, ConfigError
 from debounce import DebounceManager, DebounceSettings
-from http_server import MAX_BODY_BYTES, HTTPServer, listen_problem, listening_urls
+from http_server import MAX_BODY_BYTES, BodySlotsTaken, HTTPServer, listen_problem, listening_urls
 from delivery import DeliveryWorkers
 from make_client import MakeClient
 from metrics import GatewayMetrics
@@ -434,6 +434,9 @@ def create_app(config: Config) -> Flask:
             body = parse_json(read_body(request.environ, MAX_BODY_BYTES))
         except RequestEntityTooLarge:
             return jsonify(ok=False, error="body over the size limit"), HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+        except BodySlotsTaken:
+            log.warning("POST /reply: every body-reading thread is busy (stalled clients?); answered 503")
+            return jsonify(ok=False, error="busy; try again"), HTTPStatus.SERVICE_UNAVAILABLE
         except (ValueError, RecursionError):
             body = None
         try:
@@ -798,7 +801,9 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
     finally:
         signals.stopping = True
         log.info("stopping")
-        server.close()
+        if not server.close():
+            global _requests_abandoned
+            _requests_abandoned = True
         if on_stopping is not None:
             on_stopping()
         gateway.close()
@@ -972,8 +977,23 @@ def _run(args: argparse.Namespace, streams: tuple[RedactingStream, ...]) -> int:
     return run_command(args, config)
 
 
+_requests_abandoned = False  # serve() stopped with requests under way on granian's threads
+
+
+def exit_process(status: int) -> None:
+    """End the process with `status`. After a stop that left requests under way, without the interpreter's
+    teardown: granian's threads would call into an interpreter half gone, and abort the process."""
+    if not _requests_abandoned:
+        sys.exit(status)
+    _write_queued_log()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
     # Run the importable copy of this module: `sandbox` imports `app`, and a second copy (this `__main__`)
     # would have classes of its own, so its StartError would not be the one `main()` catches.
     import app
-    sys.exit(app.main())
+    app.exit_process(app.main())

@@ -12,17 +12,23 @@ process), on sockets this module binds, with no signal handlers of its own: `pyt
   long; a request the app is working on is never cut. A body is read only by a route whose client has
   shown its secret in the headers (`/webhook`, `/reply`); a request answered without reading its body
   has its connection closed at once, so a client without the secret cannot hold one by trickling a body.
+  One with the secret can (granian reads a body with no deadline): at most seven in eight threads read
+  bodies at once (`BODY_SLOTS`, `read_body` answers 503 past that), so `GET /` and `/ready` keep theirs.
+- A client that stops reading our answers is dropped once they have waited unread for twice the request
+  timeout, and a peer gone silent by TCP keepalive (`_drop_dead_peers`; hyper has no write timeout).
 - At most `HTTP_MAX_CONNECTIONS` connections are held per listening address; more wait in the system's
   accept queue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable, Iterable
 
 from config import Config
@@ -111,7 +117,7 @@ class HTTPServer:
     stops taking requests and waits a few seconds for those under way."""
 
     def __init__(self, app: WSGIApp, config: Config) -> None:
-        self._sockets = _bind(config.host, config.port)
+        self._sockets = _bind(config.host, config.port, 2 * config.http_request_timeout_seconds)
         self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in self._sockets]
         self._app = app
         self._config = config
@@ -119,6 +125,7 @@ class HTTPServer:
         self._stopped: list[threading.Event] = []
         self._signals: list[Any] = []
         self._closed = False
+        self._clean = True
 
     def run(self) -> None:
         """Serve (if `start()` has not yet) until KeyboardInterrupt, which it lets through (the caller then calls
@@ -131,19 +138,17 @@ class HTTPServer:
 
     def start(self) -> None:
         """Serve on the worker threads granian starts, and return."""
-        from granian._granian import SocketHolder, WorkerSignal, WSGIWorker
+        from granian._granian import WorkerSignal, WSGIWorker
         from granian.http import HTTP1Settings
 
         settings = HTTP1Settings(header_read_timeout=max(1, round(self._config.http_request_timeout_seconds * 1000)),
                                  keep_alive=True)
-        callback = _wsgi_callback(self._app)
+        callback = _wsgi_callback(self._app, threading.BoundedSemaphore(_body_readers(self._config.http_threads)))
         for sock in self._sockets:
-            # granian closes the listener it is given when it stops: it gets a duplicate, ours is closed by close().
-            handle = sock.dup().detach()
             stopped, signal = threading.Event(), WorkerSignal()
             signal.add_cb(stopped.set)
             worker = WSGIWorker(
-                1, (None, SocketHolder(handle, False, _BACKLOG)), None,
+                1, (None, _socket_holder(sock)), None,
                 1, 512,  # Rust threads: one does all the HTTP; its blocking pool (unused by WSGI) as granian has it
                 self._config.http_threads, 30,  # the Python threads that run requests; an idle one ends after 30 s
                 self._connections, "1", settings, None, None,  # connections held; HTTP/1.1 only; no static files
@@ -153,25 +158,52 @@ class HTTPServer:
             self._signals.append(signal)
             self._stopped.append(stopped)
 
-    def close(self) -> None:
-        """Stop taking requests, wait up to a few seconds for those under way, and release the sockets."""
+    def close(self) -> bool:
+        """Stop taking requests, wait up to a few seconds for those under way, and release the sockets; False if
+        some were still under way (granian's threads may then call into Python while the interpreter exits:
+        the process must end with `os._exit`)."""
         if self._closed:
-            return
+            return self._clean
         self._closed = True
         for signal in self._signals:
             signal.set()
         for sock in self._sockets:
             sock.close()
+        deadline = time.monotonic() + _STOP_SECONDS
         for stopped in self._stopped:
-            if not stopped.wait(_STOP_SECONDS):
+            if not stopped.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("requests still under way after %g s; stopping without them", _STOP_SECONDS)
+                self._clean = False
                 break
+        return self._clean
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
+def _socket_holder(sock: socket.socket) -> Any:
+    """granian's handle on a duplicate of `sock` (granian closes the listener it is given when it stops; ours
+    is closed by `close()`). Its constructor differs by system: (fd, uds, backlog) on Linux and FreeBSD,
+    (fd, uds) on macOS and the other Unixes, (socket,) on Windows; the others are tried if a version moves."""
+    from granian._granian import SocketHolder
+
+    handle = sock.dup().detach()
+    forms = [(handle, False, _BACKLOG), (handle, False), (handle,)]
+    if sys.platform == "win32":
+        forms.reverse()
+    elif not sys.platform.startswith(("linux", "freebsd")):
+        forms = forms[1:] + forms[:1]
+    for form in forms:
+        try:
+            return SocketHolder(*form)
+        except TypeError:
+            continue
+    socket.socket(fileno=handle).close()
+    raise RuntimeError("this version of granian takes a socket in none of the known ways")
+
+
+def _bind(host: str, port: int, timeout: float) -> list[socket.socket]:
     """A listening socket for each address `host` names (IPv6 ones for IPv6 only, as an IPv4 one may follow),
-    all on `port`, or each on a port of its own when it is 0. Raises `OSError` (`socket.gaierror` for a name
-    that does not resolve) and closes what it bound."""
+    all on `port`, or each on a port of its own when it is 0, its connections dropped once their peer stops
+    taking data or answering for about `timeout` (see `_drop_dead_peers`). Raises `OSError`
+    (`socket.gaierror` for a name that does not resolve) and closes what it bound."""
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP, flags=socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
     try:
@@ -182,6 +214,7 @@ def _bind(host: str, port: int) -> list[socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _drop_dead_peers(sock, timeout)
             sock.bind(address)
             sock.listen(_BACKLOG)
     except OSError:
@@ -189,6 +222,23 @@ def _bind(host: str, port: int) -> list[socket.socket]:
             sock.close()
         raise
     return sockets
+
+
+def _drop_dead_peers(sock: socket.socket, seconds: float) -> None:
+    """Set on a listening socket, for the connections it accepts (Linux copies them over): one whose peer has
+    not taken our data for `seconds` (it stopped reading: hyper has no write timeout, so such a client would
+    hold its connection for ever), or stopped answering keepalive probes (a machine gone), is dropped.
+    Where the system lacks an option (TCP_USER_TIMEOUT is Linux's), that part is left to a proxy in front."""
+    whole = max(1, round(seconds))
+    options = [(socket.SOL_SOCKET, getattr(socket, "SO_KEEPALIVE", None), 1),
+               (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), whole * 1000),
+               (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), whole),
+               (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), max(1, whole // 3)),
+               (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3)]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 def _unused_loop() -> Any:
@@ -203,20 +253,33 @@ def _scheduler(callback: Callable[[Any, dict[str, Any]], int]) -> Any:
     return _new_cbscheduler(_unused_loop(), callback, impl_asyncio=False)
 
 
-_ENVIRON = {"wsgi.version": (1, 0), "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": False,
+BODY_SLOTS = "gateway.body_slots"  # environ key: the semaphore a route takes while it reads a body (`read_body`)
+_ENVIRON = {"wsgi.version": (1, 0), "wsgi.multithread": True, "wsgi.multiprocess": False,
             "wsgi.run_once": False, "wsgi.input_terminated": True, "SCRIPT_NAME": "",
             "SERVER_SOFTWARE": "telegram-make-gateway"}
 _SERVER_HEADER = ("Server", "telegram-make-gateway")
 _TOO_LARGE = b'{"ok":false,"error":"body over the size limit"}\n'
 
 
-def _wsgi_callback(app: WSGIApp) -> Callable[[Any, dict[str, Any]], int]:
+class BodySlotsTaken(Exception):
+    """Every thread allowed to read a request body is reading one (stalled clients, most likely): answer 503."""
+
+
+def _body_readers(threads: int) -> int:
+    """How many of `threads` may read a body at once: a client with a secret that stalls its body holds its
+    thread for as long as it likes, and the rest must stay for `GET /` and `/ready`."""
+    return max(1, threads - max(1, threads // 8))
+
+
+def _wsgi_callback(app: WSGIApp, body_slots: threading.BoundedSemaphore) -> Callable[[Any, dict[str, Any]], int]:
     """What granian calls for each request: the WSGI environ from its scope (and nothing of this process's
     environment, where the bot token is), `app` called, its answer handed back; a body over the limit
     refused from its Content-Length before the app sees it."""
 
     def callback(protocol: Any, scope: dict[str, Any]) -> int:
         environ = _ENVIRON | scope
+        environ["wsgi.errors"] = sys.stderr  # looked up now: main() puts a masking stream there
+        environ[BODY_SLOTS] = body_slots
         try:
             declared = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:  # hyper refuses a malformed Content-Length itself; this is belt and braces
@@ -228,24 +291,47 @@ def _wsgi_callback(app: WSGIApp) -> Callable[[Any, dict[str, Any]], int]:
         answer: list[Any] = []
 
         def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Callable[..., Any]:
-            answer[:] = [int(status[:3]), headers]
+            answer[:] = [status, headers]
             return _no_write
 
+        body: Any = None
         try:
             body = app(environ, start_response)
-            status, headers = answer
-            headers.append(_SERVER_HEADER)
             if isinstance(body, list):
-                protocol.response_bytes(status, headers, b"".join(body))
+                chunks, first = None, b"".join(body)
+            else:  # the app may call start_response on the first step (PEP 3333): take it before answering
+                chunks = iter(body)
+                first = next(chunks, b"")
+            status, headers = _status(answer), [*answer[1], _SERVER_HEADER]
+            if chunks is None:
+                protocol.response_bytes(status, headers, first)
             else:
-                protocol.response_iter(status, headers, _Chunks(body))
+                protocol.response_iter(status, headers, _Chunks(first, chunks, body))
             return status
         except Exception:  # noqa: BLE001 - one request's failure is logged and answered 500, never the server's
             log.exception("%s %s failed", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            _close(body)
             protocol.response_bytes(500, [("Content-Type", "text/plain"), _SERVER_HEADER], b"internal error\n")
             return 500
 
     return callback
+
+
+def _status(answer: list[Any]) -> int:
+    """The status the app gave `start_response`, as a number hyper takes (an error if none, or out of range)."""
+    if not answer:
+        raise RuntimeError("the app returned without calling start_response")
+    status = int(str(answer[0])[:3])
+    if not 100 <= status <= 999:
+        raise ValueError(f"status {answer[0]!r} is no HTTP status")
+    return status
+
+
+def _close(body: Any) -> None:
+    close = getattr(body, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
 
 
 def _no_write(data: bytes) -> None:
@@ -253,15 +339,19 @@ def _no_write(data: bytes) -> None:
 
 
 class _Chunks:
-    """A WSGI body iterable as granian reads it: `__next__` and `close()` (called once it is sent or given up)."""
+    """A WSGI body as granian reads it: its first chunk (already taken), then the rest; `close()` called once
+    it is sent or given up."""
 
-    __slots__ = ("_body", "__next__")
+    __slots__ = ("_first", "_rest", "_body")
 
-    def __init__(self, body: Iterable[bytes]) -> None:
+    def __init__(self, first: bytes, rest: Any, body: Any) -> None:
+        self._first: bytes | None = first
+        self._rest = rest
         self._body = body
-        self.__next__ = iter(body).__next__
+
+    def __next__(self) -> bytes:
+        first, self._first = self._first, None
+        return first if first is not None else next(self._rest)
 
     def close(self) -> None:
-        close = getattr(self._body, "close", None)
-        if close is not None:
-            close()
+        _close(self._body)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
+from http_server import BODY_SLOTS, BodySlotsTaken
 from router import UpdateRouter
 from store import StoreError
 
@@ -46,21 +47,29 @@ def parse_json(raw: bytes) -> Any:
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
     """The request's body, all of it; `RequestEntityTooLarge` if it is over `limit` bytes (a declared length
-    over it is refused before a byte is read, a chunked body once `limit` + 1 bytes have come)."""
+    over it is refused before a byte is read, a chunked body once `limit` + 1 bytes have come);
+    `BodySlotsTaken` when every thread allowed to read a body is reading one (answer 503)."""
     try:
         declared = int(environ.get("CONTENT_LENGTH") or -1)
     except ValueError:
         declared = -1
     if declared > limit:
         raise RequestEntityTooLarge()
-    wanted = declared if declared >= 0 else limit + 1
-    stream, parts, got = environ["wsgi.input"], [], 0
-    while got < wanted:  # a WSGI read may return less than asked before the end
-        part = stream.read(wanted - got)
-        if not part:
-            break
-        parts.append(part)
-        got += len(part)
+    slots = environ.get(BODY_SLOTS)
+    if slots is not None and not slots.acquire(blocking=False):
+        raise BodySlotsTaken()
+    try:
+        wanted = declared if declared >= 0 else limit + 1
+        stream, parts, got = environ["wsgi.input"], [], 0
+        while got < wanted:  # a WSGI read may return less than asked before the end
+            part = stream.read(wanted - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    finally:
+        if slots is not None:
+            slots.release()
     if got > limit:
         raise RequestEntityTooLarge()
     return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -94,6 +103,9 @@ class WebhookRoute:
             raw = read_body(environ, self._max_body)
         except RequestEntityTooLarge:
             return _error(start_response, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body over the size limit")
+        except BodySlotsTaken:
+            log.warning("POST /webhook: every body-reading thread is busy (stalled clients?); answered 503")
+            return _error(start_response, HTTPStatus.SERVICE_UNAVAILABLE, "busy; try again")
         try:
             update = parse_json(raw)
         except (ValueError, RecursionError):

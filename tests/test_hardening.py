@@ -132,6 +132,65 @@ def serve_app() -> Any:
         server.close()
 
 
+@pytest.mark.parametrize("form", [3, 2, 1])
+def test_granian_is_handed_a_socket_in_the_form_its_system_takes(monkeypatch: pytest.MonkeyPatch, form: int) -> None:
+    """granian's SocketHolder takes (fd, uds, backlog) on Linux, (fd, uds) on macOS, (socket,) on Windows: each
+    form is found, whichever system this runs on."""
+    import granian._granian
+    from http_server import _socket_holder
+    made: list[tuple[Any, ...]] = []
+
+    class Holder:
+        def __init__(self, *args: Any) -> None:
+            if len(args) != form:
+                raise TypeError(f"takes {form} positional arguments but {len(args)} were given")
+            made.append(args)
+
+    monkeypatch.setattr(granian._granian, "SocketHolder", Holder)
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        assert isinstance(_socket_holder(sock), Holder)
+    assert len(made) == 1 and len(made[0]) == form and isinstance(made[0][0], int)
+    socket.socket(fileno=made[0][0]).close()
+
+
+def _odd_app(environ: dict, start_response: Any) -> Any:
+    """WSGI apps that break the rules in the ways a server must survive, by path."""
+    path = environ["PATH_INFO"]
+    if path == "/status99":
+        start_response("99 Odd", [])
+        return [b"x"]
+    if path == "/raises-first":
+        start_response("200 OK", [])
+
+        def broken() -> Any:
+            raise RuntimeError("no body after all")
+            yield b""  # noqa: unreachable - makes it a generator
+        return broken()
+    if path == "/late-start":
+        def late() -> Any:
+            start_response("201 Created", [("Content-Type", "text/plain")])
+            yield b"made"
+        return late()
+    if path == "/no-start":
+        return [b"nothing said"]
+    start_response("200 OK", [])
+    return [b"ok"]
+
+
+@pytest.mark.parametrize("path, status, body", [("/status99", 500, b"internal error\n"),
+                                                ("/raises-first", 500, b"internal error\n"),
+                                                ("/late-start", 201, b"made"),
+                                                ("/no-start", 500, b"internal error\n")])
+def test_an_app_breaking_the_wsgi_rules_gets_a_500_and_the_server_goes_on(
+        serve_app: Any, path: str, status: int, body: bytes) -> None:
+    """A status no HTTP has, a body that fails before its first chunk, no start_response at all: a 500 (granian
+    would abort the whole process on the first); start_response on the first step of the body is allowed."""
+    url = serve_app(_odd_app)
+    answer = httpx.get(url + path, timeout=10)
+    assert (answer.status_code, answer.content) == (status, body)
+    assert httpx.get(url + "/", timeout=10).content == b"ok"
+
+
 def test_a_large_response_reaches_a_slow_client_whole(serve_app: Any) -> None:
     """A 24 MB response, read slowly, arrives whole: the request thread waiting for the client to take its
     output is not left waiting."""
@@ -216,6 +275,66 @@ def test_a_body_never_sent_without_the_secret_holds_no_connection(start_service,
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: gw\r\n{headers}Content-Length: 100000\r\n\r\n".encode())
         assert _read_status(sock).split()[1] in ("401", "404", "405")
         assert _closed_by_server(sock, timeout=5)
+
+
+def test_a_client_that_stops_reading_its_answers_is_dropped(start_service) -> None:
+    """A client that pipelines requests and never reads the answers would hold its connection for ever (hyper
+    has no write timeout): once our data has waited unread for twice HTTP_REQUEST_TIMEOUT_SECONDS, the
+    connection is dropped, and others are served meanwhile."""
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        pytest.skip("TCP_USER_TIMEOUT is Linux's; elsewhere a proxy in front bounds this")
+    service = start_service(HTTP_REQUEST_TIMEOUT_SECONDS="1")
+    port = int(service.url.rsplit(":", 1)[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", port))
+    sock.settimeout(1)
+    try:
+        request = b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n"
+        dropped = False
+        deadline = time.monotonic() + 30
+        while not dropped and time.monotonic() < deadline:
+            try:
+                sock.sendall(request * 50)
+            except socket.timeout:
+                pass  # our side is full too: the server has stopped reading us, and waits on its write
+            except OSError:  # reset or broken pipe: dropped
+                dropped = True
+        assert dropped, "still connected after 30 s of unread answers"
+        assert service.get("/ready").status_code == 200
+    finally:
+        sock.close()
+
+
+def test_a_stalled_body_from_a_client_with_the_secret_leaves_threads_for_the_others(start_service) -> None:
+    """A body that stops midway (a client with the secret, or a half-open connection) holds its request thread:
+    only so many threads may read bodies at once, so `/ready` keeps one, and a webhook past that is told 503
+    (Telegram sends it again) instead of waiting behind the stalled one."""
+    service = start_service(HTTP_THREADS="2")
+    with _connect(service) as stalled:
+        stalled.sendall(f"POST /webhook HTTP/1.1\r\nHost: gw\r\n{SECRET_HEADER}Content-Length: 100\r\n\r\n"
+                        '{"update_id": 1'.encode())
+        wait_until(lambda: service.get("/ready").status_code == 200, what="/ready answered beside the stall")
+        answer = wait_until(lambda: (r := service.post("/webhook", json=text_update("hello"),
+                                                          headers=_secret())).status_code == 503 and r,
+                            what="a second body refused while the first stalls")
+        assert answer.json() == {"ok": False, "error": "busy; try again"}
+    # The stalled client gone, bodies are read again.
+    assert wait_until(lambda: service.post("/webhook", json=text_update("again"), headers=_secret()).status_code
+                      == 200, what="the webhook back")
+
+
+def test_sigterm_with_a_request_stalled_midway_stops_with_status_0(start_service) -> None:
+    """SIGTERM while a request's body has stalled: the service waits a few seconds for it, then stops anyway,
+    with status 0 (not an abort: granian's threads are left to the process's end, not to a half-torn-down
+    interpreter)."""
+    service = start_service()
+    with _connect(service) as stalled:
+        stalled.sendall(f"POST /webhook HTTP/1.1\r\nHost: gw\r\n{SECRET_HEADER}Content-Length: 100\r\n\r\n"
+                        '{"update_id": 1'.encode())
+        wait_until(lambda: service.get("/ready").status_code == 200, what="the service serving beside the stall")
+        assert service.stop(timeout=30) == 0
+    assert "requests still under way" in service.text and "stopped" in service.text
 
 
 def test_a_silent_connection_is_closed_after_the_request_timeout(start_service) -> None:
