@@ -209,9 +209,15 @@ def test_a_log_output_nobody_reads_does_not_keep_the_process_from_exiting(tmp_pa
         "for n in range(3000):  # far more than a pipe holds, far fewer than the queue does\n"
         "    logging.getLogger('gateway').info('line %d %s', n, 'x' * 100)\n"
         "sys.exit(3)\n", encoding="utf-8")
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert _status_with_stderr_unread(script) == 3
+
+
+def _status_with_stderr_unread(script: Path, env: dict[str, str] | None = None) -> int:
+    """Run `script` with a stderr pipe nobody reads; its exit status (killed, and failing, after 60 s)."""
+    child = subprocess.Popen([sys.executable, str(script)], cwd=script.parent, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
     try:
-        assert child.wait(timeout=30) == 3  # stderr never read
+        return child.wait(timeout=60)
     finally:
         if child.poll() is None:
             child.kill()
@@ -241,16 +247,7 @@ def test_the_real_main_exits_with_its_status_when_nobody_reads_its_output(tmp_pa
         "sys.exit(app.main())\n", encoding="utf-8")
     env = {**_without_unbuffered(), "BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": "http://127.0.0.1:9/hook",
            "STATE_DB": str(tmp_path / "state.sqlite3")}
-    child = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
-    try:
-        assert child.wait(timeout=60) == 3  # stderr never read
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        assert child.stderr is not None
-        child.stderr.close()
+    assert _status_with_stderr_unread(script, env) == 3
 
 
 def test_logging_goes_on_when_there_is_no_output_at_all() -> None:
@@ -288,19 +285,13 @@ def test_other_handlers_see_each_record_as_it_was_logged() -> None:
 def test_a_steady_flood_of_lines_reaches_the_output_in_bounded_writes() -> None:
     """Threads that log without pause refill the queue as fast as the writer drains it: each write still takes
     at most a thousand lines, so the output keeps moving and the writer's memory stays bounded."""
-    script = ("import logging, sys, threading, time\n"
-              f"sys.path.insert(0, {str(ROOT)!r})\n"
-              "import app\n"
-              "class Counting:\n"
+    script = ("import sys, threading, time\n"
+              "class Counting:  # the output: how many lines each write carries\n"
               "    def __init__(self): self.writes = []\n"
               "    def write(self, text): self.writes.append(text.count('\\n'))\n"
               "    def flush(self): pass\n"
               "out = Counting()\n"
-              "sys.stderr = out\n"
-              "class Settings:\n"
-              "    log_level = 'INFO'\n"
-              "    def secrets(self): return ()\n"
-              "app.configure_logging(Settings())\n"
+              "sys.stderr = out\n" + _logging_configured() +
               "end = time.monotonic() + 2\n"
               "def flood():\n"
               "    log = logging.getLogger('gateway')\n"
