@@ -21,7 +21,9 @@ import hmac
 import json
 import logging
 import os
+import select
 import signal
+import stat
 import sys
 import threading
 import time
@@ -534,6 +536,9 @@ class _LogWriter:
     def __init__(self, stream: Any, formatter: logging.Formatter, secrets: tuple[str, ...]) -> None:
         self._stream = stream
         self._fd, self._encoding = _raw_output(stream)
+        # A pipe shared with other writers (stdout and stderr, or a supervisor's) keeps a write whole only up to
+        # PIPE_BUF bytes: past that, another's data may land inside a line.
+        self._piece = _PIPE_PIECE if self._fd is not None and _is_pipe(self._fd) else 0
         self._formatter = formatter
         self._secrets = secrets
         self._records: collections.deque[logging.LogRecord | None] = collections.deque()  # None: stop
@@ -599,9 +604,9 @@ class _LogWriter:
             self._stream.write(text)
             self._stream.flush()
             return
-        data = text.encode(self._encoding, "backslashreplace")
-        while data:
-            data = data[os.write(self._fd, data):]
+        for data in _atomic_pieces(text.encode(self._encoding, "backslashreplace"), self._piece):
+            while data:
+                data = data[os.write(self._fd, data):]
 
     def stop(self) -> None:
         """Write what is queued (waiting at most a few seconds), then end the thread."""
@@ -614,6 +619,29 @@ class _LogWriter:
         if not thread.is_alive() and self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _atomic_pieces(data: bytes, size: int) -> list[bytes]:
+    """`data` in pieces of whole lines of at most `size` bytes each (a longer line alone); all of it if `size`
+    is 0."""
+    if not size or len(data) <= size:
+        return [data]
+    pieces, start = [], 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + size) + 1
+        if end <= start:  # one line longer than a piece: whole, on its own
+            end = data.find(b"\n", start) + 1 or len(data)
+        pieces.append(data[start:end])
+        start = end
+    return pieces
 
 
 def _raw_output(stream: Any) -> tuple[int | None, str]:
@@ -633,6 +661,7 @@ _log_writer: _LogWriter | None = None
 _LOG_STOP_SECONDS = 5.0
 _LOG_QUEUE_RECORDS = 10_000  # lines waiting for the writer; more, and a logging thread waits as it used to
 _LOG_GATHER_SECONDS = 0.005
+_PIPE_PIECE = getattr(select, "PIPE_BUF", 512)  # POSIX guarantees at least 512
 _LOG_WRITE_LINES = 1000  # records one write takes at most: a steady flood still reaches the output in steps
 
 
@@ -983,6 +1012,9 @@ _requests_abandoned = False  # serve() stopped with requests under way on grania
 def exit_process(status: int) -> None:
     """End the process with `status`. After a stop that left requests under way, without the interpreter's
     teardown: granian's threads would call into an interpreter half gone, and abort the process."""
+    for stop in (signal.SIGTERM, signal.SIGINT):  # stopped already: a second signal must not cut the exit short
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(stop, signal.SIG_IGN)
     if not _requests_abandoned:
         sys.exit(status)
     _write_queued_log()

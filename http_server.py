@@ -13,9 +13,13 @@ process), on sockets this module binds, with no signal handlers of its own: `pyt
   shown its secret in the headers (`/webhook`, `/reply`); a request answered without reading its body
   has its connection closed at once, so a client without the secret cannot hold one by trickling a body.
   One with the secret can (granian reads a body with no deadline): at most seven in eight threads read
-  bodies at once (`BODY_SLOTS`, `read_body` answers 503 past that), so `GET /` and `/ready` keep theirs.
+  bodies at once (`BODY_SLOTS`; a body that waits `SLOT_WAIT_SECONDS` for a slot is answered 503), so
+  `GET /` and `/ready` keep theirs.
 - A client that stops reading our answers is dropped once they have waited unread for twice the request
-  timeout, and a peer gone silent by TCP keepalive (`_drop_dead_peers`; hyper has no write timeout).
+  timeout (10 s at least), and a peer gone silent by TCP keepalive (`_drop_dead_peers`; hyper has no write
+  timeout).
+- A stop waits for the calls into the app under way (a client that hung up leaves its request running),
+  a few seconds at most; `close()` says whether they all ended.
 - At most `HTTP_MAX_CONNECTIONS` connections are held per listening address; more wait in the system's
   accept queue.
 """
@@ -40,6 +44,8 @@ _OTHER_FILES = 128  # besides Make's connections: Telegram's pool (32), the stat
 _MIN_CONNECTIONS = 16  # fewer would leave the service all but deaf; past the file limit, accepts fail instead
 _BACKLOG = 1024  # connections the system queues for the server beyond those it holds
 _STOP_SECONDS = 5.0  # how long a stop waits for requests under way before it goes on without them
+_MIN_DEAD_PEER_SECONDS = 10.0  # a lossy link's retransmissions must not cut a client that is still reading
+SLOT_WAIT_SECONDS = 0.5  # a body waits this long for a reading slot: a burst's bodies free theirs in ms
 
 
 def connection_limit(config: Config, listeners: int = 1) -> int:
@@ -117,7 +123,8 @@ class HTTPServer:
     stops taking requests and waits a few seconds for those under way."""
 
     def __init__(self, app: WSGIApp, config: Config) -> None:
-        self._sockets = _bind(config.host, config.port, 2 * config.http_request_timeout_seconds)
+        self._sockets = _bind(config.host, config.port, max(_MIN_DEAD_PEER_SECONDS,
+                                                            2 * config.http_request_timeout_seconds))
         self.addresses: list[tuple[str, int]] = [sock.getsockname()[:2] for sock in self._sockets]
         self._app = app
         self._config = config
@@ -126,6 +133,7 @@ class HTTPServer:
         self._signals: list[Any] = []
         self._closed = False
         self._clean = True
+        self._running = _Running()
 
     def run(self) -> None:
         """Serve (if `start()` has not yet) until KeyboardInterrupt, which it lets through (the caller then calls
@@ -143,7 +151,8 @@ class HTTPServer:
 
         settings = HTTP1Settings(header_read_timeout=max(1, round(self._config.http_request_timeout_seconds * 1000)),
                                  keep_alive=True)
-        callback = _wsgi_callback(self._app, threading.BoundedSemaphore(_body_readers(self._config.http_threads)))
+        callback = _wsgi_callback(self._app, threading.BoundedSemaphore(_body_readers(self._config.http_threads)),
+                                  self._running)
         for sock in self._sockets:
             stopped, signal = threading.Event(), WorkerSignal()
             signal.add_cb(stopped.set)
@@ -170,7 +179,9 @@ class HTTPServer:
         for sock in self._sockets:
             sock.close()
         deadline = time.monotonic() + _STOP_SECONDS
-        for stopped in self._stopped:
+        # A worker stops once its connections are done; a request whose client hung up may still be running in
+        # the app, so the app's own calls are waited for too.
+        for stopped in [*self._stopped, self._running.idle]:
             if not stopped.wait(max(0.0, deadline - time.monotonic())):
                 log.warning("requests still under way after %g s; stopping without them", _STOP_SECONDS)
                 self._clean = False
@@ -261,6 +272,27 @@ _SERVER_HEADER = ("Server", "telegram-make-gateway")
 _TOO_LARGE = b'{"ok":false,"error":"body over the size limit"}\n'
 
 
+class _Running:
+    """How many calls into the app are under way; `idle` is set while there are none."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+        self.idle = threading.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        with self._lock:
+            self._count += 1
+            self.idle.clear()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if not self._count:
+                self.idle.set()
+
+
 class BodySlotsTaken(Exception):
     """Every thread allowed to read a request body is reading one (stalled clients, most likely): answer 503."""
 
@@ -271,12 +303,20 @@ def _body_readers(threads: int) -> int:
     return max(1, threads - max(1, threads // 8))
 
 
-def _wsgi_callback(app: WSGIApp, body_slots: threading.BoundedSemaphore) -> Callable[[Any, dict[str, Any]], int]:
+def _wsgi_callback(app: WSGIApp, body_slots: threading.BoundedSemaphore,
+                   running: _Running) -> Callable[[Any, dict[str, Any]], int]:
     """What granian calls for each request: the WSGI environ from its scope (and nothing of this process's
     environment, where the bot token is), `app` called, its answer handed back; a body over the limit
-    refused from its Content-Length before the app sees it."""
+    refused from its Content-Length before the app sees it. `running` counts the calls under way."""
 
     def callback(protocol: Any, scope: dict[str, Any]) -> int:
+        running.enter()
+        try:
+            return answer_request(protocol, scope)
+        finally:
+            running.leave()
+
+    def answer_request(protocol: Any, scope: dict[str, Any]) -> int:
         environ = _ENVIRON | scope
         environ["wsgi.errors"] = sys.stderr  # looked up now: main() puts a masking stream there
         environ[BODY_SLOTS] = body_slots

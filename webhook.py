@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from http_server import BODY_SLOTS, BodySlotsTaken
+from http_server import BODY_SLOTS, SLOT_WAIT_SECONDS, BodySlotsTaken
 from router import UpdateRouter
 from store import StoreError
 
@@ -48,7 +48,8 @@ def parse_json(raw: bytes) -> Any:
 def read_body(environ: dict[str, Any], limit: int) -> bytes:
     """The request's body, all of it; `RequestEntityTooLarge` if it is over `limit` bytes (a declared length
     over it is refused before a byte is read, a chunked body once `limit` + 1 bytes have come);
-    `BodySlotsTaken` when every thread allowed to read a body is reading one (answer 503)."""
+    `BodySlotsTaken` when every thread allowed to read a body has been reading one for `SLOT_WAIT_SECONDS`
+    (stalled clients: answer 503; a burst's bodies arrive in milliseconds and free their slots)."""
     try:
         declared = int(environ.get("CONTENT_LENGTH") or -1)
     except ValueError:
@@ -56,7 +57,7 @@ def read_body(environ: dict[str, Any], limit: int) -> bytes:
     if declared > limit:
         raise RequestEntityTooLarge()
     slots = environ.get(BODY_SLOTS)
-    if slots is not None and not slots.acquire(blocking=False):
+    if slots is not None and not slots.acquire(timeout=SLOT_WAIT_SECONDS):
         raise BodySlotsTaken()
     try:
         wanted = declared if declared >= 0 else limit + 1

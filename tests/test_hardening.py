@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -322,6 +323,81 @@ def test_a_stalled_body_from_a_client_with_the_secret_leaves_threads_for_the_oth
     # The stalled client gone, bodies are read again.
     assert wait_until(lambda: service.post("/webhook", json=text_update("again"), headers=_secret()).status_code
                       == 200, what="the webhook back")
+
+
+def test_a_burst_of_bodies_sent_a_moment_after_their_headers_is_all_taken(start_service) -> None:
+    """Forty webhooks at once, each body following its headers by 50 ms (a client or proxy that streams it):
+    more than the threads that may read bodies, yet none is refused, since each wait for a reading slot is
+    short; only a body stalled for longer than that is answered 503."""
+    service = start_service(HTTP_THREADS="8")
+    statuses: list[str] = []
+
+    def post(n: int) -> None:
+        body = json.dumps(text_update(f"burst {n}", user_id=500 + n)).encode()
+        with _connect(service) as sock:
+            sock.sendall(f"POST /webhook HTTP/1.1\r\nHost: gw\r\n{SECRET_HEADER}Content-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode())
+            time.sleep(0.05)
+            sock.sendall(body)
+            statuses.append(_read_status(sock))
+
+    posters = [threading.Thread(target=post, args=(n,)) for n in range(40)]
+    for poster in posters:
+        poster.start()
+    for poster in posters:
+        poster.join(30)
+    assert len(statuses) == 40 and all(status.split()[1] == "200" for status in statuses), statuses
+
+
+def test_a_request_whose_client_hung_up_is_waited_for_at_stop(serve_app: Any) -> None:
+    """A client that hangs up leaves its request running in the app (granian drops only the connection): a stop
+    waits for it, so no request thread is left to call into Python while the interpreter exits."""
+    import http_server
+    from config import Config
+    running, finished = threading.Event(), threading.Event()
+
+    def slow(environ: dict, start_response: Any) -> Any:
+        running.set()
+        time.sleep(1.5)
+        finished.set()
+        start_response("200 OK", [])
+        return [b"late"]
+
+    config = Config.from_env(environ={"BOT_TOKEN": TOKEN, "MAKE_WEBHOOK_URL": "http://127.0.0.1:9/hook",
+                                      "HOST": "127.0.0.1", "PORT": "0"}, dotenv_path=None)
+    server = http_server.HTTPServer(slow, config)
+    server.start()
+    port = server.addresses[0][1]
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert running.wait(10)
+    assert server.close() and finished.is_set()
+
+
+def test_a_second_sigterm_after_the_stop_does_not_change_the_exit_status(start_service) -> None:
+    """Once stopped, the process ignores another SIGTERM while it exits (a supervisor's repeat, a second
+    Ctrl-C): it ends with status 0, not killed by the signal."""
+    service = start_service()
+    assert service.proc is not None
+    service.proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: "stopped" in service.text or service.proc.poll() is not None, what="the stop")
+    if service.proc.poll() is None:
+        service.proc.send_signal(signal.SIGTERM)
+    assert service.proc.wait(30) == 0
+
+
+def test_log_bursts_go_to_a_pipe_in_whole_lines_of_at_most_pipe_buf() -> None:
+    """A burst of log lines written to a pipe others also write to goes in pieces the system keeps whole (at
+    most PIPE_BUF bytes, whole lines; a longer line alone), so no one else's output lands inside a line."""
+    import select as select_module
+
+    from app import _atomic_pieces
+    size = getattr(select_module, "PIPE_BUF", 512)
+    burst = b"".join(b"2026-11-27 line %d of a burst\n" % n for n in range(2000)) + b"T" * (size * 2) + b"\nend\n"
+    pieces = _atomic_pieces(burst, size)
+    assert b"".join(pieces) == burst and all(piece.endswith(b"\n") for piece in pieces)
+    assert all(len(piece) <= size for piece in pieces if piece.count(b"\n") > 1)
+    assert _atomic_pieces(burst, 0) == [burst]  # a file or terminal: one write
 
 
 def test_sigterm_with_a_request_stalled_midway_stops_with_status_0(start_service) -> None:
