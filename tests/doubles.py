@@ -295,6 +295,12 @@ class Service:
         """Everything the service printed so far."""
         return "".join(self.output)
 
+    def printed(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether the service prints `text`, waiting for it up to `timeout` s (log lines reach the output
+        through the log-writer thread, a moment after what they tell of has happened); raises if it never does."""
+        wait_until(lambda: text in self.text, timeout, f"the service to print {text!r}")
+        return True
+
     def get(self, path: str) -> httpx.Response:
         return httpx.get(self.url + path, timeout=10)
 

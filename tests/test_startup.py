@@ -100,7 +100,7 @@ def test_telegram_unreachable_at_start_then_back(start_service) -> None:
     telegram = TelegramDouble(port=port)
     try:
         wait_until(lambda: service.get("/ready").status_code == 200, timeout=60, what="/ready once Telegram answers")
-        assert "running as @sandbox_gateway_bot (id 123456789)" in service.text
+        assert service.printed("running as @sandbox_gateway_bot (id 123456789)")
         assert service.stop() == 0
     finally:
         telegram.close()
@@ -588,7 +588,7 @@ def test_a_get_me_answer_naming_no_bot_is_no_answer(answer: Any, start_service, 
     ready = service.get("/ready")
     assert ready.status_code == 503 and "names no bot" in " ".join(ready.json()["reasons"]), ready.json()
     wait_until(lambda: service.get("/ready").status_code == 200, timeout=30, what="/ready once getMe names the bot")
-    assert "running as @sandbox_gateway_bot (id 123456789)" in service.text
+    assert service.printed("running as @sandbox_gateway_bot (id 123456789)")
     assert "running as a bot without" not in service.text
 
 
