@@ -26,6 +26,7 @@ process), on sockets this module binds, with no signal handlers of its own: `pyt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -134,6 +135,9 @@ class HTTPServer:
         self._closed = False
         self._clean = True
         self._running = _Running()
+        # The event loop granian's worker API asks for: a WSGI worker never runs it. One, closed with the server
+        # (each holds a selector and a wake-up socket pair).
+        self._loop = asyncio.new_event_loop()
 
     def run(self) -> None:
         """Serve (if `start()` has not yet) until KeyboardInterrupt, which it lets through (the caller then calls
@@ -153,6 +157,7 @@ class HTTPServer:
                                  keep_alive=True)
         callback = _wsgi_callback(self._app, threading.BoundedSemaphore(_body_readers(self._config.http_threads)),
                                   self._running)
+        scheduler = _scheduler(callback, self._loop)
         for sock in self._sockets:
             stopped, signal = threading.Event(), WorkerSignal()
             signal.add_cb(stopped.set)
@@ -163,7 +168,7 @@ class HTTPServer:
                 self._connections, "1", settings, None, None,  # connections held; HTTP/1.1 only; no static files
                 False, None, None, None, "tls1.3", None, [], False,  # no TLS: a proxy in front terminates it
                 (None, None))  # no metrics of granian's own
-            worker.serve_mtr(_scheduler(callback), _unused_loop(), signal)
+            worker.serve_mtr(scheduler, self._loop, signal)
             self._signals.append(signal)
             self._stopped.append(stopped)
 
@@ -186,6 +191,8 @@ class HTTPServer:
                 log.warning("requests still under way after %g s; stopping without them", _STOP_SECONDS)
                 self._clean = False
                 break
+        if self._clean:
+            self._loop.close()
         return self._clean
 
 
@@ -252,16 +259,10 @@ def _drop_dead_peers(sock: socket.socket, seconds: float) -> None:
                 sock.setsockopt(level, option, value)
 
 
-def _unused_loop() -> Any:
-    """The event loop granian's worker asks for; a WSGI worker never runs it."""
-    import asyncio
-    return asyncio.new_event_loop()
-
-
-def _scheduler(callback: Callable[[Any, dict[str, Any]], int]) -> Any:
+def _scheduler(callback: Callable[[Any, dict[str, Any]], int], loop: asyncio.AbstractEventLoop) -> Any:
     """granian's scheduler for `callback`, which its request threads call as `callback(protocol, scope)`."""
     from granian._futures import _new_cbscheduler
-    return _new_cbscheduler(_unused_loop(), callback, impl_asyncio=False)
+    return _new_cbscheduler(loop, callback, impl_asyncio=False)
 
 
 BODY_SLOTS = "gateway.body_slots"  # environ key: the semaphore a route takes while it reads a body (`read_body`)
