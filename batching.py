@@ -76,6 +76,24 @@ class BatchManager:
         `admit()` (flood control) is asked once the update is known to be new: False holds the message back."""
         result = self._store.add_message(update_id, chat_id, user_id, user, item, self._clock(),
                                          self._settings.max_messages, build_batch_event, admit)
+        return self._added(chat_id, user_id, result)
+
+    def add_later(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
+                  item: dict[str, Any], admit: Callable[[], bool] | None,
+                  then: Callable[[AddResult | Exception], None]) -> None:
+        """`add` without waiting for the commit: `then(result)`, or `then(error)` if it failed, once it is over,
+        on the store's committing thread (quick, and never calling the store: see `SQLiteStore._submit`)."""
+        def committed(unit: Any) -> None:
+            try:
+                result: AddResult | Exception = self._added(chat_id, user_id, unit.outcome())
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
+                result = err
+            then(result)
+        self._store.add_message_later(update_id, chat_id, user_id, user, item, self._clock(),
+                                      self._settings.max_messages, build_batch_event, admit, committed)
+
+    def _added(self, chat_id: int, user_id: int, result: AddResult) -> AddResult:
+        """After a message is stored: time its batch's deadline (or have a closed one looked at now)."""
         if not result.new or result.held:
             return result
         assert result.batch is not None

@@ -265,6 +265,11 @@ def _scheduler(callback: Callable[[Any, dict[str, Any]], int], loop: asyncio.Abs
     return _new_cbscheduler(loop, callback, impl_asyncio=False)
 
 
+# The app may answer a request after it returns, from any thread: it returns ANSWERED_LATER and calls
+# environ[RESPOND_LATER](status, json_body) once (the webhook does, once its update's group is committed).
+RESPOND_LATER = "gateway.respond_later"
+ANSWERED_LATER: list[bytes] = []  # this very list: compared by identity
+_LATER = -1
 BODY_SLOTS = "gateway.body_slots"  # environ key: the semaphore a route takes while it reads a body (`read_body`)
 _ENVIRON = {"wsgi.version": (1, 0), "wsgi.multithread": True, "wsgi.multiprocess": False,
             "wsgi.run_once": False, "wsgi.input_terminated": True, "SCRIPT_NAME": "",
@@ -294,6 +299,29 @@ class _Running:
                 self.idle.set()
 
 
+class _Responder:
+    """`environ[RESPOND_LATER]`: answers its request with a JSON body, once, from any thread (granian takes an
+    answer from any thread); the request counts as under way until then."""
+
+    __slots__ = ("_protocol", "_running", "_lock")
+
+    def __init__(self, protocol: Any, running: _Running) -> None:
+        self._protocol: Any = protocol
+        self._running = running
+        self._lock = threading.Lock()
+
+    def __call__(self, status: int, body: bytes) -> None:
+        with self._lock:
+            protocol, self._protocol = self._protocol, None
+        if protocol is None:
+            return  # answered already
+        try:
+            protocol.response_bytes(int(status), [("Content-Type", "application/json"),
+                                                  ("Content-Length", str(len(body))), _SERVER_HEADER], body)
+        finally:
+            self._running.leave()
+
+
 class BodySlotsTaken(Exception):
     """Every thread allowed to read a request body is reading one (stalled clients, most likely): answer 503."""
 
@@ -312,15 +340,19 @@ def _wsgi_callback(app: WSGIApp, body_slots: threading.BoundedSemaphore,
 
     def callback(protocol: Any, scope: dict[str, Any]) -> int:
         running.enter()
+        status = 0
         try:
-            return answer_request(protocol, scope)
+            status = answer_request(protocol, scope)
+            return status
         finally:
-            running.leave()
+            if status != _LATER:  # else it is under way until answered
+                running.leave()
 
     def answer_request(protocol: Any, scope: dict[str, Any]) -> int:
         environ = _ENVIRON | scope
         environ["wsgi.errors"] = sys.stderr  # looked up now: main() puts a masking stream there
         environ[BODY_SLOTS] = body_slots
+        environ[RESPOND_LATER] = _Responder(protocol, running)
         try:
             declared = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:  # hyper refuses a malformed Content-Length itself; this is belt and braces
@@ -338,6 +370,8 @@ def _wsgi_callback(app: WSGIApp, body_slots: threading.BoundedSemaphore,
         body: Any = None
         try:
             body = app(environ, start_response)
+            if body is ANSWERED_LATER:
+                return _LATER
             if isinstance(body, list):
                 chunks, first = None, b"".join(body)
             else:  # the app may call start_response on the first step (PEP 3333): take it before answering

@@ -16,7 +16,7 @@ from batching import BatchManager
 from config import FORWARDABLE_KINDS
 from debounce import DebounceManager
 from metrics import GatewayMetrics
-from store import NewEvent, SQLiteStore, StoreError
+from store import AddResult, NewEvent, SQLiteStore, StoreError
 from telegram_outbox import callback_answer
 from updates import is_int, is_ordinary_message, is_payment_message, message_item, update_kind, user_summary
 
@@ -31,6 +31,10 @@ class PaymentHandler(Protocol):
     """What the router needs from payments: take a payment update durably; return whether it was new."""
 
     def handle(self, update: dict[str, Any]) -> bool: ...
+
+
+class _NotHot(Exception):
+    """An update `handle_later` hands to `handle`."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,55 @@ class UpdateRouter:
                 log.exception("update %s cannot even be forwarded; acknowledged and dropped", update_id)
                 new = self._store.record_update(update_id, self._clock())
             routed = Routed("quarantined" if new else "duplicate", kind)
+        return self._finish(update_id, kind, update, routed)
+
+    def handle_later(self, update: Any, then: Callable[[Routed | Exception], None]) -> None:
+        """`handle` without waiting for the commit, for the webhook under a burst: an ordinary message is queued
+        for the store's next group commit, and `then(routed)` is called once it is committed (`then(error)` if
+        it could not be: a `StoreError`, or another error); any other update is handled at once, `then` called
+        before this returns. `then` runs on the store's committing thread: quick, never calling the store."""
+        try:
+            if not (isinstance(update, dict) and is_int(update.get("update_id")) and update["update_id"] >= 0
+                    and update_kind(update) == "message" and not is_payment_message(update)
+                    and is_ordinary_message(update)):
+                raise _NotHot
+            update_id, message = update["update_id"], update["message"]
+            chat_id, user_id = message["chat"]["id"], message["from"]["id"]
+            user, item = user_summary(message.get("from")), message_item(update_id, message)
+            self._prune_now_and_then()
+        except Exception:  # noqa: BLE001 - not a plain message, or one of a shape nobody foresaw: `handle` it
+            try:
+                result: Routed | Exception = self.handle(update)
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
+                result = err
+            then(result)
+            return
+        arrived = self._monotonic()
+
+        def added(result: AddResult | Exception) -> None:
+            if isinstance(result, StoreError):
+                then(result)
+            elif isinstance(result, Exception):  # as `handle` does: keep the update rather than lose or refuse it
+                log.error("update %s (message) could not be routed (%r); forwarding it to Make as it is",
+                          update_id, result)
+                self._store.record_update_later(update_id, self._clock(),
+                                                [forward_event(update_id, "message", update)], quarantined)
+            else:
+                then(self._finish(update_id, "message", update, self._added(update_id, chat_id, user_id, result)))
+
+        def quarantined(unit: Any) -> None:
+            try:
+                routed = Routed("quarantined" if unit.outcome() else "duplicate", "message")
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
+                then(err)
+                return
+            then(self._finish(update_id, "message", update, routed))
+
+        self._batches.add_later(update_id, chat_id, user_id, user, item,
+                                lambda: self._flood.should_process(user_id, arrived), added)
+
+    def _finish(self, update_id: int, kind: str, update: dict[str, Any], routed: Routed) -> Routed:
+        """What follows an update's routing: counted, remembered as the latest, logged."""
         self._count(kind, routed.outcome)
         if routed.outcome != "duplicate":
             with self._lock:
@@ -124,6 +177,10 @@ class UpdateRouter:
         result = self._batches.add(update_id, chat_id, user_id, user_summary(message.get("from")),
                                    message_item(update_id, message),
                                    admit=lambda: self._flood.should_process(user_id, arrived))
+        return self._added(update_id, chat_id, user_id, result)
+
+    def _added(self, update_id: int, chat_id: int, user_id: int, result: AddResult) -> Routed:
+        """A stored message's outcome (a held one warned of, now and then)."""
         if not result.new:
             return Routed("duplicate", "message")
         if result.held:

@@ -17,7 +17,6 @@ import os
 import sqlite3
 import stat
 import threading
-import uuid
 from collections import deque
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -329,6 +328,12 @@ class SQLiteStore:
         self._line_lock = threading.Lock()
         self._line: deque[_Unit[Any]] = deque()
         self._inside = threading.local()
+        # The thread that leads groups whose first unit has no caller waiting (`_submit`); started when needed.
+        self._committer: threading.Thread | None = None
+        self._committer_wake = threading.Event()
+        self._closing = False
+        # Batch ids: random per process, then counted (uuid4 per message cost a system call and an object).
+        self._batch_ids = map(f"{os.urandom(8).hex()}{{:016x}}".format, itertools.count())
 
     def _open(self, path: str, exclusive: bool) -> sqlite3.Connection:
         """Open or create the database at `path` and bring its schema up to date (see `__init__`)."""
@@ -392,6 +397,9 @@ class SQLiteStore:
         inside = self._inside
         if getattr(inside, "cursor", None) is not None:  # a unit's own work calling the store: same transaction
             return work(inside.cursor)
+        if getattr(inside, "continuing", False):
+            # It would wait for a group that only this thread (the committer) can lead.
+            raise RuntimeError("a continuation given to the store must not call the store")
         unit = _Unit(work, write)
         with self._line_lock:
             self._line.append(unit)
@@ -408,6 +416,53 @@ class SQLiteStore:
                 return unit.outcome()
         self._lead()
         return unit.outcome()
+
+    def _submit(self, work: Callable[[sqlite3.Cursor], T], then: Callable[["_Unit[T]"], None]) -> None:
+        """Queue `work` as a unit of the next group commit and return at once, without waiting for it.
+
+        `then(unit)` is called once the unit's group is done (`unit.outcome()` gives its result or raises), on
+        the thread that committed it: it must be quick and must not call the store. A group whose first unit has
+        no caller waiting is led by the `store-committer` thread. Units keep their order in the one line, so a
+        unit submitted after another is committed with it or after it."""
+        unit = _Unit(work, True)
+        unit.then = then
+        with self._line_lock:
+            closing = self._closing
+            if not closing:
+                self._line.append(unit)
+                unit.leads = len(self._line) == 1
+        if closing:
+            unit.error = StoreError("state database closed: the gateway is stopping")
+            then(unit)
+        elif unit.leads:
+            self._wake_committer()
+
+    def _wake_committer(self) -> None:
+        """Have the committer thread lead the group at the head of the line (starting the thread if needed)."""
+        if self._committer is None:
+            with self._line_lock:
+                if self._committer is None:
+                    self._committer = threading.Thread(target=self._commit_loop, name="store-committer", daemon=True)
+                    self._committer.start()
+        self._committer_wake.set()
+
+    def _commit_loop(self) -> None:
+        """The committer thread: lead every group whose first unit was submitted, until the store closes."""
+        while True:
+            self._committer_wake.wait()
+            self._committer_wake.clear()
+            while True:
+                with self._line_lock:
+                    head = self._line[0] if self._line else None
+                    ours = head is not None and head.then is not None and head.leads and not head.taken
+                    if not ours and self._closing:
+                        return
+                if not ours:
+                    break
+                try:
+                    self._lead()
+                except Exception:  # noqa: BLE001 - _lead settles every unit itself; the thread must go on
+                    log.exception("the store's committer failed to commit a group; going on")
 
     def _lead(self) -> None:
         """Run and commit the group at the head of the line, then hand the lead to the first unit behind it."""
@@ -429,10 +484,27 @@ class SQLiteStore:
             for unit in group:
                 unit.ready.set()
             if successor is not None:
-                successor.ready.set()
+                if successor.then is None:
+                    successor.ready.set()  # its caller leads next
+                else:
+                    self._wake_committer()
+            self._continue(group)
         for target in woken:  # after the commit, outside every lock: a listener may use the store at once
             for listener in self._listeners:
                 listener(target)
+
+    def _continue(self, group: list[_Unit[Any]]) -> None:
+        """Call the continuations of the group's submitted units, now that it is done."""
+        self._inside.continuing = True
+        try:
+            for unit in group:
+                if unit.then is not None:
+                    try:
+                        unit.then(unit)
+                    except Exception:  # noqa: BLE001 - one continuation's failure must not cost the others theirs
+                        log.exception("a store continuation failed")
+        finally:
+            self._inside.continuing = False
 
     def _commit(self, group: list[_Unit[Any]]) -> set[str]:
         """Run `group` in one transaction and commit it; return the targets given new work. Each unit ends
@@ -521,13 +593,22 @@ class SQLiteStore:
 
     def record_update(self, update_id: int, now: float, events: Iterable[NewEvent] = ()) -> bool:
         """Store the update unless its `update_id` was seen (and enqueue `events` with it); return whether it was new."""
+        return self._run(self._recording(update_id, now, events))
+
+    def record_update_later(self, update_id: int, now: float, events: Iterable[NewEvent],
+                            then: Callable[["_Unit[bool]"], None]) -> None:
+        """`record_update` without waiting: `then(unit)` once committed, `unit.outcome()` the result (see `_submit`)."""
+        self._submit(self._recording(update_id, now, list(events)), then)
+
+    def _recording(self, update_id: int, now: float, events: Iterable[NewEvent]) -> Callable[[sqlite3.Cursor], bool]:
+        """The unit of work `record_update` runs."""
         def work(cur: sqlite3.Cursor) -> bool:
             if not self._mark_seen(cur, update_id, now):
                 return False
             for event in events:
                 self._enqueue(cur, event, now)
             return True
-        return self._run(work)
+        return work
 
     def add_message(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
                     item: dict[str, Any], now: float, max_messages: int, build: Builder,
@@ -537,10 +618,22 @@ class SQLiteStore:
 
         `admit()` is asked once the update is known to be new (flood control): False holds the message back,
         counted for the user's next batch (`held`). The result's batch carries no messages unless it closed."""
+        return self._run(self._adding(update_id, chat_id, user_id, user, item, now, max_messages, build, admit))
+
+    def add_message_later(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
+                          item: dict[str, Any], now: float, max_messages: int, build: Builder,
+                          admit: Callable[[], bool] | None, then: Callable[["_Unit[AddResult]"], None]) -> None:
+        """`add_message` without waiting: `then(unit)` once committed, `unit.outcome()` the result (see `_submit`)."""
+        self._submit(self._adding(update_id, chat_id, user_id, user, item, now, max_messages, build, admit), then)
+
+    def _adding(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
+                item: dict[str, Any], now: float, max_messages: int, build: Builder,
+                admit: Callable[[], bool] | None) -> Callable[[sqlite3.Cursor], AddResult]:
+        """The unit of work `add_message` runs."""
         # Serialized before queueing: the thread committing everyone's units should do only the SQL.
         user_json = json.dumps(user, ensure_ascii=True, allow_nan=False)
         item_json = json.dumps(item, ensure_ascii=True, allow_nan=False)
-        new_batch_id = uuid.uuid4().hex  # used only if the message opens a batch
+        new_batch_id = next(self._batch_ids)  # used only if the message opens a batch
 
         def work(cur: sqlite3.Cursor) -> AddResult:
             if not self._mark_seen(cur, update_id, now):
@@ -564,7 +657,7 @@ class SQLiteStore:
                 self._close(cur, batch, "max_messages", build, now)
                 return AddResult(new=True, batch=batch, closed=True)
             return AddResult(new=True, batch=BatchRow(batch_id, chat_id, user_id, user, first_at, now, count))
-        return self._run(work)
+        return work
 
     def close_batch_if_due(self, chat_id: int, user_id: int, now: float,
                            due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
@@ -881,7 +974,13 @@ class SQLiteStore:
         return self._run(work)
 
     def close(self) -> None:
-        """Close the database (and release the instance lock); safe to call twice."""
+        """Close the database (and release the instance lock); safe to call twice. Units submitted before are
+        committed first (or fail, if that takes more than a few seconds); those submitted after fail."""
+        with self._line_lock:
+            self._closing = True
+        if self._committer is not None:
+            self._committer_wake.set()
+            self._committer.join(_LOCK_WAIT_SECONDS)
         if self._checkpointer is not None:
             self._checkpointer.close()
         with self._lock:
@@ -1008,7 +1107,7 @@ class _Checkpointer:
 class _Unit(Generic[T]):
     """One caller's transaction body, waiting in line for a group commit (see `SQLiteStore._run`)."""
 
-    __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error")
+    __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error", "then")
 
     def __init__(self, work: Callable[[sqlite3.Cursor], T], write: bool) -> None:
         self.work = work
@@ -1017,6 +1116,7 @@ class _Unit(Generic[T]):
         self.taken = self.leads = self.done = self.committed = False
         self.result: T | None = None
         self.error: BaseException | None = None
+        self.then: Callable[[_Unit[T]], None] | None = None  # set for a submitted unit: nobody waits on `ready`
 
     def outcome(self) -> T:
         """The work's result once committed; else the error that undid it."""

@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from http_server import BODY_SLOTS, SLOT_WAIT_SECONDS, BodySlotsTaken
-from router import UpdateRouter
+from http_server import ANSWERED_LATER, BODY_SLOTS, RESPOND_LATER, SLOT_WAIT_SECONDS, BodySlotsTaken
+from router import Routed, UpdateRouter
 from store import StoreError
 
 log = logging.getLogger("gateway")
@@ -111,20 +111,32 @@ class WebhookRoute:
             update = parse_json(raw)
         except (ValueError, RecursionError):
             return _error(start_response, HTTPStatus.BAD_REQUEST, "body is not JSON")
+        respond = environ.get(RESPOND_LATER)
+        if respond is not None:  # the server lets this thread go now; the answer follows the group's commit
+            self._router.handle_later(update, lambda result: respond(*self._answer_for(result)))
+            return ANSWERED_LATER
         try:
-            routed = self._router.handle(update)
-        except StoreError as err:
-            log.error("update not stored (Telegram will resend it): %s", err)
-            return _error(start_response, HTTPStatus.SERVICE_UNAVAILABLE, "cannot store the update now")
-        except Exception:
-            log.exception("POST /webhook failed")
-            return _error(start_response, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
-        if routed.outcome == "invalid":
-            return _error(start_response, HTTPStatus.BAD_REQUEST, routed.detail)
-        body = self._answers.get(routed.outcome)
+            result: Routed | Exception = self._router.handle(update)
+        except Exception as err:  # noqa: BLE001 - answered (and logged) as the deferred path does
+            result = err
+        status, body = self._answer_for(result)
+        return _answer(start_response, status, body)
+
+    def _answer_for(self, result: Routed | Exception) -> tuple[HTTPStatus, bytes]:
+        """The status and body that tell Telegram what became of its update (`UpdateRouter.handle`'s result or
+        error)."""
+        if isinstance(result, StoreError):
+            log.error("update not stored (Telegram will resend it): %s", result)
+            return HTTPStatus.SERVICE_UNAVAILABLE, json_body({"ok": False, "error": "cannot store the update now"})
+        if isinstance(result, Exception):
+            log.error("POST /webhook failed", exc_info=result)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, json_body({"ok": False, "error": "internal error"})
+        if result.outcome == "invalid":
+            return HTTPStatus.BAD_REQUEST, json_body({"ok": False, "error": result.detail})
+        body = self._answers.get(result.outcome)
         if body is None:
-            body = self._answers.setdefault(routed.outcome, json_body({"ok": True, "outcome": routed.outcome}))
-        return _answer(start_response, HTTPStatus.OK, body)
+            body = self._answers.setdefault(result.outcome, json_body({"ok": True, "outcome": result.outcome}))
+        return HTTPStatus.OK, body
 
 
 def _error(start_response: Callable[..., Any], status: HTTPStatus, error: str) -> list[bytes]:
