@@ -9,6 +9,7 @@ by all threads, and whichever thread is first in line runs and commits the waiti
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -300,6 +301,10 @@ class SQLiteStore:
             raise StoreError(f"SQLite {'.'.join(map(str, MIN_SQLITE))} or newer is needed (UPSERT ... RETURNING); this "
                              f"Python has {sqlite3.sqlite_version}: run the gateway with a Python built with a newer "
                              "SQLite (python.org's installers and the official Docker images have one)")
+        if not _has_json():
+            raise StoreError(f"this Python's SQLite {sqlite3.sqlite_version} lacks its JSON functions (JSON1): run the "
+                             "gateway with a Python whose SQLite has them (python.org's installers, the official Docker "
+                             "images and the Linux distributions' Pythons do)")
         self.path = path
         self._instance_lock = None
         self._read_only = read_only
@@ -387,7 +392,8 @@ class SQLiteStore:
         """Call `callback(target)` after every commit that gave `target` a row to send (wakes its claim loop)."""
         self._listeners.append(callback)
 
-    def _run(self, work: Callable[[sqlite3.Cursor], T], write: bool = True) -> T:
+    def _run(self, work: Callable[[sqlite3.Cursor], T], write: bool = True, *,
+             many: Callable[[sqlite3.Cursor, list[Any]], list[Any]] | None = None, args: Any = None) -> T:
         """Run `work(cursor)` as one unit of a transaction; return its result once that transaction is committed.
 
         Group commit: units that wait together share one transaction and one fsync. The first in line leads:
@@ -401,6 +407,7 @@ class SQLiteStore:
             # It would wait for a group that only this thread (the committer) can lead.
             raise RuntimeError("a continuation given to the store must not call the store")
         unit = _Unit(work, write)
+        unit.many, unit.args = many, args
         with self._line_lock:
             self._line.append(unit)
             unit.leads = len(self._line) == 1
@@ -417,7 +424,8 @@ class SQLiteStore:
         self._lead()
         return unit.outcome()
 
-    def _submit(self, work: Callable[[sqlite3.Cursor], T], then: Callable[["_Unit[T]"], None]) -> None:
+    def _submit(self, work: Callable[[sqlite3.Cursor], T], then: Callable[["_Unit[T]"], None], *,
+                many: Callable[[sqlite3.Cursor, list[Any]], list[Any]] | None = None, args: Any = None) -> None:
         """Queue `work` as a unit of the next group commit and return at once, without waiting for it.
 
         `then(unit)` is called once the unit's group is done (`unit.outcome()` gives its result or raises), on
@@ -425,7 +433,7 @@ class SQLiteStore:
         no caller waiting is led by the `store-committer` thread. Units keep their order in the one line, so a
         unit submitted after another is committed with it or after it."""
         unit = _Unit(work, True)
-        unit.then = then
+        unit.then, unit.many, unit.args = then, many, args
         with self._line_lock:
             closing = self._closing
             if not closing:
@@ -517,20 +525,25 @@ class SQLiteStore:
                 cur = self._db.cursor()
                 cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
                 self._inside.cursor = cur
-                for unit in group:
+                for step in _steps(group):
                     self._new_work = set()
                     try:
                         if not alone:
                             cur.execute("SAVEPOINT unit")
-                        unit.result = unit.work(cur)
+                        if len(step) == 1:
+                            step[0].result, step[0].error = step[0].work(cur), None
+                        else:  # units of one kind, done together: a few statements for them all
+                            for unit, outcome in zip(step, step[0].many(cur, [unit.args for unit in step])):
+                                unit.result, unit.error = (None, outcome) if isinstance(outcome, Exception) else (
+                                    outcome, None)
                         if not alone:
                             cur.execute("RELEASE unit")
-                        unit.error = None
                         woken |= self._new_work
-                    except Exception as err:  # it becomes that unit's outcome, raised in its thread
-                        unit.result = None
-                        unit.error = StoreError(f"state database error: {err}") if isinstance(
-                            err, sqlite3.Error) else err
+                    except Exception as err:  # it becomes the outcome of the step's units, raised in their threads
+                        for unit in step:
+                            unit.result = None
+                            unit.error = StoreError(f"state database error: {err}") if isinstance(
+                                err, sqlite3.Error) else err
                         if not self._undo(cur, alone):
                             _fail(group, err)
                             return set()
@@ -618,46 +631,113 @@ class SQLiteStore:
 
         `admit()` is asked once the update is known to be new (flood control): False holds the message back,
         counted for the user's next batch (`held`). The result's batch carries no messages unless it closed."""
-        return self._run(self._adding(update_id, chat_id, user_id, user, item, now, max_messages, build, admit))
+        adding = self._adding(update_id, chat_id, user_id, user, item, now, max_messages, build, admit)
+        return self._run(lambda cur: _only(self._add_messages(cur, [adding])), many=self._add_messages, args=adding)
 
     def add_message_later(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
                           item: dict[str, Any], now: float, max_messages: int, build: Builder,
                           admit: Callable[[], bool] | None, then: Callable[["_Unit[AddResult]"], None]) -> None:
         """`add_message` without waiting: `then(unit)` once committed, `unit.outcome()` the result (see `_submit`)."""
-        self._submit(self._adding(update_id, chat_id, user_id, user, item, now, max_messages, build, admit), then)
+        adding = self._adding(update_id, chat_id, user_id, user, item, now, max_messages, build, admit)
+        self._submit(lambda cur: _only(self._add_messages(cur, [adding])), then, many=self._add_messages, args=adding)
 
     def _adding(self, update_id: int, chat_id: int, user_id: int, user: dict[str, Any] | None,
                 item: dict[str, Any], now: float, max_messages: int, build: Builder,
-                admit: Callable[[], bool] | None) -> Callable[[sqlite3.Cursor], AddResult]:
-        """The unit of work `add_message` runs."""
-        # Serialized before queueing: the thread committing everyone's units should do only the SQL.
-        user_json = json.dumps(user, ensure_ascii=True, allow_nan=False)
-        item_json = json.dumps(item, ensure_ascii=True, allow_nan=False)
-        new_batch_id = next(self._batch_ids)  # used only if the message opens a batch
+                admit: Callable[[], bool] | None) -> "_Adding":
+        """What `_add_messages` needs of one message, serialized now: the thread committing everyone's units
+        should do only the SQL."""
+        return _Adding(update_id, chat_id, user_id, user, json.dumps(user, ensure_ascii=True, allow_nan=False),
+                       json.dumps(item, ensure_ascii=True, allow_nan=False), now, max_messages, build, admit,
+                       next(self._batch_ids))
 
-        def work(cur: sqlite3.Cursor) -> AddResult:
-            if not self._mark_seen(cur, update_id, now):
-                return AddResult(new=False)
-            if admit is not None and not admit():
-                cur.execute("INSERT INTO flood_held (chat_id, user_id, held) VALUES (?, ?, 1) "
-                            "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (chat_id, user_id))
-                return AddResult(new=True, held=True)
-            # One statement opens the batch or counts the message into the open one (each statement hands the
-            # GIL over and back: under a burst, that is what a unit costs).
-            batch_id, count, first_at = cur.execute(
-                "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, 1) ON CONFLICT (chat_id, user_id) DO UPDATE SET "
-                "last_at=excluded.last_at, count=count + 1, user_json=excluded.user_json "
-                "RETURNING batch_id, count, first_at",
-                (new_batch_id, chat_id, user_id, user_json, now, now)).fetchone()
-            first_at = float(first_at)  # RETURNING gives a whole-number REAL back as an int
-            cur.execute("INSERT INTO batch_messages VALUES (?, ?, ?)", (batch_id, count, item_json))
-            if count >= max_messages:  # only a closing batch is read back whole, for its event
-                batch = self._load_batch(cur, chat_id, user_id)
-                assert batch is not None
-                self._close(cur, batch, "max_messages", build, now)
-                return AddResult(new=True, batch=batch, closed=True)
-            return AddResult(new=True, batch=BatchRow(batch_id, chat_id, user_id, user, first_at, now, count))
-        return work
+    def _add_messages(self, cur: sqlite3.Cursor, adds: list["_Adding"]) -> list[AddResult | Exception]:
+        """Store messages in their batches, in their order, as `add_message` does each; each one's result, or the
+        error that kept it out (its `admit()` failed, an id SQLite cannot hold).
+
+        A few statements for them all, whatever their number: each statement executed hands the GIL over and
+        back, and under a burst other threads hold it for a while each time. So the rows are decided here and
+        written with one statement per table, each taking its rows as one JSON array."""
+        results: list[AddResult | Exception | None] = [None] * len(adds)
+        known = set(json.loads(cur.execute(
+            "SELECT json_group_array(update_id) FROM seen_updates WHERE update_id IN (SELECT value FROM json_each(?))",
+            (json.dumps([add.update_id for add in adds if _fits(add)]),)).fetchone()[0]))
+        seen: list[tuple[int, float]] = []
+        held: list[tuple[int, int]] = []
+        taken: list[int] = []
+        for index, add in enumerate(adds):
+            if not _fits(add):
+                results[index] = OverflowError("Python int too large to convert to SQLite INTEGER")
+                continue
+            if add.update_id in known:
+                results[index] = AddResult(new=False)
+                continue
+            try:
+                admitted = add.admit is None or add.admit()
+            except Exception as err:  # noqa: BLE001 - that message's outcome; the others go on
+                results[index] = err
+                continue
+            known.add(add.update_id)
+            seen.append((add.update_id, add.now))
+            if admitted:
+                taken.append(index)
+            else:
+                held.append((add.chat_id, add.user_id))
+                results[index] = AddResult(new=True, held=True)
+        if seen:
+            cur.execute("INSERT INTO seen_updates SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)", (json.dumps(seen),))
+        if held:
+            cur.execute("INSERT INTO flood_held SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 1 FROM json_each(?) WHERE true "
+                        "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (json.dumps(held),))
+        if taken:
+            self._batch_messages(cur, adds, taken, results)
+        return results  # type: ignore[return-value]
+
+    def _batch_messages(self, cur: sqlite3.Cursor, adds: list["_Adding"], taken: list[int],
+                        results: list[AddResult | Exception | None]) -> None:
+        """Put the `taken` messages into their batches (opening them, counting them, closing the full ones)."""
+        keys = sorted({(adds[index].chat_id, adds[index].user_id) for index in taken})
+        # key -> [batch_id, count, first_at] of its open batch
+        batches: dict[tuple[int, int], list[Any]] = {
+            (row[0], row[1]): row[2:] for row in json.loads(cur.execute(
+                "SELECT json_group_array(json_array(chat_id, user_id, batch_id, count, first_at)) FROM batches "
+                "WHERE (chat_id, user_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+                (json.dumps(keys),)).fetchone()[0])}
+        changed: dict[tuple[int, int], list[Any]] = {}  # key -> the batches row to write
+        messages: list[tuple[str, int, str]] = []
+
+        def write() -> None:
+            if changed:
+                cur.execute("INSERT INTO batches SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
+                            "json_extract(value, '$[4]'), json_extract(value, '$[5]'), json_extract(value, '$[6]') FROM json_each(?) WHERE true "
+                            "ON CONFLICT (chat_id, user_id) DO UPDATE SET last_at=excluded.last_at, "
+                            "count=excluded.count, user_json=excluded.user_json", (json.dumps(list(changed.values())),))
+                changed.clear()
+            if messages:
+                cur.execute("INSERT INTO batch_messages SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)",
+                            (json.dumps(messages),))
+                messages.clear()
+
+        for index in taken:
+            add = adds[index]
+            key = (add.chat_id, add.user_id)
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = [add.new_batch_id, 0, add.now]
+            batch[1] += 1
+            batch_id, count, first_at = batch[0], batch[1], float(batch[2])
+            changed[key] = [batch_id, add.chat_id, add.user_id, add.user_json, first_at, add.now, count]
+            messages.append((batch_id, count, add.item_json))
+            if count >= add.max_messages:  # only a closing batch is read back whole, for its event
+                write()
+                closed = self._load_batch(cur, add.chat_id, add.user_id)
+                assert closed is not None
+                self._close(cur, closed, "max_messages", add.build, add.now)
+                del batches[key]  # the user's next message opens a new one
+                results[index] = AddResult(new=True, batch=closed, closed=True)
+            else:
+                results[index] = AddResult(new=True, batch=BatchRow(batch_id, add.chat_id, add.user_id, add.user,
+                                                                    first_at, add.now, count))
+        write()
 
     def close_batch_if_due(self, chat_id: int, user_id: int, now: float,
                            due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
@@ -1025,8 +1105,12 @@ class SQLiteStore:
                           "WHERE chat_id=? AND user_id=?", (chat_id, user_id)).fetchone()
         if row is None:
             return None
-        items = [json.loads(r[0]) for r in cur.execute(
-            "SELECT item_json FROM batch_messages WHERE batch_id=? ORDER BY seq", (row[0],))]
+        # One row, not one per message: each row fetched hands the GIL over and back, and the thread closing a
+        # batch may be committing everyone's group. An aggregate's order is unspecified, hence the seq to sort by.
+        pairs = json.loads(cur.execute(
+            "SELECT json_group_array(json_array(seq, json(item_json))) FROM batch_messages WHERE batch_id=?",
+            (row[0],)).fetchone()[0])
+        items = [item for _, item in sorted(pairs, key=lambda pair: pair[0])]
         held = cur.execute("SELECT held FROM flood_held WHERE chat_id=? AND user_id=?",
                            (chat_id, user_id)).fetchone()
         return BatchRow(row[0], chat_id, user_id, json.loads(row[1]), row[2], row[3], row[4], items,
@@ -1107,7 +1191,8 @@ class _Checkpointer:
 class _Unit(Generic[T]):
     """One caller's transaction body, waiting in line for a group commit (see `SQLiteStore._run`)."""
 
-    __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error", "then")
+    __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error", "then", "many",
+                 "args")
 
     def __init__(self, work: Callable[[sqlite3.Cursor], T], write: bool) -> None:
         self.work = work
@@ -1117,6 +1202,10 @@ class _Unit(Generic[T]):
         self.result: T | None = None
         self.error: BaseException | None = None
         self.then: Callable[[_Unit[T]], None] | None = None  # set for a submitted unit: nobody waits on `ready`
+        # A unit that can be done together with the like units next to it: `many(cursor, [their args])` gives
+        # each its result or its error (one failing must not change what the others do).
+        self.many: Callable[[sqlite3.Cursor, list[Any]], list[Any]] | None = None
+        self.args: Any = None
 
     def outcome(self) -> T:
         """The work's result once committed; else the error that undid it."""
@@ -1125,6 +1214,60 @@ class _Unit(Generic[T]):
         if not self.committed:
             raise StoreError("state database error: the transaction was interrupted")
         return self.result  # type: ignore[return-value]
+
+
+def _has_json() -> bool:
+    """Whether this SQLite has its JSON functions (built in since 3.38, compiled in by nearly every build before)."""
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as db:
+            return db.execute("SELECT json_group_array(value) FROM json_each('[1]')").fetchone()[0] == "[1]"
+    except sqlite3.Error:
+        return False
+
+
+_INTEGER = range(-2 ** 63, 2 ** 63)  # what an SQLite INTEGER holds
+
+
+@dataclass(frozen=True)
+class _Adding:
+    """One message for `SQLiteStore._add_messages`, its JSON already written."""
+
+    update_id: int
+    chat_id: int
+    user_id: int
+    user: dict[str, Any] | None
+    user_json: str
+    item_json: str
+    now: float
+    max_messages: int
+    build: Builder
+    admit: Callable[[], bool] | None
+    new_batch_id: str  # used only if the message opens a batch
+
+
+def _fits(add: _Adding) -> bool:
+    """Whether SQLite can hold the message's ids as integers (JSON would turn a bigger one into a REAL)."""
+    return add.update_id in _INTEGER and add.chat_id in _INTEGER and add.user_id in _INTEGER
+
+
+def _only(outcomes: list[Any]) -> Any:
+    """The one outcome of a list of one: its result, or its error raised."""
+    if isinstance(outcomes[0], Exception):
+        raise outcomes[0]
+    return outcomes[0]
+
+
+def _steps(group: list[_Unit[Any]]) -> Iterable[list[_Unit[Any]]]:
+    """The group in the order it came, units that can be done together (the same `many`, one after another)
+    taken as one step."""
+    step: list[_Unit[Any]] = []
+    for unit in group:
+        if step and (unit.many is None or unit.many != step[0].many):
+            yield step
+            step = []
+        step.append(unit)
+    if step:
+        yield step
 
 
 def _fail(group: list[_Unit[Any]], err: BaseException) -> None:

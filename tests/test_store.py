@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -965,7 +966,8 @@ def _commits(path: Path) -> tuple[SQLiteStore, list[str]]:
 
 def test_units_that_wait_together_share_one_commit(tmp_path: Path) -> None:
     """Twelve messages that arrive while a transaction is under way are stored by one transaction with one
-    COMMIT (each in a savepoint of its own), and each caller gets its own result after that commit."""
+    COMMIT, written together (one statement per table for all twelve, not one per message: each statement
+    hands the GIL over and back), and each caller gets its own result after that commit."""
     store, statements = _commits(tmp_path / "state.sqlite3")
     release, leader = _hold_the_line(store)
     results: dict[int, Any] = {}
@@ -984,7 +986,10 @@ def test_units_that_wait_together_share_one_commit(tmp_path: Path) -> None:
         thread.join(10)
     ran = list(statements)
     assert ran.count("COMMIT") == 2  # the first group (the holder), then all twelve at once
-    assert ran.count("SAVEPOINT unit") == 12
+    assert ran.count("SAVEPOINT unit") == 1  # the twelve are one step
+    # (SQLite's trace repeats a statement for each row its triggers fire on: the counts of open batches)
+    writes = [statement.split()[2] for statement in dict.fromkeys(ran) if statement.startswith("INSERT")]
+    assert writes == ["seen_updates", "batches", "batch_messages"], writes
     assert all(results[n].new and results[n].batch.count == 1 for n in range(1, 13))
     assert len(store.open_batches()) == 12 and all(store.seen(n) for n in range(1, 13))
 
@@ -1276,3 +1281,68 @@ def test_a_sqlite_without_returning_is_refused_at_start_with_the_fix(monkeypatch
     monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
     with pytest.raises(StoreError, match=r"SQLite 3\.35 or newer is needed .*this Python has 3\.34\.1"):
         SQLiteStore(":memory:")
+
+
+def _state(store: SQLiteStore) -> dict[str, Any]:
+    """Everything the message path writes, batch ids replaced by their order of appearance (they are drawn
+    afresh by each store)."""
+    db = store._db
+    names: dict[str, str] = {}
+
+    def name(batch_id: str) -> str:
+        return names.setdefault(batch_id, f"batch{len(names)}")
+    batches = db.execute("SELECT batch_id, chat_id, user_id, user_json, first_at, last_at, count FROM batches "
+                         "ORDER BY first_at, chat_id, user_id").fetchall()
+    messages = db.execute("SELECT batch_id, seq, item_json FROM batch_messages ORDER BY rowid").fetchall()
+    events = [json.loads(row[0]) for row in db.execute("SELECT payload FROM outbox ORDER BY id")]
+    for event in events:
+        event["event_id"] = name(event["event_id"].removeprefix("batch-"))
+    return {"batches": [(name(b[0]), *b[1:]) for b in batches],
+            "messages": [(name(m[0]), *m[1:]) for m in messages],
+            "events": events,
+            "seen": db.execute("SELECT update_id, received_at FROM seen_updates ORDER BY update_id").fetchall(),
+            "held": db.execute("SELECT chat_id, user_id, held FROM flood_held ORDER BY chat_id, user_id").fetchall()}
+
+
+def _outcome(call: Callable[[], Any]) -> Any:
+    try:
+        result = call()
+    except Exception as err:  # noqa: BLE001 - compared as the error's type
+        return type(err).__name__
+    if isinstance(result, Exception):
+        return type(result).__name__
+    batch = result.batch
+    return (result.new, result.held, result.closed, batch and (batch.chat_id, batch.count, len(batch.messages)))
+
+
+def test_messages_written_together_end_as_if_written_one_by_one(tmp_path: Path) -> None:
+    """A group's messages are written with a few statements for them all: what it stores, and what each caller
+    is told, is what storing them one after another gives. The group has repeats (of a stored update and within
+    the group), messages held back and one whose flood check fails, a batch that fills up (closed into the
+    outbox) with the user's next message opening a new one, several users, and an id too big for SQLite."""
+    def refuse() -> bool:
+        raise RuntimeError("flood control broke")
+    plan: list[tuple[int, int, Callable[[], bool] | None]] = [(1, 7, None), (2, 8, None)]
+    plan += [(10 + n, 7, None) for n in range(4)]  # fills user 7's batch (max 5) with update 1 ...
+    plan += [(20, 7, None), (2, 8, None), (1, 7, None), (21, 9, lambda: False), (22, 9, refuse), (23, 9, None),
+             (2 ** 63, 8, None), (24, 8, None), (25, 9, lambda: False)]
+    one_by_one, together = SQLiteStore(str(tmp_path / "a.sqlite3")), SQLiteStore(str(tmp_path / "b.sqlite3"))
+    # Update 1 is stored before, in both: its repeats later are repeats.
+    for store in (one_by_one, together):
+        store.add_message(1, 7, 7, ALICE, item(1, "m1"), T0, 5, build_batch_event)
+    plan = plan[1:]
+
+    def adding(store: SQLiteStore, n: int, update_id: int, user_id: int, admit: Callable[[], bool] | None) -> Any:
+        return store._adding(update_id, user_id, user_id, {"id": user_id}, item(update_id, f"m{update_id}"),
+                             T0 + n, 5, build_batch_event, admit)
+
+    expected = [_outcome(lambda: one_by_one._run(
+        lambda cur, args=adding(one_by_one, n, *step): one_by_one._add_messages(cur, [args])[0]))
+        for n, step in enumerate(plan)]
+    got = together._run(lambda cur: together._add_messages(cur, [adding(together, n, *step)
+                                                                   for n, step in enumerate(plan)]))
+    assert [_outcome(lambda result=result: result) for result in got] == expected
+    assert expected[4] == (True, False, True, (7, 5, 5))  # the batch that filled up, and it was closed
+    assert "RuntimeError" in expected and "OverflowError" in expected and (False, False, False, None) in expected
+    assert _state(together) == _state(one_by_one)
+    assert len(_state(together)["events"]) == 1 and _state(together)["held"] == [(9, 9, 2)]
