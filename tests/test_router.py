@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import pytest
 
 from batching import BatchManager
 from debounce import DebounceManager, DebounceSettings
+from doubles import wait_until
 from helpers import text_update
 from metrics import GatewayMetrics
 from router import UpdateRouter
@@ -102,3 +104,65 @@ def test_each_update_gets_one_info_line_without_its_content(parts, caplog) -> No
         "FORWARD_UPDATE_KINDS)",
     ]
     assert "secret" not in caplog.text
+
+
+class BrokenFlood(DebounceManager):
+    """Flood control with a bug: it raises when asked."""
+
+    def should_process(self, user_id: int, now: float) -> bool:
+        raise KeyError("a field nobody expected")
+
+
+def _held_line(store: Any) -> tuple[threading.Event, threading.Thread]:
+    """A unit that leads a group and stays in its transaction until released."""
+    inside, release = threading.Event(), threading.Event()
+    thread = threading.Thread(target=store._run, args=(lambda cur: (inside.set(), release.wait(10)),))
+    thread.start()
+    assert inside.wait(10)
+    return release, thread
+
+
+def test_a_message_handled_later_is_answered_once_committed(parts) -> None:
+    """The webhook's path: `handle_later()` returns at once, and the answer comes only after the message's group
+    is committed, from the thread that committed it (the caller's thread is free meanwhile)."""
+    store, batches, router = parts
+    assert router.handle(text_update("first", user_id=4, update_id=0)).outcome == "stored"  # (its hourly prune)
+    release, holder = _held_line(store)
+    answers: list[tuple[Any, str]] = []
+    router.handle_later(text_update("hi", user_id=5, update_id=1),
+                        lambda result: answers.append((result, threading.current_thread().name)))
+    assert answers == [] and router.last_update_id == 0  # queued behind the held group, not yet stored
+    release.set()
+    holder.join(10)
+    wait_until(lambda: answers, what="the answer")
+    assert answers[0][0].outcome == "stored" and answers[0][1] == "store-committer"
+    assert [b.count for b in store.open_batches()] == [1, 1] and batches.active_batches == 2
+    assert router.last_update_id == 1
+    router.handle_later(text_update("hi", user_id=5, update_id=1), answers.append)
+    wait_until(lambda: len(answers) == 2, what="the repeat's answer")
+    assert answers[1].outcome == "duplicate"
+
+
+def test_other_updates_handled_later_are_answered_before_it_returns(parts) -> None:
+    """Anything but an ordinary message goes the synchronous way: answered before `handle_later()` returns."""
+    _, _, router = parts
+    answers: list[Any] = []
+    router.handle_later({"update_id": 9, "poll": {"id": "p"}}, answers.append)
+    router.handle_later({"update_id": "x"}, answers.append)
+    assert [answer.outcome for answer in answers] == ["ignored", "invalid"]
+
+
+def test_a_message_that_breaks_later_is_quarantined_not_lost() -> None:
+    """A bug inside the message's unit (here, flood control raising) on the webhook's path stores the update
+    anyway, forwarded verbatim to Make, as `handle()` does."""
+    store = MemoryStore()
+    router = UpdateRouter(store, BatchManager(store, DebounceSettings(60, 120, 50)), BrokenFlood(30, 60),
+                          GatewayMetrics(), ())
+    answers: list[Any] = []
+    update = text_update("hi", user_id=5, update_id=3)
+    router.handle_later(update, answers.append)
+    wait_until(lambda: answers, what="the answer")
+    assert answers[0].outcome == "quarantined"
+    event = store.claim_due_event(now=10**10)
+    assert event is not None and event.payload["update"] == update and not store.open_batches()
+    store.close()
