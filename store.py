@@ -18,6 +18,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -463,7 +464,7 @@ class SQLiteStore:
                 with self._line_lock:
                     head = self._line[0] if self._line else None
                     ours = head is not None and head.then is not None and head.leads and not head.taken
-                    if not ours and self._closing:
+                    if head is None and self._closing:
                         return
                 if not ours:
                     break
@@ -662,7 +663,6 @@ class SQLiteStore:
             "SELECT json_group_array(update_id) FROM seen_updates WHERE update_id IN (SELECT value FROM json_each(?))",
             (json.dumps([add.update_id for add in adds if _fits(add)]),)).fetchone()[0]))
         seen: list[tuple[int, float]] = []
-        held: list[tuple[int, int]] = []
         taken: list[int] = []
         for index, add in enumerate(adds):
             if not _fits(add):
@@ -678,34 +678,38 @@ class SQLiteStore:
                 continue
             known.add(add.update_id)
             seen.append((add.update_id, add.now))
-            if admitted:
-                taken.append(index)
-            else:
-                held.append((add.chat_id, add.user_id))
+            taken.append(index)
+            if not admitted:
                 results[index] = AddResult(new=True, held=True)
         if seen:
             cur.execute("INSERT INTO seen_updates SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)", (json.dumps(seen),))
-        if held:
-            cur.execute("INSERT INTO flood_held SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 1 FROM json_each(?) WHERE true "
-                        "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1", (json.dumps(held),))
         if taken:
             self._batch_messages(cur, adds, taken, results)
         return results  # type: ignore[return-value]
 
     def _batch_messages(self, cur: sqlite3.Cursor, adds: list["_Adding"], taken: list[int],
                         results: list[AddResult | Exception | None]) -> None:
-        """Put the `taken` messages into their batches (opening them, counting them, closing the full ones)."""
+        """Put the `taken` messages into their batches (opening them, counting them, closing the full ones), or
+        count them as held back (those already given a held result), in their order: a batch closed counts only
+        the messages held before it."""
         keys = sorted({(adds[index].chat_id, adds[index].user_id) for index in taken})
         # key -> [batch_id, count, first_at] of its open batch
         batches: dict[tuple[int, int], list[Any]] = {
             (row[0], row[1]): row[2:] for row in json.loads(cur.execute(
-                "SELECT json_group_array(json_array(chat_id, user_id, batch_id, count, first_at)) FROM batches "
+                "SELECT json_group_array(json_array(chat_id, user_id, batch_id, count, printf('%!.17g', first_at))) "
+                "FROM batches "
                 "WHERE (chat_id, user_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
                 (json.dumps(keys),)).fetchone()[0])}
         changed: dict[tuple[int, int], list[Any]] = {}  # key -> the batches row to write
         messages: list[tuple[str, int, str]] = []
+        held: list[tuple[int, int]] = []
 
         def write() -> None:
+            if held:
+                cur.execute("INSERT INTO flood_held SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 1 "
+                            "FROM json_each(?) WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1",
+                            (json.dumps(held),))
+                held.clear()
             if changed:
                 cur.execute("INSERT INTO batches SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
                             "json_extract(value, '$[4]'), json_extract(value, '$[5]'), json_extract(value, '$[6]') FROM json_each(?) WHERE true "
@@ -720,6 +724,9 @@ class SQLiteStore:
         for index in taken:
             add = adds[index]
             key = (add.chat_id, add.user_id)
+            if results[index] is not None:  # held back by flood control
+                held.append(key)
+                continue
             batch = batches.get(key)
             if batch is None:
                 batch = batches[key] = [add.new_batch_id, 0, add.now]
@@ -1058,9 +1065,18 @@ class SQLiteStore:
         committed first (or fail, if that takes more than a few seconds); those submitted after fail."""
         with self._line_lock:
             self._closing = True
+        # What was queued is committed first (by its callers, or by the committer, which leaves once the line is
+        # empty), a few seconds at most.
+        deadline = time.monotonic() + _LOCK_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            with self._line_lock:
+                if not self._line:
+                    break
+            self._committer_wake.set()
+            time.sleep(0.01)
         if self._committer is not None:
             self._committer_wake.set()
-            self._committer.join(_LOCK_WAIT_SECONDS)
+            self._committer.join(max(0.0, deadline - time.monotonic()))
         if self._checkpointer is not None:
             self._checkpointer.close()
         with self._lock:

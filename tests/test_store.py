@@ -1346,3 +1346,39 @@ def test_messages_written_together_end_as_if_written_one_by_one(tmp_path: Path) 
     assert "RuntimeError" in expected and "OverflowError" in expected and (False, False, False, None) in expected
     assert _state(together) == _state(one_by_one)
     assert len(_state(together)["events"]) == 1 and _state(together)["held"] == [(9, 9, 2)]
+
+
+def test_a_message_held_after_a_batch_fills_up_in_the_same_group_counts_for_the_next_batch(tmp_path: Path) -> None:
+    """In one group: a message that fills its user's batch (closed), then one of theirs that flood control holds
+    back. The closed batch reports no held message; the held one is left for the user's next batch, as when
+    they are written one by one."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    adds = [store._adding(1, 7, 7, ALICE, item(1, "fills"), T0, 1, build_batch_event, None),
+            store._adding(2, 7, 7, ALICE, item(2, "held"), T0 + 1, 1, build_batch_event, lambda: False)]
+    results = store._run(lambda cur: store._add_messages(cur, adds))
+    assert results[0].closed and results[0].batch.flood_held == 0 and results[1].held
+    assert store._db.execute("SELECT held FROM flood_held WHERE chat_id=7 AND user_id=7").fetchall() == [(1,)]
+
+
+def test_a_batch_opened_earlier_keeps_its_first_time_to_the_microsecond(tmp_path: Path) -> None:
+    """The second message of a batch, written in a later group, is told the batch's first time exactly (read back
+    through JSON, a REAL would keep only 15 digits)."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    first = T0 + 0.123456789
+    add(store, 1, "one", first)
+    assert add(store, 2, "two", first + 1).batch.first_at == first
+
+
+def test_close_commits_what_was_queued_without_waiting(tmp_path: Path) -> None:
+    """A unit queued without waiting behind a blocking one, just as the store closes, is still committed and its
+    continuation called (its request is answered)."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    release, holder = _hold_the_line(store)
+    outcomes: list[Any] = []
+    store.record_update_later(5, T0, [], lambda unit: outcomes.append(unit.outcome()))
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    release.set()
+    holder.join(10)
+    closer.join(10)
+    assert outcomes == [True]
