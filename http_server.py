@@ -22,6 +22,8 @@ process), on sockets this module binds, with no signal handlers of its own: `pyt
   a few seconds at most; `close()` says whether they all ended.
 - At most `HTTP_MAX_CONNECTIONS` connections are held per listening address; more wait in the system's
   accept queue.
+- A route may answer after it returns (`RESPOND_LATER`): `POST /webhook` gives its thread back at once and
+  is answered by the thread that commits its update; such a request counts as under way until answered.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 A backlog after downtime arrives as up to `max_connections` requests at once, each of which must be stored
 before its 200. Flask's request and response objects cost about as much as storing the update, so this
-route skips them: secret checked in constant time, body parsed once as strict JSON, `UpdateRouter.handle()`
-(which returns once the update's group is committed), and a ready-made answer. Every other path and method
-goes on to Flask. The answers are the same JSON the Flask routes write (`{"ok": ...}`).
+route skips them: secret checked in constant time, body parsed once as strict JSON, then
+`UpdateRouter.handle_later()`: a message is queued for the next group commit and the request's thread goes
+back to the server at once; the ready-made answer is sent once the update is committed, by the thread that
+committed it (`http_server.RESPOND_LATER`). Served by something else than `http_server`, the route waits for
+`UpdateRouter.handle()` instead. Every other path and method goes on to Flask. The answers are the same JSON
+the Flask routes write (`{"ok": ...}`).
 """
 
 from __future__ import annotations
