@@ -117,24 +117,35 @@ class UpdateRouter:
             return
         arrived = self._monotonic()
 
+        # Each path below ends in `then`, exactly once: its caller's request is waiting for it.
         def added(result: AddResult | Exception) -> None:
             if isinstance(result, StoreError):
                 then(result)
-            elif isinstance(result, Exception):  # as `handle` does: keep the update rather than lose or refuse it
+                return
+            if isinstance(result, Exception):  # as `handle` does: keep the update rather than lose or refuse it
                 log.error("update %s (message) could not be routed (%r); forwarding it to Make as it is",
                           update_id, result)
-                self._store.record_update_later(update_id, self._clock(),
-                                                [forward_event(update_id, "message", update)], quarantined)
-            else:
-                then(self._finish(update_id, "message", update, self._added(update_id, chat_id, user_id, result)))
+                try:
+                    events = [forward_event(update_id, "message", update)]
+                except Exception:  # noqa: BLE001 - as `handle` does: acknowledged and dropped
+                    log.exception("update %s cannot even be forwarded; acknowledged and dropped", update_id)
+                    events = []
+                self._store.record_update_later(update_id, self._clock(), events, quarantined)
+                return
+            try:
+                routed: Routed | Exception = self._finish(update_id, "message", update,
+                                                          self._added(update_id, chat_id, user_id, result))
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
+                routed = err
+            then(routed)
 
         def quarantined(unit: Any) -> None:
             try:
-                routed = Routed("quarantined" if unit.outcome() else "duplicate", "message")
+                routed: Routed | Exception = self._finish(
+                    update_id, "message", update, Routed("quarantined" if unit.outcome() else "duplicate", "message"))
             except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
-                then(err)
-                return
-            then(self._finish(update_id, "message", update, routed))
+                routed = err
+            then(routed)
 
         self._batches.add_later(update_id, chat_id, user_id, user, item,
                                 lambda: self._flood.should_process(user_id, arrived), added)

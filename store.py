@@ -448,9 +448,9 @@ class SQLiteStore:
 
     def _wake_committer(self) -> None:
         """Have the committer thread lead the group at the head of the line (starting the thread if needed)."""
-        if self._committer is None:
+        if self._committer is None or not self._committer.is_alive():
             with self._line_lock:
-                if self._committer is None:
+                if not self._closing and (self._committer is None or not self._committer.is_alive()):
                     self._committer = threading.Thread(target=self._commit_loop, name="store-committer", daemon=True)
                     self._committer.start()
         self._committer_wake.set()
@@ -510,7 +510,7 @@ class SQLiteStore:
                 if unit.then is not None:
                     try:
                         unit.then(unit)
-                    except Exception:  # noqa: BLE001 - one continuation's failure must not cost the others theirs
+                    except BaseException:  # noqa: BLE001 - nor end the committer: the others would never be called
                         log.exception("a store continuation failed")
         finally:
             self._inside.continuing = False

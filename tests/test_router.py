@@ -166,3 +166,21 @@ def test_a_message_that_breaks_later_is_quarantined_not_lost() -> None:
     event = store.claim_due_event(now=10**10)
     assert event is not None and event.payload["update"] == update and not store.open_batches()
     store.close()
+
+
+def test_a_message_that_cannot_even_be_forwarded_later_is_still_answered(monkeypatch) -> None:
+    """Flood control raising and the forwarding failing too: the webhook's path acknowledges and drops the
+    update, as `handle()` does; its caller is answered either way (a request left without an answer would hold
+    Telegram's connection, and the stop)."""
+    store = MemoryStore()
+    router = UpdateRouter(store, BatchManager(store, DebounceSettings(60, 120, 50)), BrokenFlood(30, 60),
+                          GatewayMetrics(), ())
+
+    def broken_forward(*args: Any) -> Any:
+        raise ValueError("cannot build the event")
+    monkeypatch.setattr("router.forward_event", broken_forward)
+    answers: list[Any] = []
+    router.handle_later(text_update("hi", user_id=5, update_id=3), answers.append)
+    wait_until(lambda: answers, what="the answer")
+    assert answers[0].outcome == "quarantined" and store.seen(3) and store.claim_due_event(now=10**10) is None
+    store.close()

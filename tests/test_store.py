@@ -1382,3 +1382,18 @@ def test_close_commits_what_was_queued_without_waiting(tmp_path: Path) -> None:
     holder.join(10)
     closer.join(10)
     assert outcomes == [True]
+
+
+def test_a_continuation_that_exits_does_not_stop_the_committer(tmp_path: Path) -> None:
+    """A continuation raising even SystemExit is logged, and the committer goes on: the next queued unit is
+    committed and its continuation called (a dead committer would leave every later request unanswered)."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+
+    def exits(unit: Any) -> None:
+        raise SystemExit("a continuation exits")
+    store.record_update_later(1, T0, [], exits)
+    outcomes: list[Any] = []
+    store.record_update_later(2, T0, [], lambda unit: outcomes.append(unit.outcome()))
+    wait_until(lambda: outcomes, what="the second unit's continuation")
+    assert outcomes == [True] and store.seen(1) and store.seen(2)
+    store.close()
