@@ -1156,6 +1156,7 @@ class _Checkpointer:
 
     def __init__(self, path: str, reset_pages: int = _CHECKPOINT_RESET_PAGES) -> None:
         self._reset_pages = reset_pages
+        self._last_pages = 0  # the WAL's length at the last checkpoint
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=_BUSY_TIMEOUT_SECONDS)
         self._db.execute("PRAGMA synchronous=FULL")
@@ -1168,15 +1169,21 @@ class _Checkpointer:
         """Copy what the WAL holds into the file now; return (pages in the WAL, pages copied).
 
         A RESTART holds the write lock while it waits for readers, so it is tried only when the PASSIVE one
-        copied everything (otherwise a read transaction of another process pins the WAL: a RESTART could not
-        start it over, and would only stop every writer for the whole busy timeout, again each turn), and with
-        a short busy timeout of its own (a reader that began since may still make it wait)."""
+        copied everything, or at least all the WAL held at the last turn (otherwise a read transaction of another
+        process pins the WAL: a RESTART could not start it over, and would only stop every writer for the whole
+        busy timeout, again each turn), and with a short busy timeout of its own (a reader that began since may
+        still make it wait)."""
         with self._lock:
             _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if pages >= self._reset_pages and copied == pages:
+            # No reader pins the WAL if everything it held at the last turn is copied now: writes that never
+            # pause keep the PASSIVE one a few frames behind its end, but not behind the last turn's.
+            caught_up = copied == pages or 0 < self._last_pages <= copied
+            self._last_pages = pages
+            if pages >= self._reset_pages and caught_up:
                 self._db.execute(f"PRAGMA busy_timeout={int(_CHECKPOINT_RESTART_WAIT_SECONDS * 1000)}")
                 try:
                     _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    self._last_pages = 0  # the WAL starts over
                 finally:
                     self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
             return pages, copied
