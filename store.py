@@ -450,7 +450,7 @@ class SQLiteStore:
         """Have the committer thread lead the group at the head of the line (starting the thread if needed)."""
         if self._committer is None or not self._committer.is_alive():
             with self._line_lock:
-                if not self._closing and (self._committer is None or not self._committer.is_alive()):
+                if self._committer is None or not self._committer.is_alive():  # (also while closing: it drains)
                     self._committer = threading.Thread(target=self._commit_loop, name="store-committer", daemon=True)
                     self._committer.start()
         self._committer_wake.set()
