@@ -498,9 +498,27 @@ class SQLiteStore:
                 else:
                     self._wake_committer()
             self._continue(group)
+        if self._checkpointer is not None and self._checkpointer.restart_wanted.is_set():
+            self._restart_wal()
         for target in woken:  # after the commit, outside every lock: a listener may use the store at once
             for listener in self._listeners:
                 listener(target)
+
+    def _restart_wal(self) -> None:
+        """Start the WAL over, as the `wal-checkpoint` thread asked, between two transactions of this connection
+        (the only writer: nobody waits for it, and it waits for no writer). A reader of another process that
+        began meanwhile may make it wait, `_CHECKPOINT_RESTART_WAIT_SECONDS` at most, and then it gives up."""
+        assert self._checkpointer is not None
+        with self._lock:
+            self._checkpointer.restart_wanted.clear()
+            try:
+                self._db.execute(f"PRAGMA busy_timeout={int(_CHECKPOINT_RESTART_WAIT_SECONDS * 1000)}")
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
+            except sqlite3.Error as err:  # locked from outside, closed: the next turns ask again
+                log.debug("cannot start the WAL over now: %s", err)
 
     def _continue(self, group: list[_Unit[Any]]) -> None:
         """Call the continuations of the group's submitted units, now that it is done."""
@@ -1157,6 +1175,8 @@ class _Checkpointer:
     def __init__(self, path: str, reset_pages: int = _CHECKPOINT_RESET_PAGES) -> None:
         self._reset_pages = reset_pages
         self._last_pages = 0  # the WAL's length at the last checkpoint
+        self.restart_wanted = threading.Event()  # set when the store's writer should start the WAL over
+        self._waited = False  # a turn was skipped for it
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
                                    timeout=_BUSY_TIMEOUT_SECONDS)
         self._db.execute("PRAGMA synchronous=FULL")
@@ -1169,21 +1189,32 @@ class _Checkpointer:
         """Copy what the WAL holds into the file now; return (pages in the WAL, pages copied).
 
         A RESTART holds the write lock while it waits for readers, so it is tried only when the PASSIVE one
-        copied everything, or at least all the WAL held at the last turn (otherwise a read transaction of another
-        process pins the WAL: a RESTART could not start it over, and would only stop every writer for the whole
-        busy timeout, again each turn), and with a short busy timeout of its own (a reader that began since may
-        still make it wait)."""
+        copied everything (otherwise a read transaction of another process pins the WAL: a RESTART could not
+        start it over, and would only stop every writer for the whole busy timeout, again each turn), and with
+        a short busy timeout of its own (a reader that began since may still make it wait). When writes never
+        pause, the PASSIVE one is always a few frames behind: once it has copied at least all the WAL held at
+        the turn before (so no reader pins it), the store's writer is asked to start it over (`restart_wanted`,
+        `SQLiteStore._restart_wal`)."""
         with self._lock:
+            if self.restart_wanted.is_set():
+                if not self._waited:  # the store's writer has not done the last one yet: its next commit will
+                    self._waited = True
+                    return self._last_pages, 0
+                self.restart_wanted.clear()  # no commit came for a whole turn: the writes have paused
+            self._waited = False
             _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             # No reader pins the WAL if everything it held at the last turn is copied now: writes that never
-            # pause keep the PASSIVE one a few frames behind its end, but not behind the last turn's.
-            caught_up = copied == pages or 0 < self._last_pages <= copied
+            # pause keep the PASSIVE one a few frames behind its end, but not behind the last turn's. Then the
+            # store's own writer starts it over between two of its transactions (`restart_wanted`): a RESTART
+            # from here would hold every writer while it waited, and SQLite's busy waits step up to 100 ms.
+            behind = copied < pages and 0 < self._last_pages <= copied
             self._last_pages = pages
-            if pages >= self._reset_pages and caught_up:
+            if pages >= self._reset_pages and behind:
+                self.restart_wanted.set()
+            elif pages >= self._reset_pages and copied == pages:
                 self._db.execute(f"PRAGMA busy_timeout={int(_CHECKPOINT_RESTART_WAIT_SECONDS * 1000)}")
                 try:
                     _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-                    self._last_pages = 0  # the WAL starts over
                 finally:
                     self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
             return pages, copied

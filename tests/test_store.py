@@ -1408,3 +1408,22 @@ def test_a_continuation_that_exits_does_not_stop_the_committer(tmp_path: Path) -
     wait_until(lambda: outcomes, what="the second unit's continuation")
     assert outcomes == [True] and store.seen(1) and store.seen(2)
     store.close()
+
+
+def test_the_store_s_writer_starts_the_wal_over_when_the_checkpoint_asks(tmp_path: Path) -> None:
+    """Under writes that never pause, the checkpoint thread does not RESTART itself (it would hold every writer
+    while it waited); it asks, and the store's writer starts the WAL over right after its next commit."""
+    path = tmp_path / "state.sqlite3"
+    store = SQLiteStore(str(path), wal_reset_pages=20)
+    assert store._checkpointer is not None
+    store._checkpointer._stopping.set()
+    store._checkpointer._thread.join(10)
+    for n in range(1, 101):
+        store.record_update(n, T0, [event(f"e{n}", f"chat:{n}", text="x" * 500)])
+    big = _wal_pages(path)
+    store._checkpointer.restart_wanted.set()
+    store.record_update(1000, T0)  # its group's leader starts the WAL over after the commit
+    store.record_update(1001, T0)  # written from the WAL's beginning
+    assert big >= 100 and _wal_pages(path) < big / 4
+    assert not store._checkpointer.restart_wanted.is_set()
+    store.close()
