@@ -505,16 +505,19 @@ class SQLiteStore:
                 listener(target)
 
     def _restart_wal(self) -> None:
-        """Start the WAL over, as the `wal-checkpoint` thread asked, between two transactions of this connection
-        (the only writer: nobody waits for it, and it waits for no writer). A reader of another process that
-        began meanwhile may make it wait, `_CHECKPOINT_RESTART_WAIT_SECONDS` at most, and then it gives up."""
+        """Start the WAL over, as the `wal-checkpoint` thread asked, between two transactions of this connection:
+        it is the only writer, so it waits for no writer. It does not wait at all (busy timeout 0): a reader of
+        another process still on an older snapshot makes it give up at once, rather than hold every commit
+        behind it; the next turns ask again."""
         assert self._checkpointer is not None
         with self._lock:
             self._checkpointer.restart_wanted.clear()
             try:
-                self._db.execute(f"PRAGMA busy_timeout={int(_CHECKPOINT_RESTART_WAIT_SECONDS * 1000)}")
+                self._db.execute("PRAGMA busy_timeout=0")
                 try:
-                    self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+                    if not busy:
+                        self._checkpointer.started_over()
                 finally:
                     self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
             except sqlite3.Error as err:  # locked from outside, closed: the next turns ask again
@@ -1185,6 +1188,10 @@ class _Checkpointer:
         self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
         self._thread.start()
 
+    def started_over(self) -> None:
+        """The WAL was started over (by the store's writer): its length at the last turn no longer applies."""
+        self._last_pages = 0
+
     def checkpoint(self) -> tuple[int, int]:
         """Copy what the WAL holds into the file now; return (pages in the WAL, pages copied).
 
@@ -1214,7 +1221,9 @@ class _Checkpointer:
             elif pages >= self._reset_pages and copied == pages:
                 self._db.execute(f"PRAGMA busy_timeout={int(_CHECKPOINT_RESTART_WAIT_SECONDS * 1000)}")
                 try:
-                    _, pages, copied = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    busy, pages, copied = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+                    if not busy:
+                        self._last_pages = 0
                 finally:
                     self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
             return pages, copied
