@@ -33,10 +33,6 @@ class PaymentHandler(Protocol):
     def handle(self, update: dict[str, Any]) -> bool: ...
 
 
-class _NotHot(Exception):
-    """An update `handle_later` hands to `handle`."""
-
-
 @dataclass(frozen=True)
 class Routed:
     """What became of an update: `outcome` is stored, duplicate, held, ignored, quarantined or invalid."""
@@ -99,25 +95,29 @@ class UpdateRouter:
         for the store's next group commit, and `then(routed)` is called once it is committed (`then(error)` if
         it could not be: a `StoreError`, or another error); any other update is handled at once, `then` called
         before this returns. `then` runs on the store's committing thread: quick, never calling the store."""
+        # Each path below ends in `then`, exactly once: its caller's request is waiting for it.
+        def answer(routed: Callable[[], Routed]) -> None:
+            try:
+                result: Routed | Exception = routed()
+            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
+                result = err
+            then(result)
+
+        if not (isinstance(update, dict) and is_int(update.get("update_id")) and update["update_id"] >= 0
+                and update_kind(update) == "message" and not is_payment_message(update)
+                and is_ordinary_message(update)):
+            answer(lambda: self.handle(update))
+            return
         try:
-            if not (isinstance(update, dict) and is_int(update.get("update_id")) and update["update_id"] >= 0
-                    and update_kind(update) == "message" and not is_payment_message(update)
-                    and is_ordinary_message(update)):
-                raise _NotHot
             update_id, message = update["update_id"], update["message"]
             chat_id, user_id = message["chat"]["id"], message["from"]["id"]
             user, item = user_summary(message.get("from")), message_item(update_id, message)
             self._prune_now_and_then()
-        except Exception:  # noqa: BLE001 - not a plain message, or one of a shape nobody foresaw: `handle` it
-            try:
-                result: Routed | Exception = self.handle(update)
-            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
-                result = err
-            then(result)
+        except Exception:  # noqa: BLE001 - a shape nobody foresaw, or the store failing: `handle` it
+            answer(lambda: self.handle(update))
             return
         arrived = self._monotonic()
 
-        # Each path below ends in `then`, exactly once: its caller's request is waiting for it.
         def added(result: AddResult | Exception) -> None:
             if isinstance(result, StoreError):
                 then(result)
@@ -132,20 +132,11 @@ class UpdateRouter:
                     events = []
                 self._store.record_update_later(update_id, self._clock(), events, quarantined)
                 return
-            try:
-                routed: Routed | Exception = self._finish(update_id, "message", update,
-                                                          self._added(update_id, chat_id, user_id, result))
-            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
-                routed = err
-            then(routed)
+            answer(lambda: self._finish(update_id, "message", update, self._added(update_id, chat_id, user_id, result)))
 
         def quarantined(unit: Any) -> None:
-            try:
-                routed: Routed | Exception = self._finish(
-                    update_id, "message", update, Routed("quarantined" if unit.outcome() else "duplicate", "message"))
-            except Exception as err:  # noqa: BLE001 - handed to the caller, which answers for it
-                routed = err
-            then(routed)
+            answer(lambda: self._finish(update_id, "message", update,
+                                        Routed("quarantined" if unit.outcome() else "duplicate", "message")))
 
         self._batches.add_later(update_id, chat_id, user_id, user, item,
                                 lambda: self._flood.should_process(user_id, arrived), added)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import json
 import logging
@@ -703,7 +704,7 @@ class SQLiteStore:
             if not admitted:
                 results[index] = AddResult(new=True, held=True)
         if seen:
-            cur.execute("INSERT INTO seen_updates SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)", (json.dumps(seen),))
+            cur.execute(f"INSERT INTO seen_updates {_json_rows(2)}", (json.dumps(seen),))
         if taken:
             self._batch_messages(cur, adds, taken, results)
         return results  # type: ignore[return-value]
@@ -719,7 +720,7 @@ class SQLiteStore:
             (row[0], row[1]): row[2:] for row in json.loads(cur.execute(
                 "SELECT json_group_array(json_array(chat_id, user_id, batch_id, count, printf('%!.17g', first_at))) "
                 "FROM batches "
-                "WHERE (chat_id, user_id) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+                f"WHERE (chat_id, user_id) IN ({_json_rows(2)})",
                 (json.dumps(keys),)).fetchone()[0])}
         changed: dict[tuple[int, int], list[Any]] = {}  # key -> the batches row to write
         messages: list[tuple[str, int, str]] = []
@@ -727,19 +728,17 @@ class SQLiteStore:
 
         def write() -> None:
             if held:
-                cur.execute("INSERT INTO flood_held SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), 1 "
-                            "FROM json_each(?) WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1",
+                cur.execute(f"INSERT INTO flood_held {_json_rows(2, '1')} WHERE true "
+                            "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1",
                             (json.dumps(held),))
                 held.clear()
             if changed:
-                cur.execute("INSERT INTO batches SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'), json_extract(value, '$[3]'), "
-                            "json_extract(value, '$[4]'), json_extract(value, '$[5]'), json_extract(value, '$[6]') FROM json_each(?) WHERE true "
-                            "ON CONFLICT (chat_id, user_id) DO UPDATE SET last_at=excluded.last_at, "
-                            "count=excluded.count, user_json=excluded.user_json", (json.dumps(list(changed.values())),))
+                cur.execute(f"INSERT INTO batches {_json_rows(7)} WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE "
+                            "SET last_at=excluded.last_at, count=excluded.count, user_json=excluded.user_json",
+                            (json.dumps(list(changed.values())),))
                 changed.clear()
             if messages:
-                cur.execute("INSERT INTO batch_messages SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)",
-                            (json.dumps(messages),))
+                cur.execute(f"INSERT INTO batch_messages {_json_rows(3)}", (json.dumps(messages),))
                 messages.clear()
 
         for index in taken:
@@ -1279,6 +1278,7 @@ class _Unit(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
+@functools.cache
 def _has_json() -> bool:
     """Whether this SQLite has its JSON functions (built in since 3.38, compiled in by nearly every build before)."""
     try:
@@ -1286,6 +1286,14 @@ def _has_json() -> bool:
             return db.execute("SELECT json_group_array(value) FROM json_each('[1]')").fetchone()[0] == "[1]"
     except sqlite3.Error:
         return False
+
+
+@functools.cache
+def _json_rows(columns: int, *more: str) -> str:
+    """A SELECT of one row per element of a JSON array given as its one parameter, each element an array of
+    `columns` values (then the constant columns `more`): a statement's rows passed as one value."""
+    fields = [f"json_extract(value, '$[{index}]')" for index in range(columns)]
+    return f"SELECT {', '.join([*fields, *more])} FROM json_each(?)"
 
 
 _INTEGER = range(-2 ** 63, 2 ** 63)  # what an SQLite INTEGER holds
