@@ -414,13 +414,15 @@ class SQLiteStore:
             self._line.append(unit)
             unit.leads = len(self._line) == 1
         if not unit.leads:
-            if not unit.ready.wait(_LOCK_WAIT_SECONDS):
+            ready = unit.ready
+            assert ready is not None
+            if not ready.wait(_LOCK_WAIT_SECONDS):
                 with self._line_lock:
                     if not unit.taken and not unit.leads:  # still in line behind a stuck group: give up
                         self._line.remove(unit)
                         raise StoreError("state database busy: another thread is waiting for it (locked from "
                                          "outside?)")
-                unit.ready.wait()  # taken into a group (bounded by SQLite's busy timeout), or leading now
+                ready.wait()  # taken into a group (bounded by SQLite's busy timeout), or leading now
             if unit.done:
                 return unit.outcome()
         self._lead()
@@ -434,8 +436,8 @@ class SQLiteStore:
         the thread that committed it: it must be quick and must not call the store. A group whose first unit has
         no caller waiting is led by the `store-committer` thread. Units keep their order in the one line, so a
         unit submitted after another is committed with it or after it."""
-        unit = _Unit(work, True)
-        unit.then, unit.many, unit.args = then, many, args
+        unit = _Unit(work, True, then)
+        unit.many, unit.args = many, args
         with self._line_lock:
             closing = self._closing
             if not closing:
@@ -492,9 +494,10 @@ class SQLiteStore:
                 if successor is not None:
                     successor.leads = True
             for unit in group:
-                unit.ready.set()
+                if unit.ready is not None:
+                    unit.ready.set()
             if successor is not None:
-                if successor.then is None:
+                if successor.ready is not None:
                     successor.ready.set()  # its caller leads next
                 else:
                     self._wake_committer()
@@ -540,7 +543,8 @@ class SQLiteStore:
     def _commit(self, group: list[_Unit[Any]]) -> set[str]:
         """Run `group` in one transaction and commit it; return the targets given new work. Each unit ends
         with its result, or with the error that undid it (a failed commit undoes them all)."""
-        alone = len(group) == 1  # no savepoint needed: a failure rolls back the whole transaction
+        steps = list(_steps(group))
+        alone = len(steps) == 1  # no savepoint needed: a failure rolls back the whole transaction
         woken: set[str] = set()
         committing = False
         with self._lock:
@@ -548,7 +552,7 @@ class SQLiteStore:
                 cur = self._db.cursor()
                 cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
                 self._inside.cursor = cur
-                for step in _steps(group):
+                for step in steps:
                     self._new_work = set()
                     try:
                         if not alone:
@@ -570,7 +574,7 @@ class SQLiteStore:
                         if not self._undo(cur, alone):
                             _fail(group, err)
                             return set()
-                if alone and group[0].error is not None:
+                if not self._db.in_transaction:  # the one step failed and was rolled back: nothing to commit
                     return set()
                 committing = True
                 cur.execute("COMMIT")
@@ -669,8 +673,7 @@ class SQLiteStore:
                 admit: Callable[[], bool] | None) -> "_Adding":
         """What `_add_messages` needs of one message, serialized now: the thread committing everyone's units
         should do only the SQL."""
-        return _Adding(update_id, chat_id, user_id, user, json.dumps(user, ensure_ascii=True, allow_nan=False),
-                       json.dumps(item, ensure_ascii=True, allow_nan=False), now, max_messages, build, admit,
+        return _Adding(update_id, chat_id, user_id, user, _strict_json(user), _strict_json(item), now, max_messages, build, admit,
                        next(self._batch_ids))
 
     def _add_messages(self, cur: sqlite3.Cursor, adds: list["_Adding"]) -> list[AddResult | Exception]:
@@ -1256,14 +1259,16 @@ class _Unit(Generic[T]):
     __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error", "then", "many",
                  "args")
 
-    def __init__(self, work: Callable[[sqlite3.Cursor], T], write: bool) -> None:
+    def __init__(self, work: Callable[[sqlite3.Cursor], T], write: bool,
+                 then: Callable[["_Unit[T]"], None] | None = None) -> None:
         self.work = work
         self.write = write
-        self.ready = threading.Event()  # set when its group is done, or when it is this unit's turn to lead
+        self.then = then  # set for a submitted unit: nobody waits for it, so it has no `ready`
+        # Set when its group is done, or when it is this unit's turn to lead.
+        self.ready: threading.Event | None = threading.Event() if then is None else None
         self.taken = self.leads = self.done = self.committed = False
         self.result: T | None = None
         self.error: BaseException | None = None
-        self.then: Callable[[_Unit[T]], None] | None = None  # set for a submitted unit: nobody waits on `ready`
         # A unit that can be done together with the like units next to it: `many(cursor, [their args])` gives
         # each its result or its error (one failing must not change what the others do).
         self.many: Callable[[sqlite3.Cursor, list[Any]], list[Any]] | None = None
@@ -1276,6 +1281,10 @@ class _Unit(Generic[T]):
         if not self.committed:
             raise StoreError("state database error: the transaction was interrupted")
         return self.result  # type: ignore[return-value]
+
+
+# json.dumps with allow_nan=False would build a new encoder per call: the hot path uses this one.
+_strict_json = json.JSONEncoder(ensure_ascii=True, allow_nan=False).encode
 
 
 @functools.cache

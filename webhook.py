@@ -42,10 +42,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder for every body: json.loads with these options would build a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite_float)
+
+
 def parse_json(raw: bytes) -> Any:
     """Parse a request body as strict JSON: no NaN, Infinity or number overflowing to infinity, which
     nothing downstream could send on."""
-    return json.loads(raw, parse_constant=_no_constants, parse_float=_finite_float)
+    return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 
 def read_body(environ: dict[str, Any], limit: int) -> bytes:

@@ -986,12 +986,45 @@ def test_units_that_wait_together_share_one_commit(tmp_path: Path) -> None:
         thread.join(10)
     ran = list(statements)
     assert ran.count("COMMIT") == 2  # the first group (the holder), then all twelve at once
-    assert ran.count("SAVEPOINT unit") == 1  # the twelve are one step
+    assert "SAVEPOINT unit" not in ran  # the twelve are one step: if it failed, the transaction is undone whole
     # (SQLite's trace repeats a statement for each row its triggers fire on: the counts of open batches)
     writes = [statement.split()[2] for statement in dict.fromkeys(ran) if statement.startswith("INSERT")]
     assert writes == ["seen_updates", "batches", "batch_messages"], writes
     assert all(results[n].new and results[n].batch.count == 1 for n in range(1, 13))
     assert len(store.open_batches()) == 12 and all(store.seen(n) for n in range(1, 13))
+
+
+def test_a_group_written_together_that_fails_is_undone_whole(tmp_path: Path) -> None:
+    """Messages of one group are one step without a savepoint: when their joint write fails (a batch that fills
+    up there and cannot be made into its event), every caller gets the error, the transaction is rolled back
+    with nothing of it stored, and the next group is stored as usual."""
+    store, statements = _commits(tmp_path / "state.sqlite3")
+    release, leader = _hold_the_line(store)
+    outcomes: dict[int, Any] = {}
+
+    def broken(batch: Any, reason: str) -> Any:
+        raise ValueError("cannot build the event")
+
+    def send(update_id: int) -> None:
+        try:
+            outcomes[update_id] = store.add_message(update_id, update_id, update_id, ALICE, item(update_id, "hi"),
+                                                    T0, 1, broken)
+        except ValueError as err:
+            outcomes[update_id] = err
+
+    senders = [threading.Thread(target=send, args=(n,)) for n in range(1, 5)]
+    for sender in senders:
+        sender.start()
+    wait_until(lambda: len(store._line) == 5, what="four units waiting behind the first")
+    statements.clear()
+    release.set()
+    for thread in (leader, *senders):
+        thread.join(10)
+    ran = list(statements)
+    assert ran.count("COMMIT") == 1 and ran.count("ROLLBACK") == 1 and "SAVEPOINT unit" not in ran
+    assert all(isinstance(outcomes[n], ValueError) for n in range(1, 5)), outcomes
+    assert not any(store.seen(n) for n in range(1, 5)) and store.open_batches() == []
+    assert add(store, 9, "later", T0).new and store.seen(9)
 
 
 def test_a_unit_that_fails_is_undone_alone_and_its_group_commits(tmp_path: Path) -> None:
