@@ -522,9 +522,8 @@ def configure_logging(config: Config) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # granian's workers say "Started worker-1" and the like at INFO: nothing an operator acts on.
     logging.getLogger("_granian").setLevel(logging.WARNING)
-    # The line has no source file, line or process in it: each record need not look them up (the logging
-    # HOWTO's "Optimization"; a record per update made these a tenth of the webhook's cost).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    # The line shows no process: a record (one per update) need not look it up (the logging HOWTO's
+    # "Optimization"). The source file and line stay: a log call that cannot be formatted is reported by them.
     logging.logProcesses = logging.logMultiprocessing = False
 
 

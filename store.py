@@ -574,7 +574,8 @@ class SQLiteStore:
                         if not self._undo(cur, alone):
                             _fail(group, err)
                             return set()
-                if not self._db.in_transaction:  # the one step failed and was rolled back: nothing to commit
+                if not self._db.in_transaction:  # the one step failed and was rolled back (or SQLite dropped it)
+                    _fail(group, sqlite3.OperationalError("the transaction was rolled back"))
                     return set()
                 committing = True
                 cur.execute("COMMIT")

@@ -2,7 +2,8 @@
 
 The gateway (`python app.py`, webhook mode, SQLite with synchronous=FULL, default settings otherwise, and
 MAKE_MAX_RATE=0 so the batches drain quickly afterwards) answers 200 only once an update is committed,
-de-duplicated and in its user's batch. The peer is aiogram's own `SimpleRequestHandler` on aiohttp with a
+de-duplicated and in its user's batch. It runs twice: with a Make double that answers each batch in 1 s, as a
+real scenario does, and with one that answers at once. The peer is aiogram's own `SimpleRequestHandler` on aiohttp with a
 handler that does nothing and stores nothing. Both get the same load from `wrk` (2 threads,
 `bench/wrk_updates.lua`: every request a new update id, 500 users). Between runs the gateway's batches are
 delivered, and at the end every message it acknowledged must have reached the Make double exactly once.
@@ -35,6 +36,10 @@ from config import derive_webhook_secret  # noqa: E402
 from doubles import TOKEN, MakeDouble, Service, TelegramDouble, free_port, wait_until  # noqa: E402
 
 CONNECTIONS = (16, 64)
+# The gateway is run twice. Its full batches go to Make during the load: a real scenario takes a second or
+# more to answer, so its calls mostly wait; a Make that answers at once is the worst case, its calls running
+# in Python beside the load (about 1.4 ms of CPU each, most of it httpx).
+GATEWAYS = {"gateway, Make in 1 s": 1.0, "gateway, Make at once": 0.0}
 SCRIPT = ROOT / "bench" / "wrk_updates.lua"
 AIOGRAM_NOOP = """
 import sys
@@ -80,10 +85,13 @@ def gateway_env(tmp: str, telegram: TelegramDouble, make: MakeDouble) -> dict[st
             "FLOOD_MAX_MESSAGES": "100000"}
 
 
-def gateway_runs(seconds: int, settings: dict[str, str] | None = None) -> list[tuple[int, dict[str, float]]]:
+def gateway_runs(seconds: int, settings: dict[str, str] | None = None,
+                 make_latency: float = 0.0) -> list[tuple[int, dict[str, float]]]:
     """The gateway (`python app.py`, with `settings` over the defaults) under each load, its batches delivered
-    between runs, then the check that every acknowledged message reached Make once."""
+    (to a Make double answering each in `make_latency` seconds) between runs, then the check that every
+    acknowledged message reached Make once."""
     telegram, make = TelegramDouble(), MakeDouble()
+    make.latency = make_latency
     runs = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +111,7 @@ def gateway_runs(seconds: int, settings: dict[str, str] | None = None) -> list[t
         telegram.close()
         make.close()
     # wrk does not count the requests still under way when it stops, which the gateway may have stored.
-    print(f"gateway {settings or ''}: {len(ids)} messages reached Make in {len(make.accepted())} batches, "
+    print(f"gateway {settings or ''}(Make answering in {make_latency:g} s): {len(ids)} messages reached Make in {len(make.accepted())} batches, "
           f"{len(ids) - len(set(ids))} twice; wrk counted {acknowledged} acknowledged (+ up to "
           f"{sum(CONNECTIONS) + 16} cut off by its stops, which Telegram would resend)")
     cut_off = sum(CONNECTIONS) + 16
@@ -204,17 +212,19 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("bench/ingest.py needs wrk: apt install wrk (or brew install wrk)")
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
-    ours = gateway_runs(seconds)
-    for connections, f in ours:
-        print(line("gateway (durable)", connections, f), flush=True)
+    ours = {name: gateway_runs(seconds, make_latency=latency) for name, latency in GATEWAYS.items()}
+    for name, runs in ours.items():
+        for connections, f in runs:
+            print(line(name, connections, f), flush=True)
     if not importlib.util.find_spec("aiogram") or not importlib.util.find_spec("waitress"):
         print("aiogram or waitress is not installed (pip install -r bench/requirements.txt): peers left out")
         return
     theirs = peer_runs(seconds)
     for connections, f in theirs:
         print(line("aiogram 3 no-op webhook", connections, f), flush=True)
-    for (connections, mine), (_, peer) in zip(ours, theirs):
-        print(f"  at {connections} connections the gateway takes {mine['rate'] / peer['rate']:.2f}x aiogram's rate")
+    for name, runs in ours.items():
+        for (connections, mine), (_, peer) in zip(runs, theirs):
+            print(f"  {name}, {connections} connections: {mine['rate'] / peer['rate']:.2f}x aiogram's rate")
     for name, connections, f in server_runs(seconds):
         print(line(name, connections, f), flush=True)
 

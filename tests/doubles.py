@@ -133,6 +133,7 @@ class MakeDouble(LocalServer):
         self.overlapping_chats: list[Any] = []
         self._open_chats: dict[Any, int] = {}
         self._gather: tuple[int, float] | None = None
+        self.latency = 0.0  # seconds every unscripted answer takes (a real scenario takes seconds)
         self._gathered = threading.Condition(threading.Lock())
         super().__init__(port)
 
@@ -168,7 +169,7 @@ class MakeDouble(LocalServer):
                 status, reply, *headers = rejected
                 scripted = (status, reply, headers[0] if headers else {}, 0.0)
             else:
-                scripted = self._scripts.pop(0) if self._scripts else (200, "Accepted", {}, 0.0)
+                scripted = self._scripts.pop(0) if self._scripts else (200, "Accepted", {}, self.latency)
         status, reply, reply_headers, delay = scripted
         record = {"json": event, "headers": headers, "status": status, "at": time.monotonic()}
         with self.lock:

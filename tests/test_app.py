@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -324,5 +325,8 @@ def test_a_log_line_that_cannot_be_formatted_is_reported_masked() -> None:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "could not be formatted" in done.stderr and "after" in done.stderr
+    # Each report names the call that went wrong (the script's own lines, as logging found them).
+    reports = [line for line in done.stderr.splitlines() if "could not be formatted" in line]
+    assert len(reports) == 2 and all(re.search(r"\(<string>:\d+\)", line) for line in reports), reports
     for secret in (TOKEN, TOKEN.split(":")[1], webhook_secret):
         assert secret not in done.stderr

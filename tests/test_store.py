@@ -1027,6 +1027,24 @@ def test_a_group_written_together_that_fails_is_undone_whole(tmp_path: Path) -> 
     assert add(store, 9, "later", T0).new and store.seen(9)
 
 
+def test_a_unit_that_hides_a_rollback_is_not_reported_stored(store: SQLiteStore) -> None:
+    """A unit whose work swallows an error after which SQLite rolled the whole transaction back is not told
+    its work is stored: its caller gets a StoreError saying so, and the store goes on."""
+    assert store.record_update(1, T0)
+
+    def hides_it(cur: Any) -> bool:
+        cur.execute("INSERT INTO seen_updates (update_id, received_at) VALUES (2, 0)")
+        try:
+            cur.execute("INSERT OR ROLLBACK INTO seen_updates (update_id, received_at) VALUES (1, 0)")
+        except sqlite3.IntegrityError:
+            pass
+        return True
+
+    with pytest.raises(StoreError, match="rolled back"):
+        store._run(hides_it)
+    assert not store.seen(2) and store.record_update(3, T0)
+
+
 def test_a_unit_that_fails_is_undone_alone_and_its_group_commits(tmp_path: Path) -> None:
     """One unit of a group raises after writing (an event that cannot be serialized): its caller gets the
     error and nothing of it is stored, while the others of its group are stored and answered."""
