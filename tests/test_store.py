@@ -7,7 +7,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pytest
 
@@ -964,27 +964,37 @@ def _commits(path: Path) -> tuple[SQLiteStore, list[str]]:
     return store, statements
 
 
+def _one_group(store: SQLiteStore, statements: list[str], call: Callable[[int], Any], ids: Iterable[int],
+               meanwhile: Callable[[], None] = lambda: None) -> list[str]:
+    """`call(id)` for each of `ids`, each from a thread of its own, all queued behind a held transaction so that
+    they form the next group; `meanwhile()` runs while they wait. The statements that ran after that."""
+    release, leader = _hold_the_line(store)
+    callers = [threading.Thread(target=call, args=(n,)) for n in ids]
+    for caller in callers:
+        caller.start()
+    wait_until(lambda: len(store._line) == len(callers) + 1, what="every unit waiting behind the first")
+    meanwhile()
+    statements.clear()
+    release.set()
+    for thread in (leader, *callers):
+        thread.join(10)
+    return list(statements)
+
+
 def test_units_that_wait_together_share_one_commit(tmp_path: Path) -> None:
     """Twelve messages that arrive while a transaction is under way are stored by one transaction with one
     COMMIT, written together (one statement per table for all twelve, not one per message: each statement
     hands the GIL over and back), and each caller gets its own result after that commit."""
     store, statements = _commits(tmp_path / "state.sqlite3")
-    release, leader = _hold_the_line(store)
     results: dict[int, Any] = {}
 
     def send(update_id: int) -> None:
         results[update_id] = add(store, update_id, f"m{update_id}", T0 + update_id, user_id=update_id)
 
-    senders = [threading.Thread(target=send, args=(n,)) for n in range(1, 13)]
-    for sender in senders:
-        sender.start()
-    wait_until(lambda: len(store._line) == 13, what="twelve units waiting behind the first")
-    assert results == {}  # nobody answered before their group is committed
-    statements.clear()
-    release.set()
-    for thread in (leader, *senders):
-        thread.join(10)
-    ran = list(statements)
+    def nobody_answered() -> None:
+        assert results == {}  # nobody answered before their group is committed
+
+    ran = _one_group(store, statements, send, range(1, 13), nobody_answered)
     assert ran.count("COMMIT") == 2  # the first group (the holder), then all twelve at once
     assert "SAVEPOINT unit" not in ran  # the twelve are one step: if it failed, the transaction is undone whole
     # (SQLite's trace repeats a statement for each row its triggers fire on: the counts of open batches)
@@ -999,7 +1009,6 @@ def test_a_group_written_together_that_fails_is_undone_whole(tmp_path: Path) -> 
     up there and cannot be made into its event), every caller gets the error, the transaction is rolled back
     with nothing of it stored, and the next group is stored as usual."""
     store, statements = _commits(tmp_path / "state.sqlite3")
-    release, leader = _hold_the_line(store)
     outcomes: dict[int, Any] = {}
 
     def broken(batch: Any, reason: str) -> Any:
@@ -1012,15 +1021,7 @@ def test_a_group_written_together_that_fails_is_undone_whole(tmp_path: Path) -> 
         except ValueError as err:
             outcomes[update_id] = err
 
-    senders = [threading.Thread(target=send, args=(n,)) for n in range(1, 5)]
-    for sender in senders:
-        sender.start()
-    wait_until(lambda: len(store._line) == 5, what="four units waiting behind the first")
-    statements.clear()
-    release.set()
-    for thread in (leader, *senders):
-        thread.join(10)
-    ran = list(statements)
+    ran = _one_group(store, statements, send, range(1, 5))
     assert ran.count("COMMIT") == 1 and ran.count("ROLLBACK") == 1 and "SAVEPOINT unit" not in ran
     assert all(isinstance(outcomes[n], ValueError) for n in range(1, 5)), outcomes
     assert not any(store.seen(n) for n in range(1, 5)) and store.open_batches() == []
@@ -1049,7 +1050,6 @@ def test_a_unit_that_fails_is_undone_alone_and_its_group_commits(tmp_path: Path)
     """One unit of a group raises after writing (an event that cannot be serialized): its caller gets the
     error and nothing of it is stored, while the others of its group are stored and answered."""
     store, statements = _commits(tmp_path / "state.sqlite3")
-    release, leader = _hold_the_line(store)
     outcomes: dict[int, Any] = {}
 
     def record(update_id: int) -> None:
@@ -1059,15 +1059,7 @@ def test_a_unit_that_fails_is_undone_alone_and_its_group_commits(tmp_path: Path)
         except ValueError as err:
             outcomes[update_id] = err
 
-    threads = [threading.Thread(target=record, args=(n,)) for n in range(1, 6)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: len(store._line) == 6, what="five units waiting")
-    statements.clear()
-    release.set()
-    for thread in (leader, *threads):
-        thread.join(10)
-    ran = list(statements)
+    ran = _one_group(store, statements, record, range(1, 6))
     assert ran.count("COMMIT") == 2 and ran.count("ROLLBACK TO unit") == 1
     assert isinstance(outcomes[3], ValueError)
     assert [outcomes[n] for n in (1, 2, 4, 5)] == [True] * 4
