@@ -674,8 +674,8 @@ class SQLiteStore:
                 admit: Callable[[], bool] | None) -> "_Adding":
         """What `_add_messages` needs of one message, serialized now: the thread committing everyone's units
         should do only the SQL."""
-        return _Adding(update_id, chat_id, user_id, user, _strict_json(user), _strict_json(item), now, max_messages, build, admit,
-                       next(self._batch_ids))
+        return _Adding(update_id, chat_id, user_id, user, _strict_json(user), _strict_json(item), now, max_messages,
+                       build, admit, next(self._batch_ids))
 
     def _add_messages(self, cur: sqlite3.Cursor, adds: list["_Adding"]) -> list[AddResult | Exception]:
         """Store messages in their batches, in their order, as `add_message` does each; each one's result, or the

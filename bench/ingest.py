@@ -2,9 +2,9 @@
 
 The gateway (`python app.py`, webhook mode, SQLite with synchronous=FULL, default settings otherwise, and
 MAKE_MAX_RATE=0 so the batches drain quickly afterwards) answers 200 only once an update is committed,
-de-duplicated and in its user's batch. It runs twice: with a Make double that answers each batch in 1 s, as a
-real scenario does, and with one that answers at once. The peer is aiogram's own `SimpleRequestHandler` on aiohttp with a
-handler that does nothing and stores nothing. Both get the same load from `wrk` (2 threads,
+de-duplicated and in its user's batch. It runs twice: with a Make double that answers each batch in 1 s, as
+a real scenario does, and with one that answers at once. The peer is aiogram's own `SimpleRequestHandler` on
+aiohttp with a handler that does nothing and stores nothing. Both get the same load from `wrk` (2 threads,
 `bench/wrk_updates.lua`: every request a new update id, 500 users). Between runs the gateway's batches are
 delivered, and at the end every message it acknowledged must have reached the Make double exactly once.
 
@@ -111,7 +111,8 @@ def gateway_runs(seconds: int, settings: dict[str, str] | None = None,
         telegram.close()
         make.close()
     # wrk does not count the requests still under way when it stops, which the gateway may have stored.
-    print(f"gateway {settings or ''}(Make answering in {make_latency:g} s): {len(ids)} messages reached Make in {len(make.accepted())} batches, "
+    print(f"gateway {settings or ''}(Make answering in {make_latency:g} s): {len(ids)} messages reached Make in "
+          f"{len(make.accepted())} batches, "
           f"{len(ids) - len(set(ids))} twice; wrk counted {acknowledged} acknowledged (+ up to "
           f"{sum(CONNECTIONS) + 16} cut off by its stops, which Telegram would resend)")
     cut_off = sum(CONNECTIONS) + 16
