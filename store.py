@@ -916,7 +916,7 @@ class SQLiteStore:
     def retry_with(self, row_id: int, payload: dict[str, Any], next_attempt_at: float, error: str) -> None:
         """Not delivered: try again at `next_attempt_at` with `payload` instead (e.g. a reply without the
         formatting Telegram refused), in the same place in its queue."""
-        body = json.dumps(payload, ensure_ascii=True, allow_nan=False)
+        body = _strict_json(payload)
         def work(cur: sqlite3.Cursor) -> None:
             cur.execute("UPDATE outbox SET status='pending', payload=?, next_attempt_at=?, last_error=? WHERE id=?",
                         (body, next_attempt_at, error, row_id))
@@ -1047,7 +1047,7 @@ class SQLiteStore:
             if not self._mark_seen(cur, update_id, now):
                 return False
             if cur.execute("INSERT OR IGNORE INTO refunds VALUES (?, ?, ?, ?)",
-                           (charge_id, payload, now, json.dumps(body, ensure_ascii=True, allow_nan=False))).rowcount == 0:
+                           (charge_id, payload, now, _strict_json(body))).rowcount == 0:
                 return False
             cur.execute("DELETE FROM paid_payloads WHERE payload=? AND charge_id=?", (payload, charge_id))
             for event in events:
@@ -1116,7 +1116,7 @@ class SQLiteStore:
 
     def _enqueue(self, cur: sqlite3.Cursor, event: NewEvent, now: float) -> bool:
         # Strict here (ValueError, nothing written) so that no stored event can fail to serialize when sent.
-        payload = json.dumps(event.payload, ensure_ascii=True, allow_nan=False)
+        payload = _strict_json(event.payload)
         due = now if event.due_at is None else event.due_at
         if event.replace:
             done = cur.execute("UPDATE outbox SET payload=?, next_attempt_at=? WHERE event_id=? AND status='pending'",
@@ -1284,7 +1284,7 @@ class _Unit(Generic[T]):
         return self.result  # type: ignore[return-value]
 
 
-# json.dumps with allow_nan=False would build a new encoder per call: the hot path uses this one.
+# JSON as the store writes it (ASCII, no NaN): json.dumps with these options would build a new encoder per call.
 _strict_json = json.JSONEncoder(ensure_ascii=True, allow_nan=False).encode
 
 
