@@ -283,50 +283,29 @@ class StoreNotFound(StoreError):
     """There is no state database at the path (a command that only reads or replays found nothing to open)."""
 
 
-class SQLiteStore:
-    """The gateway's durable state in one SQLite database.
+class Store:
+    """The gateway's durable state: every transaction's logic, and the group commit that runs them, once for
+    both databases. A subclass (`SQLiteStore`, `store_postgres.PostgresStore`) connects, keeps the schema, and
+    says in a few statements and hooks how its database differs (the class attributes below)."""
 
-    Error messages name the problem and what to do, but not the path: the caller says which setting it is
-    (`STATE_DB=...: <message>`)."""
+    # The database's errors: a unit failing with one of these fails as a StoreError.
+    _errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    # Where the dialects differ: the update ids among a JSON array's that are stored (one JSON array back)...
+    _KNOWN_UPDATES = ("SELECT json_group_array(update_id) FROM seen_updates "
+                      "WHERE update_id IN (SELECT value FROM json_each(?))")
+    # ...the open batches of a JSON array of [chat, user] pairs (one JSON array of [chat, user, batch id, count,
+    # first_at] back, first_at exact)...
+    _OPEN_BATCHES_OF = ("SELECT json_group_array(json_array(chat_id, user_id, batch_id, count, "
+                        "printf('%!.17g', first_at))) FROM batches WHERE (chat_id, user_id) IN ({pairs})")
+    # ...a batch's messages as one JSON array of [seq, item]...
+    _BATCH_ITEMS = "SELECT json_group_array(json_array(seq, json(item_json))) FROM batch_messages WHERE batch_id=?"
+    # ...and the counts health shows, as (name, n) rows (SQLite keeps them by triggers).
+    _COUNTS = "SELECT name, n FROM counters"
+    _PAYMENTS_COUNT = "SELECT n FROM counters WHERE name = 'payments'"
 
-    def __init__(self, path: str, exclusive: bool = False, *, existing: bool = False, read_only: bool = False,
-                 wal_reset_pages: int = _CHECKPOINT_RESET_PAGES) -> None:
-        """Open (creating if needed) the database at `path`; with `exclusive`, refuse if another process
-        holds it exclusively (a second gateway on the same state would deliver everything twice).
-
-        With `existing` or `read_only` nothing is created or converted: the file must already be a gateway state
-        database of this schema version (`StoreNotFound` if there is none, `StoreError` if it is anything else,
-        the file left as it was). `read_only` opens it for reading only (`dead_events`), so a user who may only
-        read it can, and no write lock is ever taken. `wal_reset_pages`: how long the WAL may grow under writes
-        that never pause before one of them waits for it to start over (see `_Checkpointer`)."""
-        if sqlite3.sqlite_version_info < MIN_SQLITE:
-            raise StoreError(f"SQLite {'.'.join(map(str, MIN_SQLITE))} or newer is needed (UPSERT ... RETURNING); this "
-                             f"Python has {sqlite3.sqlite_version}: run the gateway with a Python built with a newer "
-                             "SQLite (python.org's installers and the official Docker images have one)")
-        if not _has_json():
-            raise StoreError(f"this Python's SQLite {sqlite3.sqlite_version} lacks its JSON functions (JSON1): run the "
-                             "gateway with a Python whose SQLite has them (python.org's installers, the official Docker "
-                             "images and the Linux distributions' Pythons do)")
-        self.path = path
-        self._instance_lock = None
-        self._read_only = read_only
-        if existing or read_only:
-            self._db = _open_existing(path, read_only)
-        else:
-            self._db = self._open(path, exclusive)
-        # SQLite would copy the WAL back into the file inside whichever COMMIT crossed 1,000 pages: a stall of
-        # tens of milliseconds for every request of that group. A thread of its own does it instead.
-        self._checkpointer: _Checkpointer | None = None
-        if path != ":memory:" and not (existing or read_only):
-            try:
-                self._checkpointer = _Checkpointer(path, wal_reset_pages)
-            except sqlite3.Error as err:
-                self._db.close()
-                if self._instance_lock is not None:
-                    self._instance_lock.close()
-                raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
-        # _lock guards _db (sqlite3 connections must not run two statements at once) and _new_work
-        # (the targets the current transaction gave a row to send).
+    def __init__(self) -> None:
+        # _lock guards _db (a connection must not run two statements at once) and _new_work (the targets the
+        # current transaction gave a row to send).
         self._lock = threading.Lock()
         self._new_work: set[str] = set()
         self._listeners: list[Callable[[str], None]] = []
@@ -341,54 +320,50 @@ class SQLiteStore:
         self._closing = False
         # Batch ids: random per process, then counted (uuid4 per message cost a system call and an object).
         self._batch_ids = map(f"{os.urandom(8).hex()}{{:016x}}".format, itertools.count())
+        # The statements that write many messages' rows at once, each taking its rows as one JSON array.
+        self._sql = {
+            "open_batches_of": self._OPEN_BATCHES_OF.format(pairs=self._rows("bigint", "bigint")),
+            "add_seen": f"INSERT INTO seen_updates {self._rows('bigint', 'float8')}",
+            "add_held": (f"INSERT INTO flood_held {self._rows('bigint', 'bigint', extra='1')} WHERE true "
+                         "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = flood_held.held + 1"),
+            "write_batches": (f"INSERT INTO batches {self._rows('text', 'bigint', 'bigint', 'text', 'float8', 'float8', 'bigint')} "
+                              "WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE "
+                              "SET last_at=excluded.last_at, count=excluded.count, user_json=excluded.user_json"),
+            "add_items": f"INSERT INTO batch_messages {self._rows('text', 'bigint', 'text')}",
+        }
 
-    def _open(self, path: str, exclusive: bool) -> sqlite3.Connection:
-        """Open or create the database at `path` and bring its schema up to date (see `__init__`)."""
-        if path != ":memory:":
-            _make_folder(os.path.dirname(os.path.abspath(path)))
-            _check_place(path)
-            if exclusive:
-                self._instance_lock = _lock_instance(path)
-        db: sqlite3.Connection | None = None
-        try:
-            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_SECONDS)
-            # The version is checked before WAL is set: a file that is not ours is refused unchanged.
-            version = self._usable_version(db, path)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            if path != ":memory:":
-                db.execute("PRAGMA wal_autocheckpoint=0")  # the wal-checkpoint thread does it (see __init__)
-            self._migrate(db, version)
-            return db
-        except (sqlite3.Error, StoreError) as err:
-            if db is not None:
-                db.close()
-            if self._instance_lock is not None:
-                self._instance_lock.close()
-            if isinstance(err, StoreError):
-                raise
-            raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
+    # What a subclass provides
 
-    def _usable_version(self, db: sqlite3.Connection, path: str) -> int:
-        """The schema version of `db`, which this gateway may use or upgrade; refuse a file that is not ours."""
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        has_tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
-        if version > SCHEMA_VERSION or (version == 0 and has_tables):
-            raise StoreError(f"the state database has schema version {version}, this gateway needs "
-                             f"{SCHEMA_VERSION}; point STATE_DB at a new file (or keep the gateway that wrote it "
-                             "until its outbox is empty)")
-        # An older gateway may be running on the file, or be rolled back to: only a gateway starting on it
-        # (holding the instance lock) upgrades it, never a command run beside it.
-        if 0 < version < SCHEMA_VERSION and self._instance_lock is None and path != ":memory:":
-            raise StoreError(_upgrade_first(version))
-        return int(version)
+    def _cursor(self) -> Any:
+        """A cursor on the connection, to run one group on (`?` placeholders)."""
+        raise NotImplementedError
 
-    @staticmethod
-    def _migrate(db: sqlite3.Connection, version: int) -> None:
-        """Bring the schema from `version` to SCHEMA_VERSION, one migration per transaction."""
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            # executescript commits first, so a migration and its version number are one explicit transaction.
-            db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
+    def _begin(self, cur: Any, write: bool) -> None:
+        """Begin the group's transaction (`write`: it will write, so take the write lock now if the database
+        has one)."""
+        raise NotImplementedError
+
+    def _in_transaction(self) -> bool:
+        """Whether a transaction is open (perhaps failed, waiting for its rollback)."""
+        raise NotImplementedError
+
+    def _can_commit(self) -> bool:
+        """Whether the open transaction would commit what its units did (a failed one would be rolled back)."""
+        return self._in_transaction()
+
+    def _rows(self, *types: str, extra: str = "") -> str:
+        """A SELECT of one row per element of a JSON array given as its one parameter, each element an array
+        of values of these SQL `types` (then the constant column `extra`, if any): a statement's rows passed as one
+        value."""
+        raise NotImplementedError
+
+    def _after_group(self) -> None:
+        """Called after each group, outside every lock but the leader's turn."""
+
+    def _close_db(self) -> None:
+        """Close the connection (under `_lock`)."""
+        raise NotImplementedError
+
 
     def on_new_work(self, callback: Callable[[str], None]) -> None:
         """Call `callback(target)` after every commit that gave `target` a row to send (wakes its claim loop)."""
@@ -502,30 +477,10 @@ class SQLiteStore:
                 else:
                     self._wake_committer()
             self._continue(group)
-        if self._checkpointer is not None and self._checkpointer.restart_wanted.is_set():
-            self._restart_wal()
+        self._after_group()
         for target in woken:  # after the commit, outside every lock: a listener may use the store at once
             for listener in self._listeners:
                 listener(target)
-
-    def _restart_wal(self) -> None:
-        """Start the WAL over, as the `wal-checkpoint` thread asked, between two transactions of this connection:
-        it is the only writer, so it waits for no writer. It does not wait at all (busy timeout 0): a reader of
-        another process still on an older snapshot makes it give up at once, rather than hold every commit
-        behind it; the next turns ask again."""
-        assert self._checkpointer is not None
-        with self._lock:
-            self._checkpointer.restart_wanted.clear()
-            try:
-                self._db.execute("PRAGMA busy_timeout=0")
-                try:
-                    busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
-                    if not busy:
-                        self._checkpointer.started_over()
-                finally:
-                    self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
-            except sqlite3.Error as err:  # locked from outside, closed: the next turns ask again
-                log.debug("cannot start the WAL over now: %s", err)
 
     def _continue(self, group: list[_Unit[Any]]) -> None:
         """Call the continuations of the group's submitted units, now that it is done."""
@@ -549,8 +504,8 @@ class SQLiteStore:
         committing = False
         with self._lock:
             try:
-                cur = self._db.cursor()
-                cur.execute("BEGIN IMMEDIATE" if any(unit.write for unit in group) else "BEGIN")
+                cur = self._cursor()
+                self._begin(cur, any(unit.write for unit in group))
                 self._inside.cursor = cur
                 for step in steps:
                     self._new_work = set()
@@ -570,19 +525,20 @@ class SQLiteStore:
                         for unit in step:
                             unit.result = None
                             unit.error = StoreError(f"state database error: {err}") if isinstance(
-                                err, sqlite3.Error) else err
+                                err, self._errors) else err
                         if not self._undo(cur, alone):
                             _fail(group, err)
                             return set()
-                if not self._db.in_transaction:  # the one step failed and was rolled back (or SQLite dropped it)
-                    _fail(group, sqlite3.OperationalError("the transaction was rolled back"))
+                if not self._can_commit():  # the one step failed and was rolled back (or the database dropped it)
+                    self._rollback()  # (PostgreSQL keeps a failed transaction open until told)
+                    _fail(group, RuntimeError("the transaction was rolled back"))
                     return set()
                 committing = True
                 cur.execute("COMMIT")
                 for unit in group:
                     unit.committed = unit.error is None
                 return woken
-            except sqlite3.Error as err:  # BEGIN, a savepoint or the commit failed: nothing of the group is stored
+            except self._errors as err:  # BEGIN, a savepoint or the commit failed: nothing of the group is stored
                 self._rollback()
                 _fail(group, err)
                 return set()
@@ -592,7 +548,7 @@ class SQLiteStore:
                 # the interrupt is the leader's, so it goes on here, never handed to that other thread. A
                 # transaction left open would refuse every later group: if the COMMIT went through the group is
                 # stored, otherwise it is undone; the units not settled are told they were interrupted.
-                if committing and not self._db.in_transaction:
+                if committing and not self._in_transaction():
                     for unit in group:
                         unit.committed = unit.error is None
                 else:
@@ -603,26 +559,23 @@ class SQLiteStore:
                 self._new_work = set()
 
     def _undo(self, cur: sqlite3.Cursor, alone: bool) -> bool:
-        """Undo the unit that just failed; False if the whole transaction is gone (SQLite rolled it back)."""
+        """Undo the unit that just failed; False if the whole transaction is gone (the database rolled it back)."""
         if alone:
             self._rollback()
             return True
-        if not self._db.in_transaction:
+        if not self._in_transaction():
             return False
         try:
             cur.execute("ROLLBACK TO unit")
             cur.execute("RELEASE unit")
             return True
-        except sqlite3.Error:
+        except self._errors:
             self._rollback()
             return False
 
     def _rollback(self) -> None:
-        try:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
+        """Roll back the open transaction, if any; a failure here is ignored (the database discards it anyway)."""
+        raise NotImplementedError
 
     # Updates
 
@@ -686,13 +639,12 @@ class SQLiteStore:
         written with one statement per table, each taking its rows as one JSON array."""
         results: list[AddResult | Exception | None] = [None] * len(adds)
         known = set(json.loads(cur.execute(
-            "SELECT json_group_array(update_id) FROM seen_updates WHERE update_id IN (SELECT value FROM json_each(?))",
-            (json.dumps([add.update_id for add in adds if _fits(add)]),)).fetchone()[0]))
+            self._KNOWN_UPDATES, (json.dumps([add.update_id for add in adds if _fits(add)]),)).fetchone()[0]))
         seen: list[tuple[int, float]] = []
         taken: list[int] = []
         for index, add in enumerate(adds):
             if not _fits(add):
-                results[index] = OverflowError("Python int too large to convert to SQLite INTEGER")
+                results[index] = OverflowError("Python int too large to convert to a 64-bit INTEGER")
                 continue
             if add.update_id in known:
                 results[index] = AddResult(new=False)
@@ -708,7 +660,7 @@ class SQLiteStore:
             if not admitted:
                 results[index] = AddResult(new=True, held=True)
         if seen:
-            cur.execute(f"INSERT INTO seen_updates {_json_rows(2)}", (json.dumps(seen),))
+            cur.execute(self._sql["add_seen"], (json.dumps(seen),))
         if taken:
             self._batch_messages(cur, adds, taken, results)
         return results  # type: ignore[return-value]
@@ -722,27 +674,20 @@ class SQLiteStore:
         # key -> [batch_id, count, first_at] of its open batch
         batches: dict[tuple[int, int], list[Any]] = {
             (row[0], row[1]): row[2:] for row in json.loads(cur.execute(
-                "SELECT json_group_array(json_array(chat_id, user_id, batch_id, count, printf('%!.17g', first_at))) "
-                "FROM batches "
-                f"WHERE (chat_id, user_id) IN ({_json_rows(2)})",
-                (json.dumps(keys),)).fetchone()[0])}
+                self._sql["open_batches_of"], (json.dumps(keys),)).fetchone()[0])}
         changed: dict[tuple[int, int], list[Any]] = {}  # key -> the batches row to write
         messages: list[tuple[str, int, str]] = []
         held: list[tuple[int, int]] = []
 
         def write() -> None:
             if held:
-                cur.execute(f"INSERT INTO flood_held {_json_rows(2, '1')} WHERE true "
-                            "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = held + 1",
-                            (json.dumps(held),))
+                cur.execute(self._sql["add_held"], (json.dumps(held),))
                 held.clear()
             if changed:
-                cur.execute(f"INSERT INTO batches {_json_rows(7)} WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE "
-                            "SET last_at=excluded.last_at, count=excluded.count, user_json=excluded.user_json",
-                            (json.dumps(list(changed.values())),))
+                cur.execute(self._sql["write_batches"], (json.dumps(list(changed.values())),))
                 changed.clear()
             if messages:
-                cur.execute(f"INSERT INTO batch_messages {_json_rows(3)}", (json.dumps(messages),))
+                cur.execute(self._sql["add_items"], (json.dumps(messages),))
                 messages.clear()
 
         for index in taken:
@@ -894,8 +839,8 @@ class SQLiteStore:
             if found is not None:
                 self._promote(cur, *found)
                 if next_not_before is not None:  # pacing: the chat's next message waits its turn, durably
-                    cur.execute("UPDATE outbox SET next_attempt_at = MAX(next_attempt_at, ?) WHERE order_key=? "
-                                "AND is_head=1 AND status='pending'", (next_not_before, found[0]))
+                    cur.execute("UPDATE outbox SET next_attempt_at = ? WHERE order_key=? AND is_head=1 "
+                                "AND status='pending' AND next_attempt_at < ?", (next_not_before, found[0], next_not_before))
             return {event.event_id for event in followups if self._enqueue(cur, event, now)}
         return self._run(work)
 
@@ -933,17 +878,17 @@ class SQLiteStore:
         """Pending, in-flight and dead counts, and the oldest undelivered event's age in seconds (read from
         counters and an index: as cheap with a backlog of 100,000 as with none)."""
         def work(cur: sqlite3.Cursor) -> tuple[dict[str, int], float | None]:
-            counts = dict(cur.execute("SELECT name, n FROM counters").fetchall())
+            counts = dict(cur.execute(self._COUNTS).fetchall())
             oldest = cur.execute("SELECT MIN(created_at) FROM outbox WHERE status IN ('pending', 'inflight')"
                                  ).fetchone()[0]
             return counts, oldest
         counts, oldest = self._run(work, write=False)
         return {
-            "outbox_pending": counts["outbox:pending"] + counts["outbox:inflight"],
-            "outbox_inflight": counts["outbox:inflight"],
-            "outbox_dead": counts["outbox:dead"],
+            "outbox_pending": counts.get("outbox:pending", 0) + counts.get("outbox:inflight", 0),
+            "outbox_inflight": counts.get("outbox:inflight", 0),
+            "outbox_dead": counts.get("outbox:dead", 0),
             "outbox_oldest_age_seconds": round(now - oldest, 3) if oldest is not None else None,
-            "stored_open_batches": counts["batches"],
+            "stored_open_batches": counts.get("batches", 0),
         }
 
     def dead_events(self) -> list[OutboxRow]:
@@ -1029,7 +974,7 @@ class SQLiteStore:
                          json.dumps(body, ensure_ascii=True)))
             if recurring:
                 # Renewals repeat the payload, and other subscribers share it: the buyer's own checkout is done.
-                cur.execute("INSERT OR IGNORE INTO subscription_payloads VALUES (?, ?)", (payload, now))
+                cur.execute("INSERT INTO subscription_payloads VALUES (?, ?) ON CONFLICT DO NOTHING", (payload, now))
                 cur.execute("DELETE FROM checkout_holds WHERE payload=? AND user_id=?", (payload, user_id))
             else:
                 if not duplicate:
@@ -1046,7 +991,7 @@ class SQLiteStore:
         def work(cur: sqlite3.Cursor) -> bool:
             if not self._mark_seen(cur, update_id, now):
                 return False
-            if cur.execute("INSERT OR IGNORE INTO refunds VALUES (?, ?, ?, ?)",
+            if cur.execute("INSERT INTO refunds VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            (charge_id, payload, now, _strict_json(body))).rowcount == 0:
                 return False
             cur.execute("DELETE FROM paid_payloads WHERE payload=? AND charge_id=?", (payload, charge_id))
@@ -1058,7 +1003,7 @@ class SQLiteStore:
     def payments_count(self) -> int:
         """How many payments are recorded (a kept count, not a scan)."""
         def work(cur: sqlite3.Cursor) -> int:
-            return cur.execute("SELECT n FROM counters WHERE name = 'payments'").fetchone()[0]
+            return cur.execute(self._PAYMENTS_COUNT).fetchone()[0]
         return self._run(work, write=False)
 
     def check_writable(self, now: float) -> None:
@@ -1101,18 +1046,15 @@ class SQLiteStore:
         if self._committer is not None:
             self._committer_wake.set()
             self._committer.join(max(0.0, deadline - time.monotonic()))
-        if self._checkpointer is not None:
-            self._checkpointer.close()
         with self._lock:
-            self._db.close()
-            if self._instance_lock is not None:
-                self._instance_lock.close()
+            self._close_db()
 
     # Inside a transaction
 
     @staticmethod
     def _mark_seen(cur: sqlite3.Cursor, update_id: int, now: float) -> bool:
-        return cur.execute("INSERT OR IGNORE INTO seen_updates VALUES (?, ?)", (update_id, now)).rowcount == 1
+        return cur.execute("INSERT INTO seen_updates VALUES (?, ?) ON CONFLICT DO NOTHING",
+                           (update_id, now)).rowcount == 1
 
     def _enqueue(self, cur: sqlite3.Cursor, event: NewEvent, now: float) -> bool:
         # Strict here (ValueError, nothing written) so that no stored event can fail to serialize when sent.
@@ -1126,8 +1068,8 @@ class SQLiteStore:
             head = cur.execute("SELECT 1 FROM outbox WHERE order_key=? AND status IN ('pending', 'inflight') LIMIT 1",
                                (event.order_key,)).fetchone() is None
             done = cur.execute(
-                "INSERT OR IGNORE INTO outbox (event_id, order_key, event_type, target, payload, created_at, "
-                "next_attempt_at, is_head) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO outbox (event_id, order_key, event_type, target, payload, created_at, "
+                "next_attempt_at, is_head) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (event.event_id, event.order_key, event.event_type, event.target, payload, now, due,
                  int(head))).rowcount == 1
         if done:
@@ -1139,17 +1081,14 @@ class SQLiteStore:
         if cur.execute(_PROMOTE_HEAD, (order_key,)).rowcount:
             self._new_work.add(target)
 
-    @staticmethod
-    def _load_batch(cur: sqlite3.Cursor, chat_id: int, user_id: int) -> BatchRow | None:
+    def _load_batch(self, cur: sqlite3.Cursor, chat_id: int, user_id: int) -> BatchRow | None:
         row = cur.execute("SELECT batch_id, user_json, first_at, last_at, count FROM batches "
                           "WHERE chat_id=? AND user_id=?", (chat_id, user_id)).fetchone()
         if row is None:
             return None
         # One row, not one per message: each row fetched hands the GIL over and back, and the thread closing a
         # batch may be committing everyone's group. An aggregate's order is unspecified, hence the seq to sort by.
-        pairs = json.loads(cur.execute(
-            "SELECT json_group_array(json_array(seq, json(item_json))) FROM batch_messages WHERE batch_id=?",
-            (row[0],)).fetchone()[0])
+        pairs = json.loads(cur.execute(self._BATCH_ITEMS, (row[0],)).fetchone()[0])
         items = [item for _, item in sorted(pairs, key=lambda pair: pair[0])]
         held = cur.execute("SELECT held FROM flood_held WHERE chat_id=? AND user_id=?",
                            (chat_id, user_id)).fetchone()
@@ -1170,6 +1109,148 @@ class SQLiteStore:
         r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error "
                         "FROM outbox WHERE id=?", (row_id,)).fetchone()
         return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+
+
+class SQLiteStore(Store):
+    """The gateway's durable state in one SQLite database.
+
+    Error messages name the problem and what to do, but not the path: the caller says which setting it is
+    (`STATE_DB=...: <message>`)."""
+
+    def __init__(self, path: str, exclusive: bool = False, *, existing: bool = False, read_only: bool = False,
+                 wal_reset_pages: int = _CHECKPOINT_RESET_PAGES) -> None:
+        """Open (creating if needed) the database at `path`; with `exclusive`, refuse if another process
+        holds it exclusively (a second gateway on the same state would deliver everything twice).
+
+        With `existing` or `read_only` nothing is created or converted: the file must already be a gateway state
+        database of this schema version (`StoreNotFound` if there is none, `StoreError` if it is anything else,
+        the file left as it was). `read_only` opens it for reading only (`dead_events`), so a user who may only
+        read it can, and no write lock is ever taken. `wal_reset_pages`: how long the WAL may grow under writes
+        that never pause before one of them waits for it to start over (see `_Checkpointer`)."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE:
+            raise StoreError(f"SQLite {'.'.join(map(str, MIN_SQLITE))} or newer is needed (UPSERT ... RETURNING); this "
+                             f"Python has {sqlite3.sqlite_version}: run the gateway with a Python built with a newer "
+                             "SQLite (python.org's installers and the official Docker images have one)")
+        if not _has_json():
+            raise StoreError(f"this Python's SQLite {sqlite3.sqlite_version} lacks its JSON functions (JSON1): run the "
+                             "gateway with a Python whose SQLite has them (python.org's installers, the official Docker "
+                             "images and the Linux distributions' Pythons do)")
+        super().__init__()
+        self.path = path
+        self._instance_lock = None
+        self._read_only = read_only
+        if existing or read_only:
+            self._db = _open_existing(path, read_only)
+        else:
+            self._db = self._open(path, exclusive)
+        # SQLite would copy the WAL back into the file inside whichever COMMIT crossed 1,000 pages: a stall of
+        # tens of milliseconds for every request of that group. A thread of its own does it instead.
+        self._checkpointer: _Checkpointer | None = None
+        if path != ":memory:" and not (existing or read_only):
+            try:
+                self._checkpointer = _Checkpointer(path, wal_reset_pages)
+            except sqlite3.Error as err:
+                self._db.close()
+                if self._instance_lock is not None:
+                    self._instance_lock.close()
+                raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
+
+    def _open(self, path: str, exclusive: bool) -> sqlite3.Connection:
+        """Open or create the database at `path` and bring its schema up to date (see `__init__`)."""
+        if path != ":memory:":
+            _make_folder(os.path.dirname(os.path.abspath(path)))
+            _check_place(path)
+            if exclusive:
+                self._instance_lock = _lock_instance(path)
+        db: sqlite3.Connection | None = None
+        try:
+            db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_SECONDS)
+            # The version is checked before WAL is set: a file that is not ours is refused unchanged.
+            version = self._usable_version(db, path)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            if path != ":memory:":
+                db.execute("PRAGMA wal_autocheckpoint=0")  # the wal-checkpoint thread does it (see __init__)
+            self._migrate(db, version)
+            return db
+        except (sqlite3.Error, StoreError) as err:
+            if db is not None:
+                db.close()
+            if self._instance_lock is not None:
+                self._instance_lock.close()
+            if isinstance(err, StoreError):
+                raise
+            raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
+
+    def _usable_version(self, db: sqlite3.Connection, path: str) -> int:
+        """The schema version of `db`, which this gateway may use or upgrade; refuse a file that is not ours."""
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        has_tables = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type='table'").fetchone()[0]
+        if version > SCHEMA_VERSION or (version == 0 and has_tables):
+            raise StoreError(f"the state database has schema version {version}, this gateway needs "
+                             f"{SCHEMA_VERSION}; point STATE_DB at a new file (or keep the gateway that wrote it "
+                             "until its outbox is empty)")
+        # An older gateway may be running on the file, or be rolled back to: only a gateway starting on it
+        # (holding the instance lock) upgrades it, never a command run beside it.
+        if 0 < version < SCHEMA_VERSION and self._instance_lock is None and path != ":memory:":
+            raise StoreError(_upgrade_first(version))
+        return int(version)
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection, version: int) -> None:
+        """Bring the schema from `version` to SCHEMA_VERSION, one migration per transaction."""
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            # executescript commits first, so a migration and its version number are one explicit transaction.
+            db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[target - 1]}; PRAGMA user_version={target}; COMMIT;")
+
+    def _restart_wal(self) -> None:
+        """Start the WAL over, as the `wal-checkpoint` thread asked, between two transactions of this connection:
+        it is the only writer, so it waits for no writer. It does not wait at all (busy timeout 0): a reader of
+        another process still on an older snapshot makes it give up at once, rather than hold every commit
+        behind it; the next turns ask again."""
+        assert self._checkpointer is not None
+        with self._lock:
+            self._checkpointer.restart_wanted.clear()
+            try:
+                self._db.execute("PRAGMA busy_timeout=0")
+                try:
+                    busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0]
+                    if not busy:
+                        self._checkpointer.started_over()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_SECONDS * 1000)}")
+            except sqlite3.Error as err:  # locked from outside, closed: the next turns ask again
+                log.debug("cannot start the WAL over now: %s", err)
+
+    def _cursor(self) -> sqlite3.Cursor:
+        return self._db.cursor()
+
+    def _begin(self, cur: sqlite3.Cursor, write: bool) -> None:
+        cur.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def _in_transaction(self) -> bool:
+        return self._db.in_transaction
+
+    def _rows(self, *types: str, extra: str = "") -> str:
+        return _json_rows(len(types), *([extra] if extra else []))
+
+    def _after_group(self) -> None:
+        if self._checkpointer is not None and self._checkpointer.restart_wanted.is_set():
+            self._restart_wal()
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # closed, or the rollback failed too: SQLite discards the transaction anyway
+
+    def _close_db(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+        self._db.close()
+        if self._instance_lock is not None:
+            self._instance_lock.close()
 
 
 class _Checkpointer:

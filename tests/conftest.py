@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from doubles import TOKEN, MakeDouble, Service, TelegramDouble  # noqa: E402
+from postgres import PostgresServer, server_binaries  # noqa: E402
 
 SAMPLES = Path(__file__).resolve().parent / "data" / "telegram_updates.json"
 
@@ -76,3 +77,22 @@ def start_service(tmp_path: Path, service_env: dict[str, str]) -> Iterator[Calla
 def samples() -> list[dict]:
     """The 80 real updates of shared/data."""
     return json.loads(SAMPLES.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL for this test process (each xdist worker has its own), stopped and removed at the end.
+    Skipped where Debian's `postgresql` is not installed (`.ci/run` installs it)."""
+    binaries = server_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(binaries)
+    server.start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The URL of a fresh, empty database on the tests' PostgreSQL."""
+    return postgres_server.new_database()
