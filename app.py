@@ -37,7 +37,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from batching import BatchManager
-from config import Config, ConfigError
+from config import Config, ConfigError, shown_url
 from debounce import DebounceManager, DebounceSettings
 from http_server import MAX_BODY_BYTES, BodySlotsTaken, HTTPServer, listen_problem, listening_urls
 from delivery import DeliveryWorkers
@@ -50,7 +50,7 @@ from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, PartOutcome, Reply, Repl
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from samples import send_samples
-from store import BatchRow, SQLiteStore, StoreError, StoreNotFound
+from store import BatchRow, SQLiteStore, StoreError, StoreNotFound, lock_instance, open_store
 from telegram_api import (BadRequest, InvalidToken, RedactingStream, RetryAfter, TelegramClient,
                           TelegramError, printable, redact)
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
@@ -110,7 +110,7 @@ class Gateway:
         self.config = config
         self.started_at = time.time()
         self.metrics = GatewayMetrics()
-        self.store = SQLiteStore(config.state_db, exclusive=True)
+        self.store = open_store(config)
         self.telegram = TelegramClient(config.bot_token, config.telegram_api_url, observe=self._count_call)
         self.make = MakeClient(config.make_webhook_url, timeout=config.make_timeout_seconds,
                                max_connections=config.make_max_concurrency)
@@ -209,7 +209,7 @@ class Gateway:
             log.warning("%d outbox queue(s) had no head; their oldest events head them again", repaired)
         restored = self.batches.restore()
         if restored:
-            log.info("reloaded %d open batch(es) from %s", restored, self.config.state_db)
+            log.info("reloaded %d open batch(es) from %s", restored, self.config.state_setting())
         self.payments.start()
         self.telegram_outbox.start()
         self.callback_answers.start()
@@ -218,7 +218,7 @@ class Gateway:
         self.typing.start_thread()
         if self.config.mode == "polling":
             self.poller = Poller(self.telegram, self.router, timeout=self.config.poll_timeout_seconds,
-                                 allowed_updates=allowed_updates(self.config))
+                                 allowed_updates=allowed_updates(self.config), turn=self.store.poller_turn)
             self.poller.start()
         else:
             self._registrar = threading.Thread(target=self._register_webhook, name="webhook-register", daemon=True)
@@ -286,6 +286,9 @@ class Gateway:
         report: dict[str, Any] = {
             "status": status,
             "mode": self.config.mode,
+            # Several instances may share PostgreSQL: in polling mode one of them polls, the others stand by.
+            "database": "postgresql" if self.config.database_url else "sqlite",
+            "polling": self.poller.polling if self.poller is not None else None,
             "last_update_id": self.router.last_update_id,
             "active_batches": self.batches.active_batches,
             "batch_timers": self.batches.scheduled_deadlines,
@@ -775,7 +778,7 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
     try:
         app = create_app(config)
     except StoreError as err:  # a folder, a device, no access, a foreign file, another gateway on it...
-        raise StartError(f"STATE_DB={config.state_db}: {err}") from None
+        raise StartError(f"{config.state_setting()}: {err}") from None
     except KeyboardInterrupt:  # nothing of the gateway runs yet; the process's exit releases what it opened
         signals.stopping = True
         log.info("stopping")
@@ -822,7 +825,8 @@ def _serve(config: Config, signals: _StopSignal, setup: Callable[[Flask, Gateway
         server.start()
         # A HOST naming several addresses (localhost: 127.0.0.1 and ::1) has one listening socket each.
         urls = listening_urls(server)
-        log.info("listening on %s (mode %s, state %s)", urls[0], config.mode, config.state_db)
+        log.info("listening on %s (mode %s, state %s)", urls[0], config.mode,
+                 shown_url(config.database_url) if config.database_url else config.state_db)
         for url in urls[1:]:
             log.info("also listening on %s", url)
         if on_listening is not None:
@@ -853,9 +857,12 @@ class CommandNeeds:
 
 
 _BOT_API = ("BOT_TOKEN", "TELEGRAM_API_URL", "LOG_LEVEL")
+_STATE = ("STATE_DB", "DATABASE_URL", "DATABASE_DURABILITY", "POLL_TIMEOUT_SECONDS", "LOG_LEVEL")
 COMMAND_NEEDS = {
-    "dead-letters": CommandNeeds(("STATE_DB", "LOG_LEVEL")),
-    "replay-dead": CommandNeeds(("STATE_DB", "LOG_LEVEL")),
+    "dead-letters": CommandNeeds(_STATE),
+    "migrate": CommandNeeds(_STATE),
+    "copy-state": CommandNeeds(_STATE, ("DATABASE_URL",)),
+    "replay-dead": CommandNeeds(_STATE),
     "webhook-info": CommandNeeds(_BOT_API, ("BOT_TOKEN",)),
     "delete-webhook": CommandNeeds(_BOT_API, ("BOT_TOKEN",)),
     "set-webhook": CommandNeeds(_BOT_API + ("WEBHOOK_URL", "WEBHOOK_SECRET", "FORWARD_UPDATE_KINDS"),
@@ -881,6 +888,12 @@ def _cli(argv: list[str] | None = None) -> argparse.Namespace:
     dw.add_argument("--drop-pending-updates", action="store_true", help="discard updates Telegram holds")
     sub.add_parser("dead-letters", help="list events Make never accepted, e.g. `python app.py dead-letters`")
     sub.add_parser("replay-dead", help="queue every dead letter again, e.g. `python app.py replay-dead`")
+    sub.add_parser("migrate", help="create or upgrade the state's schema (DATABASE_URL, else STATE_DB) and exit; "
+                                   "every start does it too")
+    cs = sub.add_parser("copy-state", help="copy a single-instance gateway's state (stop it first) into the empty "
+                                           "PostgreSQL database of DATABASE_URL, e.g. `python app.py copy-state "
+                                           "--from data/state.sqlite3`")
+    cs.add_argument("--from", dest="source", required=True, help="the stopped gateway's STATE_DB file")
     ss = sub.add_parser("send-sample", help="post a sample message_batch event (marked \"sample\": true) to "
                                             "MAKE_WEBHOOK_URL, for Make's \"Redetermine data structure\", e.g. "
                                             "`python app.py send-sample --all`")
@@ -902,6 +915,13 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
     try:
         if args.command in ("dead-letters", "replay-dead"):
             return _dead_letters(config, replay=args.command == "replay-dead")
+        if args.command == "migrate":
+            store = open_store(config)
+            store.close()
+            print(f"the state's schema is up to date ({config.state_setting()})")
+            return 0
+        if args.command == "copy-state":
+            return _copy_state(config, args.source)
         if args.command == "send-sample":
             return send_samples(config, every_type=args.all)
         client = TelegramClient(config.bot_token, config.telegram_api_url)
@@ -924,7 +944,7 @@ def run_command(args: argparse.Namespace, config: Config) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except StoreError as err:
-        print(f"error: STATE_DB={config.state_db}: {err}", file=sys.stderr)
+        print(f"error: {config.state_setting()}: {err}", file=sys.stderr)
         return 1
     return 0
 
@@ -933,15 +953,16 @@ def _dead_letters(config: Config, replay: bool) -> int:
     """`dead-letters` (list them) or `replay-dead` (queue them again), on an existing state database of this
     version only: nothing is created or converted, so a command that finds nothing, or a file that is not the
     gateway's, is left as it was. `dead-letters` only reads (a user who may only read the file can list)."""
-    if config.state_db == ":memory:":
+    if config.state_db == ":memory:" and not config.database_url:
         print("error: STATE_DB is :memory:, which nothing outlives: no gateway has stored anything there; run this "
               "where the gateway runs, with its STATE_DB", file=sys.stderr)
         return 1
+    setting = "DATABASE_URL" if config.database_url else "STATE_DB"
     try:
-        store = SQLiteStore(config.state_db, existing=True, read_only=not replay)
+        store = open_store(config, existing=True, read_only=not replay)
     except StoreNotFound as err:
-        print(f"error: STATE_DB={config.state_db}: {err}: no gateway has stored anything there; run this where the "
-              "gateway runs, with its STATE_DB", file=sys.stderr)
+        print(f"error: {config.state_setting()}: {err}: no gateway has stored anything there; run this where the "
+              f"gateway runs, with its {setting}", file=sys.stderr)
         return 1
     try:
         if replay:
@@ -955,6 +976,37 @@ def _dead_letters(config: Config, replay: bool) -> int:
             print("no dead letters")
     finally:
         store.close()
+    return 0
+
+
+def _copy_state(config: Config, source_path: str) -> int:
+    """`copy-state --from FILE`: the stopped gateway's SQLite state into the empty database of DATABASE_URL."""
+    from store_postgres import copy_state  # only this command and a PostgreSQL deployment need psycopg
+    try:
+        source = SQLiteStore(source_path, existing=True, read_only=True)
+    except StoreError as err:
+        print(f"error: --from {source_path}: {err}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            holder = lock_instance(source_path)  # held while copying: no gateway may start on the file meanwhile
+        except StoreError as err:
+            print(f"error: --from {source_path}: {err}; copy-state copies a stopped gateway's state, so that nothing "
+                  "changes behind the copy", file=sys.stderr)
+            return 1
+        try:
+            target = open_store(config)
+            try:
+                copied = copy_state(source, target)
+            finally:
+                target.close()
+        finally:
+            holder.close()
+    finally:
+        source.close()
+    print(f"copied {source_path} into {config.state_setting()}: " + ", ".join(
+        f"{count} {table}" for table, count in copied.items() if count) + "; start the gateway with DATABASE_URL "
+          "now, and keep the old file until it has run a while")
     return 0
 
 

@@ -27,6 +27,11 @@ Key = tuple[int, int]  # (chat_id, user_id)
 # batch (plus _COMPACT_FLOOR, so a handful of batches never rebuild it on every push).
 _COMPACT_AT = 3
 _COMPACT_FLOOR = 64
+# On a database several instances share, each instance times the batches it stored, and every few seconds
+# sweeps the store for batches overdue by more than the grace (their instance died or was cut off). The grace
+# also covers the instances' clocks being a little apart (they are checked at start).
+SWEEP_SECONDS = 2.0
+SWEEP_GRACE_SECONDS = 5.0
 
 
 def build_batch_event(batch: BatchRow, reason: str) -> NewEvent:
@@ -107,7 +112,11 @@ class BatchManager:
         return result
 
     def restore(self) -> int:
-        """Reschedule the open batches found in the store; close the overdue ones now with reason `restart`."""
+        """Reschedule the open batches found in the store; close the overdue ones now with reason `restart`.
+        On a shared database the other instances time their own batches, and the sweep takes those nobody
+        times: nothing to do."""
+        if self._store.shared:
+            return 0
         now = self._clock()
         batches = self._store.open_batches()
         for batch in batches:
@@ -119,7 +128,10 @@ class BatchManager:
         return len(batches)
 
     def has_open(self, chat_id: int, user_id: int) -> bool:
-        """True while the user has an open batch in `chat_id` (this process times its deadline)."""
+        """True while the user has an open batch in `chat_id` (this process times its deadline; on a shared
+        database another instance may have stored it, so only the store can say: True)."""
+        if self._store.shared:
+            return True
         with self._lock:
             return (chat_id, user_id) in self._generation
 
@@ -205,14 +217,40 @@ class BatchManager:
                 self._generation.pop(key, None)
 
     def _run(self) -> None:
+        next_sweep = self._monotonic() + SWEEP_SECONDS
         while not self._stopping.is_set():
             try:
                 wait = self._close_due()
             except Exception:
                 log.exception("batch scheduler pass failed; retrying in 1 s")
                 wait = 1.0
+            if self._store.shared:
+                if self._monotonic() >= next_sweep:
+                    next_sweep = self._monotonic() + SWEEP_SECONDS
+                    try:
+                        self.sweep()
+                    except Exception:
+                        log.exception("sweeping for overdue batches failed; again in %g s", SWEEP_SECONDS)
+                wait = min(wait, max(0.0, next_sweep - self._monotonic()))
             self._wakeup.wait(wait)
             self._wakeup.clear()
+
+    def sweep(self) -> int:
+        """Close the batches in the store overdue by more than the grace, whoever stored them (reason `restart`:
+        they outlived their instance, as batches outlive a restart); return how many were closed."""
+        grace = SWEEP_GRACE_SECONDS
+
+        def due(batch: BatchRow, now: float) -> tuple[float, str]:
+            at, _ = deadline(batch.first_at, batch.last_at, batch.count, self._settings)
+            return at + grace, "restart"
+
+        closed = self._store.close_due_batches(self._clock(), self._settings.debounce_seconds + grace,
+                                               self._settings.max_wait_seconds + grace, due, build_batch_event)
+        for batch in closed:
+            log.info("batch closed: chat %s user %s, %d message(s), reason restart (overdue: no instance timed it)",
+                     batch.chat_id, batch.user_id, batch.count)
+            self._on_closed(batch, "restart")
+        return len(closed)
 
     def _close_due(self) -> float:
         """Close every batch whose deadline has come; return seconds until the next deadline."""

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Collection, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -115,6 +115,8 @@ class Config:
     text_admin_renewal: str = "🔁 Продление подписки"
     health_max_outbox_age_seconds: float = 300.0
     state_db: str = "data/state.sqlite3"
+    database_url: str = ""  # postgresql://...: several instances share it (state_db is then not used)
+    database_durability: str = "strict"
     reply_token: str = ""
     reply_format: str = "plain"
     log_level: str = "INFO"
@@ -157,9 +159,17 @@ class Config:
                 "(Make calls in flight at once); rename it"]
 
     def secrets(self) -> tuple[str, ...]:
-        """Every value that must never be printed: the token (and its secret part), the webhook secret and the
-        reply token."""
-        return (*_token_secrets(self.bot_token), self.webhook_secret, self.reply_token)
+        """Every value that must never be printed: the token (and its secret part), the webhook secret, the
+        reply token and the database's password."""
+        return (*_token_secrets(self.bot_token), self.webhook_secret, self.reply_token,
+                *_url_passwords(self.database_url))
+
+    def state_setting(self) -> str:
+        """The setting that says where the state is, as error lines name it (`STATE_DB=path`, or the
+        DATABASE_URL without its password)."""
+        if self.database_url:
+            return f"DATABASE_URL={shown_url(self.database_url)}"
+        return f"STATE_DB={self.state_db}"
 
     def redacted(self) -> dict[str, object]:
         """Every setting by variable name, with secrets masked: safe to log or show."""
@@ -168,6 +178,8 @@ class Config:
             value = getattr(self, f.name)
             if f.name in _SECRET_FIELDS and value:
                 value = "***"
+            elif f.name == "database_url" and value:
+                value = shown_url(str(value))
             shown[f.name.upper()] = value
         return shown
 
@@ -185,7 +197,29 @@ def secret_values(values: Mapping[str, str]) -> tuple[str, ...]:
     """The secret settings among raw `values` (valid or not): what no printed line may hold."""
     found = [*_token_secrets(values.get("BOT_TOKEN", "").strip())]
     found += [values.get(name, "").strip() for name in ("WEBHOOK_SECRET", "REPLY_TOKEN")]
+    found += _url_passwords(values.get("DATABASE_URL", "").strip())
     return tuple(s for s in found if s)
+
+
+def _url_passwords(url: str) -> tuple[str, ...]:
+    """The password in a database URL, as written and decoded (either may be printed by a library)."""
+    try:
+        password = urlsplit(url).password or ""
+    except ValueError:
+        return ()
+    return tuple({password, unquote(password)} - {""})
+
+
+def shown_url(url: str) -> str:
+    """A database URL fit to print: its password (if any) replaced by ***."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+    except ValueError:
+        return "(unreadable URL)"
+    user, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
 
 
 def read_dotenv(path: str) -> dict[str, str]:
@@ -408,6 +442,14 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
     outbox_age_alert = number("HEALTH_MAX_OUTBOX_AGE_SECONDS", Config.health_max_outbox_age_seconds, float, 1,
                               7 * 86400)
     state_db = get("STATE_DB") or Config.state_db
+    database_url = get("DATABASE_URL")
+    if database_url and urlsplit(database_url).scheme not in ("postgresql", "postgres"):
+        problem("DATABASE_URL", f"{said('DATABASE_URL', shown_url(database_url))} must be a PostgreSQL URL, "
+                                "postgresql://user:password@host:5432/database (or empty: one SQLite file, STATE_DB)")
+    durability = get("DATABASE_DURABILITY").lower() or Config.database_durability
+    if durability not in ("strict", "relaxed"):
+        problem("DATABASE_DURABILITY", f"{said('DATABASE_DURABILITY', durability)} must be strict (the default: "
+                                       "refuse a PostgreSQL that may lose commits) or relaxed")
     reply_token = get("REPLY_TOKEN")
     reply_format = get("REPLY_FORMAT").lower() or Config.reply_format
     if reply_format not in REPLY_FORMATS:
@@ -435,7 +477,8 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
         telegram_chat_interval_seconds=chat_interval, poll_timeout_seconds=poll_timeout,
         payment_hold_seconds=hold, payment_check_with_make=check_with_make,
         payment_check_timeout_seconds=check_timeout, payment_auto_refund_stars=auto_refund, **texts,
-        health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, reply_token=reply_token,
+        health_max_outbox_age_seconds=outbox_age_alert, state_db=state_db, database_url=database_url,
+        database_durability=durability, reply_token=reply_token,
         reply_format=reply_format, log_level=log_level,
     )
 

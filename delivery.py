@@ -21,7 +21,7 @@ from outbox import IDLE_SECONDS, OutboxWorkers
 from replies import (MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, MAX_SOURCE_CHARS, REPLY_METHODS, ReplyError, message_calls,
                      read_reply, source_size)
 from retry import BackoffPolicy, backoff
-from store import NewEvent, OutboxRow, SQLiteStore
+from store import LEASE_SECONDS, NewEvent, OutboxRow, SQLiteStore
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
@@ -51,7 +51,9 @@ class DeliveryWorkers(OutboxWorkers):
                  clock: Callable[[], float] = time.time,
                  on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None,
                  idle_seconds: float = IDLE_SECONDS, reply_format: str = "plain") -> None:
-        super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds)
+        # A call may take the timeout to connect and send, and again to read the answer: the lease outlasts both.
+        super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds,
+                         lease_seconds=max(LEASE_SECONDS, 2 * make.timeout + 60))
         self._make = make
         self._typing = typing
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
@@ -79,7 +81,7 @@ class DeliveryWorkers(OutboxWorkers):
                 # gateway could not do with the answer is lost, loudly, and the chat moves on.
                 log.exception("Make accepted %s, but its answer could not be handled; recorded as delivered "
                               "without its replies", row.event_id)
-                self._settle(lambda: self._store.mark_delivered(row.id), row)
+                self._settle(lambda: self._store.mark_delivered(row.id, lease=row.lease), row)
                 self._forget_typing(row)
             return
         try:
@@ -97,7 +99,7 @@ class DeliveryWorkers(OutboxWorkers):
         dead = now - row.created_at >= self._max_age
         retry_at = now + backoff(row.attempts, self._policy)
         reason = f"{type(err).__name__} in the gateway"
-        self._settle(lambda: self._store.mark_failed(row.id, retry_at, reason, dead=dead), row)
+        self._settle(lambda: self._store.mark_failed(row.id, retry_at, reason, dead=dead, lease=row.lease), row)
         self._on_outcome("error", 0.0)
         with self._lock:
             self.health.failed_attempts += 1
@@ -144,7 +146,7 @@ class DeliveryWorkers(OutboxWorkers):
         written: set[str] = set()
 
         def settle() -> None:
-            written.update(self._store.mark_delivered(row.id, followups, now))
+            written.update(self._store.mark_delivered(row.id, followups, now, lease=row.lease))
 
         self._settle(settle, row)
         if any(f.replace and f.event_id not in written for f in followups):
@@ -176,7 +178,7 @@ class DeliveryWorkers(OutboxWorkers):
             delay = self._policy.maximum
         else:
             delay = backoff(row.attempts, self._policy)
-        self._settle(lambda: self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead), row)
+        self._settle(lambda: self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead, lease=row.lease), row)
         self._on_outcome("dead" if dead else ("rejected" if outcome.permanent else "retry"), elapsed)
         with self._lock:
             if dead or outcome.throttled:  # throttled: Make never ran it, so its real run shows typing again

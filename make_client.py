@@ -157,6 +157,11 @@ class MakeClient:
                 return classify(status, response.headers, f"(answer unreadable: {detail})")
             return RetryLater(detail, permanent=not isinstance(err, httpx.HTTPError))
 
+    @property
+    def timeout(self) -> float:
+        """Seconds each step of a call (connecting, sending, the answer's headers, its body) may take."""
+        return self._timeout
+
     def close(self) -> None:
         """Close the connection pool; safe to call twice."""
         self._http.close()

@@ -6,7 +6,8 @@ one chat's events go one at a time, in order) and runs each on a `<name>-N` work
 than it holds as the far end counts them). Workers are made when every one is busy and end after
 `idle_seconds` without work, so threads follow the calls in flight, never the number of chats or
 queued rows. Subclasses say what to do with a claimed row in `_handle()`, which must leave the
-row delivered or failed: a row left in flight blocks its order key until a restart.
+row delivered or failed: a row left in flight blocks its order key until a restart (or, on a shared
+database, until its lease runs out and an instance claims it again).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from typing import Callable
 
 from pacing import CallWindow
-from store import OutboxRow, SQLiteStore, StoreError
+from store import LEASE_SECONDS, OutboxRow, SQLiteStore, StoreError
 
 log = logging.getLogger("gateway.outbox")
 
@@ -138,8 +139,11 @@ class OutboxWorkers:
 
     def __init__(self, store: SQLiteStore, target: str, name: str, max_in_flight: int, max_rate: float = 0.0,
                  clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS,
-                 window: CallWindow | None = None) -> None:
+                 window: CallWindow | None = None, lease_seconds: float = LEASE_SECONDS) -> None:
         self._store = store
+        # A claimed row stays ours this long: on a shared database another instance may claim it again after
+        # that (ours looks dead), so it must outlast the longest `_handle`.
+        self._lease = lease_seconds
         self._target = target
         self.name = name
         self.max_in_flight = max_in_flight
@@ -205,7 +209,7 @@ class OutboxWorkers:
 
     def start(self) -> None:
         """Start the claim loop, after making rows a crash left in flight due again."""
-        reset = self._store.reset_inflight(self._target)
+        reset = self._store.reset_inflight(self._target, self._clock())
         if reset:
             log.info("%d %s row(s) were in flight at the last stop; they will be sent again", reset, self._target)
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
@@ -255,7 +259,7 @@ class OutboxWorkers:
             free = min(free, room)
         if self._interval:
             free = 1  # paced: one start per interval, never a burst
-        rows = self._store.claim_due_events(self._clock(), self._target, free)
+        rows = self._store.claim_due_events(self._clock(), self._target, free, self._lease)
         if rows:
             self._next_start = now + self._interval
             if not self._start(rows):
@@ -292,7 +296,8 @@ class OutboxWorkers:
         self.dispatch_error = reason
         log.error("%s: %d claimed row(s) could not start: %s; trying again in 1 s", self.name, len(rows), reason)
         self.pause(1.0)
-        self._settle(lambda: self._store.release_claims([row.id for row in rows], self._clock()), rows[0])
+        self._settle(lambda: self._store.release_claims([row.id for row in rows], self._clock(), lease=rows[0].lease),
+                     rows[0])
 
     def _run_one(self, row: OutboxRow) -> None:
         self._calling.open = True

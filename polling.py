@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
@@ -17,6 +17,8 @@ log = logging.getLogger("gateway.polling")
 
 # Some Bot API servers answer at once with nothing, whatever the timeout: pause so the loop cannot spin.
 _EMPTY_ANSWER_PAUSE = 0.5
+# How often an instance standing by asks for the poller's turn (one that polls asks before every getUpdates).
+STANDBY_SECONDS = 1.0
 
 
 class Poller:
@@ -24,7 +26,10 @@ class Poller:
 
     def __init__(self, client: TelegramClient, router: UpdateRouter, *, timeout: int = 30,
                  allowed_updates: list[str] | None = None,
-                 policy: BackoffPolicy = BackoffPolicy(initial=1.0, maximum=60.0, jitter=1.0)) -> None:
+                 policy: BackoffPolicy = BackoffPolicy(initial=1.0, maximum=60.0, jitter=1.0),
+                 turn: Callable[[], bool] = lambda: True) -> None:
+        """`turn()` says whether this process may poll now (several instances on one database: only the one
+        holding the poller lock; the others stand by and ask again every second)."""
         self._client = client
         self._router = router
         self._timeout = timeout
@@ -35,6 +40,8 @@ class Poller:
         self._thread: threading.Thread | None = None
         self.last_error: str | None = None
         self.last_ok_at: float | None = None
+        self._turn = turn
+        self.polling = False  # this instance holds the poller's turn (else it stands by)
 
     def start(self) -> None:
         """Start the `telegram-poller` thread."""
@@ -56,6 +63,9 @@ class Poller:
         failures = 0
         while not self._stopping.is_set():
             try:
+                if not self._take_turn():
+                    self._stopping.wait(STANDBY_SECONDS)
+                    continue
                 started = time.monotonic()
                 updates = self._client.get_updates(self._offset, self._timeout, 100, self._allowed)
                 self.last_ok_at, self.last_error, failures = time.time(), None, 0
@@ -93,6 +103,19 @@ class Poller:
                 log.exception("polling pass failed")
                 self.last_error = type(err).__name__
             self._stopping.wait(delay)
+
+    def _take_turn(self) -> bool:
+        """Whether this instance polls now; says so in the log when that changes."""
+        try:
+            mine = self._turn()
+        except Exception:  # noqa: BLE001 - no turn is certain: stand by, ask again
+            log.exception("polling: cannot tell whose turn it is to poll; standing by")
+            mine = False
+        if mine != self.polling:
+            self.polling = mine
+            log.info("polling: %s", "this instance polls Telegram now" if mine else
+                     "another instance polls Telegram; standing by to take over")
+        return mine
 
     def _take(self, updates: list[Any]) -> None:
         """Store each update, moving the offset past it only once it is stored."""

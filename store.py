@@ -194,7 +194,16 @@ UPDATE outbox SET on_wire = 1
     WHERE status = 'inflight' AND target LIKE 'telegram%' AND json_extract(payload, '$.method') = 'sendMessage';
 """
 
-_MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER, _ON_WIRE)  # entry N-1 takes a database to version N
+# Version 5: a claim is a lease. `lease_until` says until when the instance that claimed a row may still settle
+# it, and `lease_token` which claim that was: once the lease has run out another instance may claim the row
+# again (its instance died), and a late answer of the first is refused (see `Store.claim_due_events`).
+_LEASES = """
+ALTER TABLE outbox ADD COLUMN lease_until REAL;
+ALTER TABLE outbox ADD COLUMN lease_token TEXT;
+CREATE INDEX outbox_leases ON outbox (target, lease_until) WHERE status = 'inflight';
+"""
+
+_MIGRATIONS = (_SCHEMA_V1, _OUTBOX_HEADS, _CHECKOUT_PER_BUYER, _ON_WIRE, _LEASES)  # entry N-1: to version N
 SCHEMA_VERSION = len(_MIGRATIONS)
 _BUSY_TIMEOUT_SECONDS = 2.0  # SQLite's wait for a lock held by another process
 _LOCK_WAIT_SECONDS = 5.0  # a thread's wait for the connection, behind others waiting on SQLite
@@ -203,6 +212,7 @@ _CHECKPOINT_RESET_PAGES = 10_000  # a WAL this long (~40 MB) is reset even if wr
 _CHECKPOINT_RESTART_WAIT_SECONDS = 0.2  # the longest a RESTART waits (holding writers) for a lock or a reader
 MIN_SQLITE = (3, 35)  # RETURNING
 _GROUP_MAX = 512  # units one commit takes at most: bounds how long the last of them waits for it
+LEASE_SECONDS = 120.0  # how long a claimed row stays its claimer's, unless the claimer says otherwise
 
 # Every query below that reads the ready heads says `is_head = 1 AND status = 'pending'` literally, so
 # SQLite uses the partial index outbox_ready.
@@ -253,6 +263,10 @@ class OutboxRow:
     created_at: float
     attempts: int
     last_error: str | None
+    lease: str | None = None  # the claim's token: settling with it is refused once another claim took the row
+    # The row was claimed again after its claimer's lease ran out, and that claimer had begun to send its call
+    # (`mark_on_wire`): the call may have arrived.
+    was_on_wire: bool = False
 
 
 @dataclass(frozen=True)
@@ -302,6 +316,14 @@ class Store:
     # ...and the counts health shows, as (name, n) rows (SQLite keeps them by triggers).
     _COUNTS = "SELECT name, n FROM counters"
     _PAYMENTS_COUNT = "SELECT n FROM counters WHERE name = 'payments'"
+    # Said after a SELECT of rows a transaction is about to change: nothing on SQLite, whose one writer
+    # changes them anyway; on PostgreSQL the rows are locked, and those another instance has locked are
+    # skipped (`_CLAIMING`) or waited for (`_CHANGING`).
+    _CLAIMING = ""
+    _CHANGING = ""
+    # Whether several gateway processes may use the database at once: then a row in flight whose lease ran out
+    # is another's to claim (its instance died), and open batches are swept by every instance.
+    shared = False
 
     def __init__(self) -> None:
         # _lock guards _db (a connection must not run two statements at once) and _new_work (the targets the
@@ -318,8 +340,10 @@ class Store:
         self._committer: threading.Thread | None = None
         self._committer_wake = threading.Event()
         self._closing = False
-        # Batch ids: random per process, then counted (uuid4 per message cost a system call and an object).
+        # Batch ids and claims' lease tokens: random per process, then counted (uuid4 per message cost a system
+        # call and an object).
         self._batch_ids = map(f"{os.urandom(8).hex()}{{:016x}}".format, itertools.count())
+        self._lease_tokens = map(f"{os.urandom(8).hex()}-{{:x}}".format, itertools.count())
         # The statements that write many messages' rows at once, each taking its rows as one JSON array.
         self._sql = {
             "open_batches_of": self._OPEN_BATCHES_OF.format(pairs=self._rows("bigint", "bigint")),
@@ -359,6 +383,19 @@ class Store:
 
     def _after_group(self) -> None:
         """Called after each group, outside every lock but the leader's turn."""
+
+    def _lock_keys(self, cur: Any, keys: Iterable[str]) -> None:
+        """Hold `keys` (a batch's user, an order key, a payload) until the transaction ends: nothing to do with one
+        writer; on a shared database, transactions deciding about the same thing take turns."""
+
+    def _try_lock_key(self, cur: Any, key: str) -> bool:
+        """`_lock_keys` for one key, without waiting: False if another transaction holds it."""
+        return True
+
+    def poller_turn(self) -> bool:
+        """Whether this process may poll Telegram now: always with one process; on a shared database, the one
+        instance holding the poller lock (taken here if nobody holds it)."""
+        return True
 
     def _close_db(self) -> None:
         """Close the connection (under `_lock`)."""
@@ -638,6 +675,8 @@ class Store:
         back, and under a burst other threads hold it for a while each time. So the rows are decided here and
         written with one statement per table, each taking its rows as one JSON array."""
         results: list[AddResult | Exception | None] = [None] * len(adds)
+        if self.shared:  # other instances may add to these batches or close them meanwhile: they take turns
+            self._lock_keys(cur, [_batch_key(add.chat_id, add.user_id) for add in adds if _fits(add)])
         known = set(json.loads(cur.execute(
             self._KNOWN_UPDATES, (json.dumps([add.update_id for add in adds if _fits(add)]),)).fetchone()[0]))
         seen: list[tuple[int, float]] = []
@@ -722,14 +761,42 @@ class Store:
         Returns (closed, deadline): (True, None) when closed, (False, at) when it is due later at `at`,
         (False, None) when there is no open batch."""
         def work(cur: sqlite3.Cursor) -> tuple[bool, float | None]:
-            batch = self._load_batch(cur, chat_id, user_id)
-            if batch is None:
-                return False, None
-            at, reason = due(batch)
-            if at > now:
-                return False, at
-            self._close(cur, batch, reason, build, now)
-            return True, None
+            self._lock_keys(cur, [_batch_key(chat_id, user_id)])
+            return self._close_if_due(cur, chat_id, user_id, now, due, build)
+        return self._run(work)
+
+    def _close_if_due(self, cur: sqlite3.Cursor, chat_id: int, user_id: int, now: float,
+                      due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
+        batch = self._load_batch(cur, chat_id, user_id)
+        if batch is None:
+            return False, None
+        at, reason = due(batch)
+        if at > now:
+            return False, at
+        self._close(cur, batch, reason, build, now)
+        return True, None
+
+    def close_due_batches(self, now: float, quiet_seconds: float, max_wait_seconds: float,
+                          due: Callable[[BatchRow, float], tuple[float, str]], build: Builder,
+                          limit: int = 100) -> list[BatchRow]:
+        """Close up to `limit` open batches whose deadline has passed, whoever stored them (the sweep every
+        instance of a shared database runs, so that the batches of an instance that died are closed too):
+        those quiet for `quiet_seconds` or open for `max_wait_seconds` are looked at, `due(batch, now)` decides.
+        A batch another transaction is busy with is left for the next sweep. Returns the batches closed."""
+        def work(cur: sqlite3.Cursor) -> list[BatchRow]:
+            at = now
+            keys = cur.execute("SELECT chat_id, user_id FROM batches WHERE last_at <= ? OR first_at <= ? "
+                               "ORDER BY first_at LIMIT ?", (at - quiet_seconds, at - max_wait_seconds, limit)).fetchall()
+            closed: list[BatchRow] = []
+
+            def keep(batch: BatchRow, reason: str) -> NewEvent:
+                closed.append(batch)
+                return build(batch, reason)
+
+            for chat_id, user_id in keys:
+                if self._try_lock_key(cur, _batch_key(chat_id, user_id)):
+                    self._close_if_due(cur, chat_id, user_id, at, lambda batch: due(batch, at), keep)
+            return closed
         return self._run(work)
 
     def open_batches(self) -> list[BatchRow]:
@@ -766,11 +833,13 @@ class Store:
             return sum(self._enqueue(cur, event, now) for event in events)
         return self._run(work)
 
-    def reset_inflight(self, target: str = "make") -> int:
-        """Make rows of `target` left in flight by a crash deliverable again; return how many."""
+    def reset_inflight(self, target: str = "make", now: float | None = None) -> int:
+        """Make rows of `target` that no live instance holds (left in flight by a crash) deliverable again; return
+        how many. With one process that is every row in flight; on a shared database, those whose lease ran out."""
         def work(cur: sqlite3.Cursor) -> int:
-            count = cur.execute("UPDATE outbox SET status='pending' WHERE status='inflight' AND target=?",
-                                (target,)).rowcount
+            expired = " AND lease_until < ?" if self.shared else ""
+            count = cur.execute(f"UPDATE outbox SET status='pending' WHERE status='inflight' AND target=?{expired}",
+                                (target, time.time() if now is None else now) if self.shared else (target,)).rowcount
             if count:
                 self._new_work.add(target)
             return count
@@ -785,33 +854,56 @@ class Store:
                 "HAVING MAX(is_head) = 0")]
             for order_key, target in ((k, cur.execute("SELECT target FROM outbox WHERE order_key=? LIMIT 1",
                                                       (k,)).fetchone()[0]) for k in headless):
+                self._lock_keys(cur, [_order_key(order_key)])
                 self._promote(cur, order_key, target)
             return len(headless)
         return self._run(work)
 
-    def claim_due_events(self, now: float, target: str = "make", limit: int = 1) -> list[OutboxRow]:
+    def claim_due_events(self, now: float, target: str = "make", limit: int = 1,
+                         lease_seconds: float = LEASE_SECONDS) -> list[OutboxRow]:
         """Mark in flight and return up to `limit` due events of `target`, each the head of its order key's
-        queue (so never two of one key), earliest due first, atomically. Costs the same however long the queues."""
+        queue (so never two of one key), earliest due first, atomically. Costs the same however long the queues.
+
+        Each row is leased for `lease_seconds`: its outcome is recorded only with the lease's token (`lease=`
+        of the settling methods), and on a shared database a row whose lease ran out (its instance died) is
+        claimed again here, with a new token, so that the late answer of the first claim is refused."""
         def work(cur: sqlite3.Cursor) -> list[OutboxRow]:
+            at = now
             ids = [r[0] for r in cur.execute(
                 "SELECT id FROM outbox WHERE is_head = 1 AND status = 'pending' AND target = ? "
-                "AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?", (target, now, limit))]
+                f"AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?{self._CLAIMING}", (target, at, limit))]
+            was_on_wire: set[int] = set()
+            if self.shared and len(ids) < limit:
+                for row_id, on_wire in cur.execute(
+                        "SELECT id, on_wire FROM outbox WHERE status = 'inflight' AND target = ? AND lease_until < ? "
+                        f"ORDER BY lease_until LIMIT ?{self._CLAIMING}", (target, at, limit - len(ids))).fetchall():
+                    ids.append(row_id)
+                    if on_wire:
+                        was_on_wire.add(row_id)
+            lease = next(self._lease_tokens)
             for row_id in ids:
-                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, on_wire=0 WHERE id=?", (row_id,))
-            return [self._outbox_row(cur, row_id) for row_id in ids]
+                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, on_wire=0, lease_until=?, "
+                            "lease_token=? WHERE id=?", (at + lease_seconds, lease, row_id))
+            return [self._outbox_row(cur, row_id, row_id in was_on_wire) for row_id in ids]
         return self._run(work)
 
-    def mark_on_wire(self, row_id: int) -> None:
-        """Record that the call of an in-flight row has begun to go out (it may arrive from now on)."""
+    def mark_on_wire(self, row_id: int, *, lease: str | None = None) -> None:
+        """Record that the call of an in-flight row has begun to go out (it may arrive from now on). Raises
+        `StoreError` if the row is no longer this claim's (`lease`): then the call must not go out."""
         def work(cur: sqlite3.Cursor) -> None:
+            if not self._holds(cur, row_id, lease):
+                raise StoreError("the row was claimed again by another instance: not sent from here")
             cur.execute("UPDATE outbox SET on_wire=1 WHERE id=? AND status='inflight'", (row_id,))
         return self._run(work)
 
-    def interrupted_on_wire(self, target: str) -> list[OutboxRow]:
-        """Rows of `target` a crash or a slow stop left in flight after their call began to go out."""
+    def interrupted_on_wire(self, target: str, now: float | None = None) -> list[OutboxRow]:
+        """Rows of `target` a crash or a slow stop left in flight after their call began to go out (on a shared
+        database, only those whose lease ran out: the others are live instances' calls)."""
         def work(cur: sqlite3.Cursor) -> list[OutboxRow]:
+            expired = " AND lease_until < ?" if self.shared else ""
             ids = [r[0] for r in cur.execute(
-                "SELECT id FROM outbox WHERE status='inflight' AND target=? AND on_wire=1 ORDER BY id", (target,))]
+                f"SELECT id FROM outbox WHERE status='inflight' AND target=? AND on_wire=1{expired} ORDER BY id",
+                (target, time.time() if now is None else now) if self.shared else (target,))]
             return [self._outbox_row(cur, row_id) for row_id in ids]
         return self._run(work, write=False)
 
@@ -820,21 +912,26 @@ class Store:
         rows = self.claim_due_events(now, target, 1)
         return rows[0] if rows else None
 
-    def release_claims(self, row_ids: Iterable[int], due_at: float) -> None:
-        """Put claimed rows that were never sent back in their queues, due at `due_at`, the attempt not counted."""
+    def release_claims(self, row_ids: Iterable[int], due_at: float, *, lease: str | None = None) -> None:
+        """Put claimed rows that were never sent back in their queues, due at `due_at`, the attempt not counted
+        (those no longer this claim's, `lease`, are left to their new claim)."""
         def work(cur: sqlite3.Cursor) -> None:
             for row_id in row_ids:
-                cur.execute("UPDATE outbox SET status='pending', attempts=attempts-1, next_attempt_at=? "
-                            "WHERE id=? AND status='inflight'", (due_at, row_id))
+                if self._holds(cur, row_id, lease):
+                    cur.execute("UPDATE outbox SET status='pending', attempts=attempts-1, next_attempt_at=? "
+                                "WHERE id=? AND status='inflight'", (due_at, row_id))
         return self._run(work)
 
     def mark_delivered(self, row_id: int, followups: Iterable[NewEvent] = (), now: float = 0.0, *,
-                       next_not_before: float | None = None) -> set[str]:
+                       next_not_before: float | None = None, lease: str | None = None) -> set[str]:
         """Delivered: the event leaves the outbox (its queue's next event heads it, due no earlier than
         `next_not_before` if given) and `followups` (e.g. Make's replies) enter it, atomically. Returns the
-        event ids of the followups that took effect."""
+        event ids of the followups that took effect. With `lease`, nothing is written (and nothing returned) if
+        the row is no longer that claim's: another instance claimed it again and records its own outcome."""
         def work(cur: sqlite3.Cursor) -> set[str]:
-            found = cur.execute("SELECT order_key, target FROM outbox WHERE id=?", (row_id,)).fetchone()
+            if not self._holds(cur, row_id, lease):
+                return set()
+            found = self._leaving(cur, row_id)
             cur.execute("DELETE FROM outbox WHERE id=?", (row_id,))
             if found is not None:
                 self._promote(cur, *found)
@@ -844,27 +941,34 @@ class Store:
             return {event.event_id for event in followups if self._enqueue(cur, event, now)}
         return self._run(work)
 
-    def mark_failed(self, row_id: int, next_attempt_at: float, error: str, dead: bool = False) -> None:
-        """Not delivered: try again at `next_attempt_at`, or keep it as a dead letter (its queue moves on)."""
-        def work(cur: sqlite3.Cursor) -> None:
+    def mark_failed(self, row_id: int, next_attempt_at: float, error: str, dead: bool = False, *,
+                    lease: str | None = None) -> bool:
+        """Not delivered: try again at `next_attempt_at`, or keep it as a dead letter (its queue moves on).
+        Returns False, writing nothing, if the row is no longer the claim's of `lease`."""
+        def work(cur: sqlite3.Cursor) -> bool:
+            if not self._holds(cur, row_id, lease):
+                return False
             if not dead:
                 cur.execute("UPDATE outbox SET status='pending', next_attempt_at=?, last_error=? WHERE id=?",
                             (next_attempt_at, error, row_id))
-                return
-            found = cur.execute("SELECT order_key, target FROM outbox WHERE id=?", (row_id,)).fetchone()
+                return True
+            found = self._leaving(cur, row_id)
             cur.execute("UPDATE outbox SET status='dead', is_head=0, next_attempt_at=?, last_error=? WHERE id=?",
                         (next_attempt_at, error, row_id))
             if found is not None:
                 self._promote(cur, *found)
+            return True
         return self._run(work)
 
-    def retry_with(self, row_id: int, payload: dict[str, Any], next_attempt_at: float, error: str) -> None:
+    def retry_with(self, row_id: int, payload: dict[str, Any], next_attempt_at: float, error: str, *,
+                   lease: str | None = None) -> None:
         """Not delivered: try again at `next_attempt_at` with `payload` instead (e.g. a reply without the
-        formatting Telegram refused), in the same place in its queue."""
+        formatting Telegram refused), in the same place in its queue (unless no longer the claim's of `lease`)."""
         body = _strict_json(payload)
         def work(cur: sqlite3.Cursor) -> None:
-            cur.execute("UPDATE outbox SET status='pending', payload=?, next_attempt_at=?, last_error=? WHERE id=?",
-                        (body, next_attempt_at, error, row_id))
+            if self._holds(cur, row_id, lease):
+                cur.execute("UPDATE outbox SET status='pending', payload=?, next_attempt_at=?, last_error=? "
+                            "WHERE id=?", (body, next_attempt_at, error, row_id))
         return self._run(work)
 
     def next_attempt_at(self, target: str = "make") -> float | None:
@@ -926,6 +1030,8 @@ class Store:
         def work(cur: sqlite3.Cursor) -> str:
             if not self._mark_seen(cur, update_id, now):
                 return "duplicate"
+            self._lock_keys(cur, [_payload_key(payload)])  # two buyers' checkouts at two instances take turns
+            at = now
             if cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?", (payload,)).fetchone():
                 return "paid"
             # A subscription's payload is sold to every subscriber alike: one buyer's checkout holds it
@@ -933,12 +1039,12 @@ class Store:
             shared = cur.execute("SELECT 1 FROM subscription_payloads WHERE payload=?", (payload,)).fetchone()
             if not shared and cur.execute(
                     "SELECT 1 FROM checkout_holds WHERE payload=? AND user_id<>? AND expires_at>? LIMIT 1",
-                    (payload, user_id, now)).fetchone():
+                    (payload, user_id, at)).fetchone():
                 return "busy"
             cur.execute("INSERT INTO checkout_holds VALUES (?, ?, ?, ?) ON CONFLICT (payload, user_id) DO UPDATE "
                         "SET query_id=excluded.query_id, expires_at=excluded.expires_at",
-                        (payload, user_id, query_id, now + hold_seconds))
-            cur.execute("DELETE FROM checkout_holds WHERE expires_at <= ?", (now,))
+                        (payload, user_id, query_id, at + hold_seconds))
+            cur.execute("DELETE FROM checkout_holds WHERE expires_at <= ?", (at,))
             return "ok"
         return self._run(work)
 
@@ -965,6 +1071,7 @@ class Store:
         def work(cur: sqlite3.Cursor) -> tuple[bool, bool]:
             if not self._mark_seen(cur, update_id, now):
                 return False, False
+            self._lock_keys(cur, [_payload_key(payload)])
             if cur.execute("SELECT 1 FROM payments WHERE charge_id=?", (charge_id,)).fetchone():
                 return False, False
             duplicate = not recurring and cur.execute("SELECT 1 FROM paid_payloads WHERE payload=?",
@@ -991,6 +1098,7 @@ class Store:
         def work(cur: sqlite3.Cursor) -> bool:
             if not self._mark_seen(cur, update_id, now):
                 return False
+            self._lock_keys(cur, [_payload_key(payload)])
             if cur.execute("INSERT INTO refunds VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
                            (charge_id, payload, now, _strict_json(body))).rowcount == 0:
                 return False
@@ -1064,7 +1172,9 @@ class Store:
             done = cur.execute("UPDATE outbox SET payload=?, next_attempt_at=? WHERE event_id=? AND status='pending'",
                                (payload, due, event.event_id)).rowcount == 1
         else:
-            # The first live row of its order key heads the queue; later ones wait to be promoted.
+            # The first live row of its order key heads the queue; later ones wait to be promoted. (Another
+            # instance's transaction may be adding to or emptying the same queue: they take turns.)
+            self._lock_keys(cur, [_order_key(event.order_key)])
             head = cur.execute("SELECT 1 FROM outbox WHERE order_key=? AND status IN ('pending', 'inflight') LIMIT 1",
                                (event.order_key,)).fetchone() is None
             done = cur.execute(
@@ -1105,10 +1215,26 @@ class Store:
             cur.execute("DELETE FROM flood_held WHERE held <= 0")
 
     @staticmethod
-    def _outbox_row(cur: sqlite3.Cursor, row_id: int) -> OutboxRow:
-        r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error "
-                        "FROM outbox WHERE id=?", (row_id,)).fetchone()
-        return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7])
+    def _outbox_row(cur: sqlite3.Cursor, row_id: int, was_on_wire: bool = False) -> OutboxRow:
+        r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error, "
+                        "lease_token FROM outbox WHERE id=?", (row_id,)).fetchone()
+        return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], was_on_wire)
+
+    def _holds(self, cur: sqlite3.Cursor, row_id: int, lease: str | None) -> bool:
+        """Whether the row is in flight under the claim of `lease` (None: asks nothing), locked until the end."""
+        if lease is None:
+            return True
+        row = cur.execute(f"SELECT lease_token FROM outbox WHERE id=? AND status='inflight'{self._CHANGING}",
+                          (row_id,)).fetchone()
+        return row is not None and row[0] == lease
+
+    def _leaving(self, cur: sqlite3.Cursor, row_id: int) -> tuple[str, str] | None:
+        """The order key and target of a row about to leave its queue's head, the order key held (`_enqueue`
+        must not miss the promotion)."""
+        found = cur.execute("SELECT order_key, target FROM outbox WHERE id=?", (row_id,)).fetchone()
+        if found is not None:
+            self._lock_keys(cur, [_order_key(found[0])])
+        return found
 
 
 class SQLiteStore(Store):
@@ -1161,7 +1287,7 @@ class SQLiteStore(Store):
             _make_folder(os.path.dirname(os.path.abspath(path)))
             _check_place(path)
             if exclusive:
-                self._instance_lock = _lock_instance(path)
+                self._instance_lock = lock_instance(path)
         db: sqlite3.Connection | None = None
         try:
             db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=_BUSY_TIMEOUT_SECONDS)
@@ -1407,6 +1533,21 @@ class _Adding:
     new_batch_id: str  # used only if the message opens a batch
 
 
+def _batch_key(chat_id: int, user_id: int) -> str:
+    """What transactions about one user's batch in a chat hold (`Store._lock_keys`)."""
+    return f"batch:{chat_id}:{user_id}"
+
+
+def _order_key(order_key: str) -> str:
+    """What transactions changing one outbox queue hold."""
+    return f"queue:{order_key}"
+
+
+def _payload_key(payload: str) -> str:
+    """What transactions deciding about one invoice payload hold."""
+    return f"payload:{payload}"
+
+
 def _fits(add: _Adding) -> bool:
     """Whether SQLite can hold the message's ids as integers (JSON would turn a bigger one into a REAL)."""
     return add.update_id in _INTEGER and add.chat_id in _INTEGER and add.user_id in _INTEGER
@@ -1576,7 +1717,7 @@ def _check_current(db: sqlite3.Connection) -> None:
                          f"knows {SCHEMA_VERSION}); run this command with that gateway")
 
 
-def _lock_instance(path: str) -> IO[str]:
+def lock_instance(path: str) -> IO[str]:
     """Hold an exclusive OS lock on `<path>.lock` for this process's life (the OS drops it on any exit)."""
     lock = path + ".lock"
     try:
@@ -1597,6 +1738,33 @@ def _lock_instance(path: str) -> IO[str]:
                          "or give this one a STATE_DB of its own (two gateways on one state would deliver every "
                          "event twice)") from None
     return handle
+
+
+MAX_CLOCK_SKEW_SECONDS = 2.0  # instances sharing a database decide leases and deadlines by their own clocks
+
+
+def open_store(config: Any, *, existing: bool = False, read_only: bool = False) -> Store:
+    """The store the settings name: PostgreSQL with `DATABASE_URL` (several instances may share it), else the
+    SQLite file `STATE_DB`, held by this process alone. `existing` / `read_only`: for commands, which create
+    nothing (see `SQLiteStore`)."""
+    if not config.database_url:
+        return SQLiteStore(config.state_db, exclusive=not (existing or read_only), existing=existing,
+                           read_only=read_only)
+    from store_postgres import PostgresStore  # only a PostgreSQL deployment needs psycopg loaded
+    store = PostgresStore(config.database_url, relaxed=config.database_durability == "relaxed", existing=existing,
+                          poll_idle_seconds=max(60.0, 2.0 * config.poll_timeout_seconds + 15.0))
+    try:
+        skew = store.clock_skew()
+    except BaseException:
+        store.close()
+        raise
+    if abs(skew) > MAX_CLOCK_SKEW_SECONDS:
+        store.close()
+        raise StoreError(f"this machine's clock is {abs(skew):.1f} s {'ahead of' if skew > 0 else 'behind'} "
+                         f"PostgreSQL's; instances sharing the database time leases and batches by their own clocks, "
+                         f"so they must agree within {MAX_CLOCK_SKEW_SECONDS:g} s: synchronize this machine's clock "
+                         "(NTP: systemd-timesyncd, chrony)")
+    return store
 
 
 def MemoryStore() -> SQLiteStore:  # noqa: N802 - reads like the class it stands for

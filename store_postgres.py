@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterator
+import threading
+import time
+from typing import Any, Iterable, Iterator
 
 import psycopg
 from psycopg import pq
 
-from store import Store, StoreError
+from store import Store, StoreError, StoreNotFound
 
 # Each entry moves a database one version up, in one transaction (version N is reached by entry N-1). The
 # schema is SQLite's version 4, in PostgreSQL's types; the counts health shows are counted, not kept by
@@ -38,6 +40,9 @@ CREATE TABLE batches (
     count     BIGINT NOT NULL,
     UNIQUE (chat_id, user_id)
 );
+-- The sweep (`close_due_batches`) looks for batches quiet or open long enough.
+CREATE INDEX batches_quiet ON batches (last_at);
+CREATE INDEX batches_open ON batches (first_at);
 CREATE TABLE batch_messages (
     batch_id  TEXT NOT NULL,
     seq       BIGINT NOT NULL,
@@ -64,7 +69,9 @@ CREATE TABLE outbox (
     next_attempt_at DOUBLE PRECISION NOT NULL,
     last_error      TEXT,
     is_head         INTEGER NOT NULL DEFAULT 0,
-    on_wire         INTEGER NOT NULL DEFAULT 0
+    on_wire         INTEGER NOT NULL DEFAULT 0,
+    lease_until     DOUBLE PRECISION,
+    lease_token     TEXT
 );
 CREATE INDEX outbox_queue ON outbox (order_key, id) WHERE status IN ('pending', 'inflight');
 CREATE UNIQUE INDEX outbox_one_head ON outbox (order_key) WHERE is_head = 1;
@@ -72,6 +79,7 @@ CREATE UNIQUE INDEX outbox_one_inflight ON outbox (order_key) WHERE status = 'in
 CREATE INDEX outbox_ready ON outbox (target, next_attempt_at) WHERE is_head = 1 AND status = 'pending';
 CREATE INDEX outbox_age ON outbox (created_at) WHERE status IN ('pending', 'inflight');
 CREATE INDEX outbox_status ON outbox (status);
+CREATE INDEX outbox_leases ON outbox (target, lease_until) WHERE status = 'inflight';
 
 CREATE TABLE payments (
     charge_id    TEXT PRIMARY KEY,
@@ -118,6 +126,11 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 _VERSION_TABLE = "gateway_schema"
 # Held while the schema is created or upgraded, so that instances starting together do it once.
 _MIGRATION_LOCK = 0x7467_6D61_6B65  # any constant: "tgmake"
+# Held by the one instance that polls Telegram, on a connection of its own, for as long as that connection lives.
+_POLLER_LOCK = 0x7467_6D61_6B66
+# Asked of every connection: the server notices a client whose machine vanished within half a minute (the
+# system's default is two hours), and so releases what it held (the poller lock above all).
+_KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 _CONNECT_TIMEOUT_SECONDS = 5
 _OUR_TABLES = ("seen_updates", "batches", "outbox", "payments", "meta")
 
@@ -129,6 +142,9 @@ class PostgresStore(Store):
     `synchronous_commit` off), for an operator who accepts losing acknowledged updates."""
 
     _errors = (psycopg.Error,)
+    shared = True
+    _CLAIMING = " FOR UPDATE SKIP LOCKED"
+    _CHANGING = " FOR UPDATE"
     _KNOWN_UPDATES = ("SELECT COALESCE(json_agg(update_id), '[]')::text FROM seen_updates "
                       "WHERE update_id IN (SELECT value::bigint FROM json_array_elements_text(?::json))")
     # A double in JSON is written shortest-exact (PostgreSQL 12 and later): first_at comes back to the bit.
@@ -140,35 +156,87 @@ class PostgresStore(Store):
                "UNION ALL SELECT 'batches', count(*) FROM batches")
     _PAYMENTS_COUNT = "SELECT count(*) FROM payments"
 
-    def __init__(self, url: str, *, relaxed: bool = False) -> None:
-        """Connect to `url`, check that commits are durable, and create or upgrade the schema."""
+    def __init__(self, url: str, *, relaxed: bool = False, existing: bool = False,
+                 poll_idle_seconds: float = 60.0) -> None:
+        """Connect to `url`, check that commits are durable, and create or upgrade the schema (with `existing`,
+        for commands: create and upgrade nothing; `StoreNotFound` if the database holds no gateway state).
+        `poll_idle_seconds`: how long the poller's connection may stay silent before the server ends it (and
+        with it the poller lock): longer than one `getUpdates`, so that only an instance that stopped (paused,
+        cut off) loses its turn."""
         super().__init__()
         self.url = url
+        self._poll_idle = poll_idle_seconds
+        self._poller_db: psycopg.Connection[Any] | None = None
+        self._polling = False
+        self._poller_guard = threading.Lock()  # guards _poller_db and _polling
         self._db = self._connect()
         try:
             if not relaxed:
                 _check_durable(self._db)
-            _migrate(self._db)
+            if existing:
+                _check_existing(self._db)
+            else:
+                _migrate(self._db)
         except BaseException:
             self._db.close()
             raise
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            return psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS,
-                                   application_name="telegram-make-gateway")
+            return _connect(self.url)
         except psycopg.Error as err:
             raise StoreError(f"cannot connect to PostgreSQL: {_clean(err)}") from None
 
     def _cursor(self) -> "_Cursor":
         if self._db.closed or self._db.broken:  # the server restarted, or the network failed: connect again
             self._db.close()
-            self._db = psycopg.connect(self.url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS,
-                                       application_name="telegram-make-gateway")
+            self._db = _connect(self.url)
         return _Cursor(self._db.cursor())
 
     def _begin(self, cur: "_Cursor", write: bool) -> None:
         cur.execute("BEGIN")
+
+    def clock_skew(self) -> float:
+        """This machine's clock minus the server's, in seconds (the instances' clocks decide leases and deadlines
+        in the shared database: they must agree)."""
+        def work(cur: Any) -> float:
+            before = time.time()
+            server = float(cur.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+            return (before + time.time()) / 2 - server
+        return self._run(work, write=False)
+
+    def _lock_keys(self, cur: Any, keys: Iterable[str]) -> None:
+        # In one order (the keys' hashes), so that two transactions holding several never wait for each other.
+        keys = list(keys)
+        if keys:
+            cur.execute("SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h "
+                        "FROM unnest(?::text[]) AS k ORDER BY h) AS held", (keys,)).fetchall()
+
+    def _try_lock_key(self, cur: Any, key: str) -> bool:
+        return bool(cur.execute("SELECT pg_try_advisory_xact_lock(hashtextextended(?, 0))", (key,)).fetchone()[0])
+
+    def poller_turn(self) -> bool:
+        with self._poller_guard:
+            try:
+                if self._poller_db is None or self._poller_db.closed or self._poller_db.broken:
+                    self._drop_poller_db()
+                    self._poller_db = _connect(self.url, f"-c idle_session_timeout={int(self._poll_idle * 1000)}")
+                if self._polling:
+                    self._poller_db.execute("SELECT 1")  # the session lives, so the lock is still ours
+                else:
+                    self._polling = bool(self._poller_db.execute("SELECT pg_try_advisory_lock(%s)",
+                                                                 (_POLLER_LOCK,)).fetchone()[0])  # type: ignore[index]
+                return self._polling
+            except psycopg.Error:
+                self._drop_poller_db()
+                return False
+
+    def _drop_poller_db(self) -> None:
+        """Forget the poller's connection (closing it releases the lock, if the server still had it)."""
+        self._polling = False
+        if self._poller_db is not None:
+            self._poller_db.close()
+            self._poller_db = None
 
     def _in_transaction(self) -> bool:
         return self._db.info.transaction_status in (pq.TransactionStatus.INTRANS, pq.TransactionStatus.INERROR,
@@ -195,6 +263,8 @@ class PostgresStore(Store):
 
     def _close_db(self) -> None:
         self._db.close()
+        with self._poller_guard:
+            self._drop_poller_db()
 
 
 class _Cursor:
@@ -209,6 +279,10 @@ class _Cursor:
         """Run `sql` with `params`; the cursor, for fetching."""
         self._cur.execute(_placeholders(sql), params or ())
         return self
+
+    def executemany(self, sql: str, rows: list[Any]) -> None:
+        """Run `sql` once per row of parameters (psycopg sends them in one pipeline)."""
+        self._cur.executemany(_placeholders(sql), rows)
 
     def fetchone(self) -> Any:
         """The next row, or None."""
@@ -231,6 +305,15 @@ class _Cursor:
 def _placeholders(sql: str) -> str:
     """`sql` with psycopg's placeholders: the store's statements hold no `?` but their parameters'."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _connect(url: str, options: str = "") -> psycopg.Connection[Any]:
+    """A connection in autocommit mode (the store says BEGIN and COMMIT itself) that gives up connecting after a
+    few seconds and notices a dead peer."""
+    return psycopg.connect(url, autocommit=True, connect_timeout=_CONNECT_TIMEOUT_SECONDS,
+                           application_name="telegram-make-gateway", options=f"{_KEEPALIVE_OPTIONS} {options}".strip(),
+                           keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
+                           tcp_user_timeout=15_000)
 
 
 def _check_durable(db: psycopg.Connection[Any]) -> None:
@@ -266,7 +349,61 @@ def _migrate(db: psycopg.Connection[Any]) -> None:
             db.execute(f"UPDATE {_VERSION_TABLE} SET version = %s", (target,))
 
 
+def _check_existing(db: psycopg.Connection[Any]) -> None:
+    """Refuse a database without gateway state, or with state of another schema version."""
+    if not db.execute("SELECT to_regclass(%s) IS NOT NULL", (_VERSION_TABLE,)).fetchone()[0]:  # type: ignore[index]
+        raise StoreNotFound("there is no gateway state in this database")
+    version = db.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()[0]  # type: ignore[index]
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"the state database has schema version {version}, this gateway needs {SCHEMA_VERSION}: "
+                         "start this gateway (or run `python app.py migrate`) to upgrade it, or use the gateway "
+                         "that wrote it")
+
+
 def _clean(err: psycopg.Error) -> str:
     """An error's text in one line, without a password that a connection string may have put in it."""
     text = " ".join(str(err).split())
     return re.sub(r"(password=|://[^:/@\s]*:)[^@\s]*", r"\1***", text)
+
+
+# What `copy-state` copies, table by table, in an order that keeps every row's references valid.
+_COPIED = {
+    "seen_updates": "update_id, received_at",
+    "batches": "batch_id, chat_id, user_id, user_json, first_at, last_at, count",
+    "batch_messages": "batch_id, seq, item_json",
+    "flood_held": "chat_id, user_id, held",
+    "outbox": ("id, event_id, order_key, event_type, target, payload, created_at, status, attempts, "
+               "next_attempt_at, last_error, is_head, on_wire, lease_until, lease_token"),
+    "payments": "charge_id, payload, user_id, currency, total_amount, duplicate, received_at, body",
+    "paid_payloads": "payload, charge_id, paid_at",
+    "checkout_holds": "payload, user_id, query_id, expires_at",
+    "subscription_payloads": "payload, first_at",
+    "refunds": "charge_id, payload, received_at, body",
+    "meta": "key, value",
+}
+
+
+def copy_state(source: Store, target: PostgresStore) -> dict[str, int]:
+    """Copy a stopped single-instance gateway's state (`source`, its SQLite file) into an empty PostgreSQL
+    database, in one transaction; return the rows copied per table. Rows it left in flight are copied with
+    their lease run out, so the first instance to look claims them again (a message call that had begun to go
+    out is then recorded as done, as the old gateway would have at its next start)."""
+    rows = {table: source._run(lambda cur, t=table, c=columns: cur.execute(f"SELECT {c} FROM {t}").fetchall(),
+                               write=False)
+            for table, columns in _COPIED.items()}
+
+    def work(cur: _Cursor) -> dict[str, int]:
+        held = [table for table in ("seen_updates", "batches", "outbox", "payments")
+                if cur.execute(f"SELECT EXISTS (SELECT 1 FROM {table})").fetchone()[0]]
+        if held:
+            raise StoreError(f"the database already holds gateway state ({', '.join(held)}): copy-state fills only "
+                             "an empty one; give it a new database")
+        for table, columns in _COPIED.items():
+            marks = ", ".join("?" * len(columns.split(", ")))
+            if rows[table]:
+                cur.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows[table])
+        cur.execute("UPDATE outbox SET lease_until = 0 WHERE status = 'inflight'")
+        cur.execute("SELECT setval(pg_get_serial_sequence('outbox', 'id'), (SELECT COALESCE(MAX(id), 0) + 1 "
+                    "FROM outbox), false)")
+        return {table: len(found) for table, found in rows.items()}
+    return target._run(work)

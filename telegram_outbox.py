@@ -113,19 +113,25 @@ class TelegramOutbox(OutboxWorkers):
     def start(self) -> None:
         """Start the claim loop; a call a crash left in flight after it began to go out, and that must not be
         repeated (`sendMessage`: it may have arrived), is recorded as done instead of being sent again."""
-        for row in self._store.interrupted_on_wire(self._target):
+        for row in self._store.interrupted_on_wire(self._target, self._clock()):
             log.warning("%s was being sent when the gateway stopped; not sent again, so it is never sent twice",
                         row.event_id)
-            self._store.mark_delivered(row.id)
+            self._store.mark_delivered(row.id, lease=row.lease)
         super().start()
 
     def _handle(self, row: OutboxRow) -> None:
         method, params = row.payload["method"], row.payload["params"]
+        if row.was_on_wire and not may_repeat(method):
+            # Claimed again from an instance that died (its lease ran out) after the call began to go out.
+            log.warning("%s was being sent by an instance that stopped; not sent again, so it is never sent twice",
+                        row.event_id)
+            self._settle(lambda: self._store.mark_delivered(row.id, lease=row.lease), row)
+            return
         expires_at, now = row.payload.get("expires_at"), self._clock()
         if expires_at is not None and now > expires_at:
             # Flood control, a slow Bot API or a restart held it too long: Telegram would refuse it now.
             log.warning("%s not sent: its time has passed (%.0f s late)", row.event_id, now - expires_at)
-            self._settle(lambda: self._store.mark_delivered(row.id), row)
+            self._settle(lambda: self._store.mark_delivered(row.id, lease=row.lease), row)
             return
         chat_id = params.get("chat_id") if method in REPLY_METHODS else None
         not_before = self._spacing.reserve(chat_id, now) if self._spacing and chat_id is not None else None
@@ -133,7 +139,7 @@ class TelegramOutbox(OutboxWorkers):
             # Queued after its chat's queue had emptied, or in another queue to the same chat (the admin's
             # notice), less than the interval after the chat's last message: back in its queue until then.
             log.debug("%s waits %.2f s: chat %s had a message just now", row.event_id, not_before - now, chat_id)
-            self._settle(lambda: self._store.release_claims([row.id], not_before), row)
+            self._settle(lambda: self._store.release_claims([row.id], not_before, lease=row.lease), row)
             return
         try:
             if method in REPLY_METHODS:
@@ -141,7 +147,7 @@ class TelegramOutbox(OutboxWorkers):
             # An answer to a button press is worth little after a few seconds: never wait long for one.
             # A call that must not be repeated is marked durably just before its request goes out: after a
             # crash, one marked may have arrived and is not sent again; one not marked never left.
-            on_wire = None if may_repeat(method) else (lambda: self._store.mark_on_wire(row.id))
+            on_wire = None if may_repeat(method) else (lambda: self._store.mark_on_wire(row.id, lease=row.lease))
             try:
                 result = self._client.call(method, params, attempts=1, on_wire=on_wire, read_timeout=(
                     _ANSWER_READ_TIMEOUT if method == "answerCallbackQuery" else None))
@@ -173,9 +179,9 @@ class TelegramOutbox(OutboxWorkers):
         """What to record after a call that reached Telegram: done, and a message's chat's next one is due
         no earlier than the chat's interval from now (in the store, so a restart keeps it)."""
         if self._spacing is None or chat_id is None:
-            return lambda: self._store.mark_delivered(row.id)
+            return lambda: self._store.mark_delivered(row.id, lease=row.lease)
         next_at = self._spacing.sent(chat_id, self._clock())
-        return lambda: self._store.mark_delivered(row.id, next_not_before=next_at)
+        return lambda: self._store.mark_delivered(row.id, next_not_before=next_at, lease=row.lease)
 
     def _after_error(self, row: OutboxRow, method: str, err: TelegramError, now: float) -> Callable[[], None]:
         """What to record after Telegram did not confirm the call."""
@@ -195,29 +201,29 @@ class TelegramOutbox(OutboxWorkers):
             self._typing.stop(chat_id)
             self._on_unreachable(method)
             self._results.report(row.event_id, PartOutcome("unreachable", description=err.description))
-            return lambda: self._store.mark_delivered(row.id)
+            return lambda: self._store.mark_delivered(row.id, lease=row.lease)
         if isinstance(err, NetworkError):
             return self._retry(row, now, backoff(row.attempts, self._policy), err.description)
         if method == "refundStarPayment" and "CHARGE_ALREADY_REFUNDED" in err.description.upper():
             log.info("%s: already refunded", row.event_id)
-            return lambda: self._store.mark_delivered(row.id)
+            return lambda: self._store.mark_delivered(row.id, lease=row.lease)
         plain = bare(row.payload["params"]) if method in REPLY_METHODS and isinstance(err, BadRequest) else None
         if plain is not None and not row.payload.get("fallback"):
             # Never lose a reply to its dressing: a bad link or button, or entities Telegram will not take.
             log.warning("%s for %s refused: %s; sending it once more without formatting or buttons", method,
                         row.event_id, err.description)
             payload = {**row.payload, "params": plain, "fallback": err.description}
-            return lambda: self._store.retry_with(row.id, payload, now, err.description)
+            return lambda: self._store.retry_with(row.id, payload, now, err.description, lease=row.lease)
         if self._results.report(row.event_id, PartOutcome("refused", description=err.description)):
             # A `POST /reply` waiting for it tells its caller (502): no dead letter is needed to see it.
             log.warning("%s for %s refused: %s (told to the caller of POST /reply)", method, row.event_id, err)
-            return lambda: self._store.mark_delivered(row.id)
+            return lambda: self._store.mark_delivered(row.id, lease=row.lease)
         if isinstance(err, ChatMigrated):
             log.error("%s for %s: the group moved to chat %s; update the chat id (kept as a dead letter)",
                       method, row.event_id, err.new_chat_id)
         else:  # refused for its content (400, 401): repeating will not help
             log.error("%s for %s refused: %s (kept as a dead letter)", method, row.event_id, err)
-        return lambda: self._store.mark_failed(row.id, now, err.description, dead=True)
+        return lambda: self._store.mark_failed(row.id, now, err.description, dead=True, lease=row.lease)
 
     def _after_answer_error(self, row: OutboxRow, err: TelegramError, now: float) -> Callable[[], None]:
         """An answer to a button press failed: retried only inside Telegram's window; one refused for its
@@ -226,15 +232,15 @@ class TelegramOutbox(OutboxWorkers):
         too_old = "too old" in err.description.lower() or "query id is invalid" in err.description.lower()
         if now > expires_at or too_old:
             log.warning("%s not answered: %s; too late to try again", row.event_id, err.description)
-            return lambda: self._store.mark_delivered(row.id)
+            return lambda: self._store.mark_delivered(row.id, lease=row.lease)
         if isinstance(err, BadRequest) and set(params) != {"callback_query_id"}:
             log.warning("%s refused: %s; answering it empty instead", row.event_id, err.description)
             plain = callback_answer(params["callback_query_id"], expires_at - ANSWER_WINDOW_SECONDS, suffix="-empty")
-            return lambda: self._store.mark_delivered(row.id, [plain], now)
+            return lambda: self._store.mark_delivered(row.id, [plain], now, lease=row.lease)
         if isinstance(err, NetworkError):
             return self._retry(row, now, min(1.0, backoff(row.attempts, self._policy)), err.description)
         log.warning("%s refused: %s; not retried", row.event_id, err.description)
-        return lambda: self._store.mark_delivered(row.id)
+        return lambda: self._store.mark_delivered(row.id, lease=row.lease)
 
     def _retry(self, row: OutboxRow, now: float, delay: float, reason: str) -> Callable[[], None]:
         self._results.report(row.event_id, PartOutcome("postponed", description=reason))
@@ -245,4 +251,4 @@ class TelegramOutbox(OutboxWorkers):
             log.error("%s is a dead letter after %d attempts (%s)", row.event_id, row.attempts, reason)
         else:
             log.warning("%s not sent (%s); next try in %.1f s", row.event_id, reason, delay)
-        return lambda: self._store.mark_failed(row.id, now + delay, reason, dead=dead)
+        return lambda: self._store.mark_failed(row.id, now + delay, reason, dead=dead, lease=row.lease)

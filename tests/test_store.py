@@ -256,6 +256,7 @@ def test_dead_letter_is_kept_and_its_chat_moves_on(store: SQLiteStore) -> None:
     assert [d.event_id for d in store.dead_events()] == ["a1"]
     assert store.dead_events()[0].last_error == "too old"
     assert store.outbox_stats(T0)["outbox_dead"] == 1
+    store.mark_delivered(nxt.id)
     assert store.claim_due_event(T0 + 10_000) is None  # a dead letter is never claimed by itself
 
 
