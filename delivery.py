@@ -21,7 +21,7 @@ from outbox import IDLE_SECONDS, OutboxWorkers
 from replies import (MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, MAX_SOURCE_CHARS, REPLY_METHODS, ReplyError, message_calls,
                      read_reply, source_size)
 from retry import BackoffPolicy, backoff
-from store import LEASE_SECONDS, NewEvent, OutboxRow, SQLiteStore
+from store import NewEvent, OutboxRow, SQLiteStore
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
@@ -53,7 +53,7 @@ class DeliveryWorkers(OutboxWorkers):
                  idle_seconds: float = IDLE_SECONDS, reply_format: str = "plain") -> None:
         # A call may take the timeout to connect and send, and again to read the answer: the lease outlasts both.
         super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds,
-                         lease_seconds=max(LEASE_SECONDS, 2 * make.timeout + 60))
+                         lease_seconds=2 * make.timeout + 15)
         self._make = make
         self._typing = typing
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)

@@ -229,6 +229,10 @@ class BotApiEmulator(LocalServer):
         # _cond guards the pending updates and the webhook, and wakes long polls and the webhook sender.
         self._cond = threading.Condition()
         self._pending: list[dict[str, Any]] = []  # updates not yet confirmed (offset) or delivered (webhook)
+        # Telegram ends a long poll with 409 when another getUpdates arrives for the bot meanwhile (two pollers):
+        # the number of the latest one, and how many were ended so.
+        self._poll_number = 0
+        self.overlapping_polls = 0
         self.webhook: dict[str, Any] | None = None
         self.webhook_error: tuple[float, str] | None = None  # (unix time, message) of the last failed delivery
         self._closed = False
@@ -358,11 +362,18 @@ class BotApiEmulator(LocalServer):
             elif len(reply) > 2:
                 time.sleep(reply[2])  # a slow Bot API, on the server's own thread
             return json_answer(reply[0], reply[1])
-        return json_answer(200, {"ok": True, "result": self._answer(name, params)})
+        try:
+            return json_answer(200, {"ok": True, "result": self._answer(name, params)})
+        except _Conflict:
+            return json_answer(*_error(409, "Conflict: terminated by other getUpdates request; make sure that only "
+                                            "one bot instance is running"))
 
     def _answer(self, name: str, params: dict[str, Any]) -> Any:
         if name == "getUpdates":
-            return self._get_updates(params)
+            updates = self._get_updates(params)
+            if updates is None:
+                raise _Conflict()
+            return updates
         if name == "getMe":
             return self.bot
         if name in ("sendMessage", "sendPhoto", "sendDocument", "sendInvoice"):
@@ -441,17 +452,25 @@ class BotApiEmulator(LocalServer):
         self.push_update(update)
         return update
 
-    def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]]:
+    def _get_updates(self, params: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The updates for a getUpdates, once there are some or its timeout ends; None if a newer getUpdates
+        ended it (Telegram's 409)."""
         offset = params.get("offset")
         limit = min(max(int(params.get("limit", 100)), 1), 100)
         deadline = time.monotonic() + min(float(params.get("timeout", 0)), 50.0)
         with self._cond:
+            self._poll_number += 1
+            mine = self._poll_number
+            self._cond.notify_all()  # an older poll still waiting ends now
             if isinstance(offset, int) and offset < 0:
                 self._pending = self._pending[offset:]
             elif isinstance(offset, int):
                 self._pending = [u for u in self._pending if u["update_id"] >= offset]
             while not self._pending and not self._closed and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
+                if self._poll_number != mine:
+                    self.overlapping_polls += 1
+                    return None
             return list(self._pending[:limit])
 
     # Webhook
@@ -506,6 +525,10 @@ class BotApiEmulator(LocalServer):
                     self.webhook_error = (time.time(), problem)
                     failures += 1
                     self._cond.wait(min(0.1 * 2 ** failures, 5.0))
+
+
+class _Conflict(Exception):
+    """A long poll ended by a newer one."""
 
 
 def _parsed(text: Any, parse_mode: Any, entities: Any) -> tuple[Any, Any]:

@@ -212,7 +212,9 @@ _CHECKPOINT_RESET_PAGES = 10_000  # a WAL this long (~40 MB) is reset even if wr
 _CHECKPOINT_RESTART_WAIT_SECONDS = 0.2  # the longest a RESTART waits (holding writers) for a lock or a reader
 MIN_SQLITE = (3, 35)  # RETURNING
 _GROUP_MAX = 512  # units one commit takes at most: bounds how long the last of them waits for it
-LEASE_SECONDS = 120.0  # how long a claimed row stays its claimer's, unless the claimer says otherwise
+# How long a claimed row stays its claimer's, unless the claimer says otherwise: longer than one Bot API call
+# can take (its connect, write and read timeouts, 5 + 10 + 10 s).
+LEASE_SECONDS = 45.0
 
 # Every query below that reads the ready heads says `is_head = 1 AND status = 'pending'` literally, so
 # SQLite uses the partial index outbox_ready.
