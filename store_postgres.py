@@ -171,6 +171,7 @@ class PostgresStore(Store):
         self._poller_guard = threading.Lock()  # guards _poller_db and _polling
         self._db = self._connect()
         try:
+            _check_server(self._db)
             if not relaxed:
                 _check_durable(self._db)
             if existing:
@@ -314,6 +315,17 @@ def _connect(url: str, options: str = "") -> psycopg.Connection[Any]:
                            application_name="telegram-make-gateway", options=f"{_KEEPALIVE_OPTIONS} {options}".strip(),
                            keepalives=1, keepalives_idle=10, keepalives_interval=5, keepalives_count=3,
                            tcp_user_timeout=15_000)
+
+
+MIN_SERVER = 140000  # PostgreSQL 14: idle_session_timeout, which frees a silent poller's lock
+
+
+def _check_server(db: psycopg.Connection[Any]) -> None:
+    """Refuse a server older than the features the store relies on."""
+    version = db.info.server_version
+    if version < MIN_SERVER:
+        raise StoreError(f"PostgreSQL {version // 10000} is too old: the gateway needs PostgreSQL "
+                         f"{MIN_SERVER // 10000} or newer")
 
 
 def _check_durable(db: psycopg.Connection[Any]) -> None:
