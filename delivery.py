@@ -178,7 +178,8 @@ class DeliveryWorkers(OutboxWorkers):
             delay = self._policy.maximum
         else:
             delay = backoff(row.attempts, self._policy)
-        self._settle(lambda: self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead, lease=row.lease), row)
+        self._settle(lambda: self._store.mark_failed(row.id, now + delay, outcome.reason, dead=dead, lease=row.lease),
+                     row)
         self._on_outcome("dead" if dead else ("rejected" if outcome.permanent else "retry"), elapsed)
         with self._lock:
             if dead or outcome.throttled:  # throttled: Make never ran it, so its real run shows typing again

@@ -352,7 +352,8 @@ class Store:
             "add_seen": f"INSERT INTO seen_updates {self._rows('bigint', 'float8')}",
             "add_held": (f"INSERT INTO flood_held {self._rows('bigint', 'bigint', extra='1')} WHERE true "
                          "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = flood_held.held + 1"),
-            "write_batches": (f"INSERT INTO batches {self._rows('text', 'bigint', 'bigint', 'text', 'float8', 'float8', 'bigint')} "
+            "write_batches": (f"INSERT INTO batches "
+                              f"{self._rows('text', 'bigint', 'bigint', 'text', 'float8', 'float8', 'bigint')} "
                               "WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE "
                               "SET last_at=excluded.last_at, count=excluded.count, user_json=excluded.user_json"),
             "add_items": f"INSERT INTO batch_messages {self._rows('text', 'bigint', 'text')}",
@@ -788,7 +789,8 @@ class Store:
         def work(cur: sqlite3.Cursor) -> list[BatchRow]:
             at = now
             keys = cur.execute("SELECT chat_id, user_id FROM batches WHERE last_at <= ? OR first_at <= ? "
-                               "ORDER BY first_at LIMIT ?", (at - quiet_seconds, at - max_wait_seconds, limit)).fetchall()
+                               "ORDER BY first_at LIMIT ?",
+                               (at - quiet_seconds, at - max_wait_seconds, limit)).fetchall()
             closed: list[BatchRow] = []
 
             def keep(batch: BatchRow, reason: str) -> NewEvent:
@@ -939,7 +941,8 @@ class Store:
                 self._promote(cur, *found)
                 if next_not_before is not None:  # pacing: the chat's next message waits its turn, durably
                     cur.execute("UPDATE outbox SET next_attempt_at = ? WHERE order_key=? AND is_head=1 "
-                                "AND status='pending' AND next_attempt_at < ?", (next_not_before, found[0], next_not_before))
+                                "AND status='pending' AND next_attempt_at < ?",
+                                (next_not_before, found[0], next_not_before))
             return {event.event_id for event in followups if self._enqueue(cur, event, now)}
         return self._run(work)
 

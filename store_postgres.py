@@ -343,7 +343,8 @@ def _migrate(db: psycopg.Connection[Any]) -> None:
     refuse a database that holds tables of ours without our version table, or a newer version."""
     with db.transaction():
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-        exists = db.execute("SELECT to_regclass(%s) IS NOT NULL", (_VERSION_TABLE,)).fetchone()[0]  # type: ignore[index]
+        exists = db.execute("SELECT to_regclass(%s) IS NOT NULL",
+                            (_VERSION_TABLE,)).fetchone()[0]  # type: ignore[index]
         if not exists:
             found = [name for name in _OUR_TABLES
                      if db.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone()[0]]  # type: ignore[index]

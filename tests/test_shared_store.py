@@ -58,6 +58,17 @@ def retried(call: Callable[[], Any]) -> Any:
     raise AssertionError("the store kept failing")
 
 
+def alongside(workers: list[threading.Thread], helpers: list[threading.Thread], stop: threading.Event) -> None:
+    """Run `workers` with `helpers` beside them; once the workers are done, set `stop` and wait for the helpers."""
+    for thread in workers + helpers:
+        thread.start()
+    for thread in workers:
+        thread.join(60)
+    stop.set()
+    for thread in helpers:
+        thread.join(60)
+
+
 def test_an_answer_under_a_lost_lease_writes_nothing(pair: tuple[Store, Store]) -> None:
     """A row claimed again (its first claimer looked dead) is settled only by the new claim: the first
     claimer's late answer, failure or on-the-wire mark changes nothing."""
@@ -124,15 +135,8 @@ def test_two_instances_adding_to_one_users_batches_lose_and_repeat_nothing(pair:
             retried(lambda: store.close_due_batches(T0 + 10_000, 0.0, 0.0, lambda batch, now: (0.0, "restart"), build))
 
     stop = threading.Event()
-    threads = [threading.Thread(target=sender, args=(store,)) for store in (a, b, a, b)]
-    closers = [threading.Thread(target=closer, args=(store, stop)) for store in (a, b)]
-    for thread in threads + closers:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    stop.set()
-    for thread in closers:
-        thread.join(60)
+    alongside([threading.Thread(target=sender, args=(store,)) for store in (a, b, a, b)],
+              [threading.Thread(target=closer, args=(store, stop)) for store in (a, b)], stop)
     retried(lambda: a.close_batch_if_due(7, 42, T0 + 10_000, lambda batch: (0.0, "flushed"), build))
     got = [message["update_id"] for batch in closed for message in batch.messages]
     assert sorted(got) == list(range(1, 241))  # each once: none lost, none in two batches
@@ -162,15 +166,8 @@ def test_events_of_one_chat_stay_in_order_when_two_instances_queue_and_deliver_t
                 in_flight.release()
                 assert retried(lambda: store.mark_delivered(row.id, (), T0, lease=row.lease)) == set()
 
-    producers = [threading.Thread(target=producer, args=(store, prefix)) for store, prefix in ((a, "a"), (b, "b"))]
-    deliverers = [threading.Thread(target=deliverer, args=(store,)) for store in (a, b)]
-    for thread in producers + deliverers:
-        thread.start()
-    for thread in producers:
-        thread.join(60)
-    stop.set()
-    for thread in deliverers:
-        thread.join(60)
+    alongside([threading.Thread(target=producer, args=(store, prefix)) for store, prefix in ((a, "a"), (b, "b"))],
+              [threading.Thread(target=deliverer, args=(store,)) for store in (a, b)], stop)
     assert sorted(delivered) == sorted([f"a{n:02d}" for n in range(40)] + [f"b{n:02d}" for n in range(40)])
     for prefix in "ab":  # each instance's events in the order it queued them
         mine = [e for e in delivered if e.startswith(prefix)]
