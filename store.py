@@ -886,8 +886,11 @@ class Store:
                         was_on_wire.add(row_id)
             lease = next(self._lease_tokens)
             for row_id in ids:
-                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, on_wire=0, lease_until=?, "
-                            "lease_token=? WHERE id=?", (at + lease_seconds, lease, row_id))
+                # A row claimed again keeps its mark: should this claim end unsettled too, the next must still
+                # know that the call may have arrived.
+                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, lease_until=?, lease_token=?, "
+                            "on_wire=CASE WHEN status='inflight' THEN on_wire ELSE 0 END WHERE id=?",
+                            (at + lease_seconds, lease, row_id))
             return [self._outbox_row(cur, row_id, row_id in was_on_wire) for row_id in ids]
         return self._run(work)
 

@@ -278,12 +278,12 @@ class _Cursor:
 
     def execute(self, sql: str, params: Any = ()) -> "_Cursor":
         """Run `sql` with `params`; the cursor, for fetching."""
-        self._cur.execute(_placeholders(sql), params or ())
+        self._cur.execute(_placeholders(sql), _storable(params) if params else ())
         return self
 
     def executemany(self, sql: str, rows: list[Any]) -> None:
         """Run `sql` once per row of parameters (psycopg sends them in one pipeline)."""
-        self._cur.executemany(_placeholders(sql), rows)
+        self._cur.executemany(_placeholders(sql), [_storable(row) for row in rows])
 
     def fetchone(self) -> Any:
         """The next row, or None."""
@@ -300,6 +300,23 @@ class _Cursor:
     def rowcount(self) -> int:
         """Rows the last statement changed."""
         return self._cur.rowcount
+
+
+def _storable(params: Any) -> Any:
+    """`params` with every NUL character of a text replaced by U+FFFD: PostgreSQL's text cannot hold one, and an
+    invoice payload or a query id from Telegram may (SQLite keeps it). The JSON the store writes escapes its own,
+    so only raw texts change, the same way wherever they are compared."""
+    if not any(_has_nul(p) for p in params):
+        return params
+    return [_storable(p) if isinstance(p, list) else p.replace("\x00", "\ufffd") if isinstance(p, str) else p
+            for p in params]
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether `value` (a text, or a list of them) holds a NUL character."""
+    if isinstance(value, str):
+        return "\x00" in value
+    return isinstance(value, list) and any(isinstance(v, str) and "\x00" in v for v in value)
 
 
 @functools.lru_cache(maxsize=1024)

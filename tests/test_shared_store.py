@@ -104,6 +104,9 @@ def test_a_row_whose_claimer_died_is_claimed_again_only_on_a_shared_database(pai
         return
     assert [row.id for row in again] == [first.id] and again[0].was_on_wire and again[0].lease != first.lease
     assert b.interrupted_on_wire("telegram", T0 + 32) == []  # claimed again: live once more
+    # That claimer dies too before recording anything: the next one still learns the call may have arrived.
+    third = a.claim_due_events(T0 + 32 + 46, "telegram", 5)
+    assert [row.id for row in third] == [first.id] and third[0].was_on_wire
 
 
 def test_two_instances_adding_to_one_users_batches_lose_and_repeat_nothing(pair: tuple[Store, Store]) -> None:

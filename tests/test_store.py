@@ -707,6 +707,24 @@ def test_released_hold_lets_the_next_checkout_through(store: SQLiteStore) -> Non
     assert store.decide_checkout(2, "q2", "order", user_id=8, now=101.0, hold_seconds=30) == "ok"
 
 
+def test_texts_with_nul_characters_are_stored_and_matched(store: Store) -> None:
+    """An invoice payload, query id and charge id may hold a NUL character (JSON allows it; PostgreSQL's text does
+    not): checkouts, holds and payments still match them, and nothing fails."""
+    payload, query = "order\x00-1", "q\x00"
+    assert store.decide_checkout(1, query, payload, 42, T0, 30) == "ok"
+    assert store.holds(payload, query, T0 + 1) and not store.holds("order-1", query, T0 + 1)
+    assert store.decide_checkout(2, "q2", payload, 43, T0 + 1, 30) == "busy"
+    assert store.record_payment(3, "charge\x00", payload, 42, "XTR", 5, {"payload": payload}, T0 + 2,
+                                lambda dup: []) == (True, False)
+    assert store.record_payment(4, "charge\x00", payload, 42, "XTR", 5, {}, T0 + 3, lambda dup: []) == (False, False)
+    assert store.decide_checkout(5, "q3", payload, 44, T0 + 4, 30) == "paid"
+    store.enqueue_event(NewEvent("e\x00", "chat:\x00", "update", {"text": "a\x00b"}), T0)
+    row = store.claim_due_event(T0)
+    assert row is not None and row.payload == {"text": "a\x00b"}
+    store.mark_failed(row.id, T0, "Make said \x00", dead=True)
+    assert store.dead_events()[0].payload == {"text": "a\x00b"}
+
+
 def test_payment_is_recorded_once_per_charge_id_even_under_a_new_update_id(store: SQLiteStore) -> None:
     """The same charge id arriving in another update changes nothing; a new charge for a paid payload is a duplicate."""
     assert store.record_payment(1, "charge-1", "order", 7, "RUB", 100, {}, 100.0, _payment_events) == (True, False)
