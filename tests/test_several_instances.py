@@ -209,3 +209,58 @@ def test_postgresql_restarted_under_load_loses_nothing_acknowledged(
 def _batches(make: MakeDouble) -> list[dict]:
     """The distinct message_batch events Make accepted."""
     return list({e["event_id"]: e for e in make.accepted() if e.get("event_type") == "message_batch"}.values())
+
+
+def test_an_invoice_is_sold_once_across_instances(
+        clusters: list[Cluster], tmp_path: Path, cluster_env: dict[str, str], telegram: TelegramDouble,
+        make: MakeDouble) -> None:
+    """Two buyers' checkouts of one invoice reach two instances at the same moment: one is approved, the other
+    told it is being paid; the payment, reaching a third instance (and again a second), is recorded once, with
+    one event for Make and one notice for the admin; a later checkout of it is told it is paid."""
+    cluster = webhook_cluster(clusters, tmp_path, {**cluster_env, "ADMIN_CHAT_ID": "999000"}, 3)
+
+    def checkout(update_id: int, buyer: int) -> dict:
+        return {"update_id": update_id, "pre_checkout_query": {
+            "id": f"q{update_id}", "from": {"id": buyer, "is_bot": False, "first_name": f"B{buyer}"},
+            "currency": "XTR", "total_amount": 5, "invoice_payload": "order-77"}}
+
+    start = threading.Barrier(2)
+
+    def post(index: int, update: dict) -> None:
+        start.wait()
+        service = cluster.instances[index]
+        assert service is not None
+        assert httpx.post(service.url + "/webhook", json=update, headers=HEADERS, timeout=10).status_code == 200
+
+    threads = [threading.Thread(target=post, args=(0, checkout(1, 501))),
+               threading.Thread(target=post, args=(1, checkout(2, 502)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    answers = wait_until(lambda: len(telegram.calls_of("answerPreCheckoutQuery")) == 2 and
+                         telegram.calls_of("answerPreCheckoutQuery"), timeout=10, what="both checkouts answered")
+    assert sorted(a["ok"] for a in answers) == [False, True]
+    winner = next(a["pre_checkout_query_id"] for a in answers if a["ok"])
+    buyer = 501 if winner == "q1" else 502
+    paid = {"update_id": 3, "message": {
+        "message_id": 3, "date": int(time.time()), "chat": {"id": buyer, "type": "private"},
+        "from": {"id": buyer, "is_bot": False, "first_name": "B"},
+        "successful_payment": {"currency": "XTR", "total_amount": 5, "invoice_payload": "order-77",
+                               "telegram_payment_charge_id": "charge-77", "provider_payment_charge_id": ""}}}
+    for index in (2, 1):  # Telegram sent it again, and the balancer chose another instance
+        service = cluster.instances[index]
+        assert service is not None
+        assert httpx.post(service.url + "/webhook", json=paid, headers=HEADERS, timeout=10).status_code == 200
+    wait_until(lambda: any(e.get("event_type") == "payment" for e in make.accepted()), timeout=15,
+               what="the payment event")
+    wait_until(lambda: telegram.calls_of("sendMessage"), timeout=15, what="the admin's notice")
+    service = cluster.instances[0]
+    assert service is not None
+    assert httpx.post(service.url + "/webhook", json=checkout(4, 503), headers=HEADERS, timeout=10).status_code == 200
+    late = wait_until(lambda: [a for a in telegram.calls_of("answerPreCheckoutQuery")
+                               if a["pre_checkout_query_id"] == "q4"], timeout=10, what="the late checkout answered")
+    assert late[0]["ok"] is False and late[0]["error_message"] == "Этот счёт уже оплачен."
+    assert [e["event_id"] for e in make.accepted() if e.get("event_type") == "payment"] == ["payment-charge-77"]
+    assert [m["chat_id"] for m in telegram.calls_of("sendMessage")] == [999000]
+    assert all(s.health()["payments_recorded"] == 1 for s in cluster.instances if s is not None)
