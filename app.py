@@ -50,7 +50,7 @@ from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, PartOutcome, Reply, Repl
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from samples import send_samples
-from store import BatchRow, SQLiteStore, StoreError, StoreNotFound, lock_instance, open_store
+from store import BatchRow, SQLiteStore, StoreError, StoreNotFound, open_store
 from telegram_api import (BadRequest, InvalidToken, RedactingStream, RetryAfter, TelegramClient,
                           TelegramError, printable, redact)
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
@@ -982,26 +982,23 @@ def _dead_letters(config: Config, replay: bool) -> int:
 def _copy_state(config: Config, source_path: str) -> int:
     """`copy-state --from FILE`: the stopped gateway's SQLite state into the empty database of DATABASE_URL."""
     from store_postgres import copy_state  # only this command and a PostgreSQL deployment need psycopg
-    try:
-        source = SQLiteStore(source_path, existing=True, read_only=True)
-    except StoreError as err:
-        print(f"error: --from {source_path}: {err}", file=sys.stderr)
+    if not os.path.isfile(source_path):
+        print(f"error: --from {source_path}: there is no state database there: give the STATE_DB file of the "
+              "stopped gateway", file=sys.stderr)
         return 1
     try:
+        # Opened as the gateway opens it: held for this process alone (no gateway may run on it meanwhile, so
+        # nothing changes behind the copy), and a file of an earlier version upgraded first, as its start would.
+        source = SQLiteStore(source_path, exclusive=True)
+    except StoreError as err:
+        print(f"error: --from {source_path}: {err}; copy-state copies a stopped gateway's state", file=sys.stderr)
+        return 1
+    try:
+        target = open_store(config)
         try:
-            holder = lock_instance(source_path)  # held while copying: no gateway may start on the file meanwhile
-        except StoreError as err:
-            print(f"error: --from {source_path}: {err}; copy-state copies a stopped gateway's state, so that nothing "
-                  "changes behind the copy", file=sys.stderr)
-            return 1
-        try:
-            target = open_store(config)
-            try:
-                copied = copy_state(source, target)
-            finally:
-                target.close()
+            copied = copy_state(source, target)
         finally:
-            holder.close()
+            target.close()
     finally:
         source.close()
     print(f"copied {source_path} into {config.state_setting()}: " + ", ".join(

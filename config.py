@@ -201,25 +201,31 @@ def secret_values(values: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(s for s in found if s)
 
 
+def _url_parts(url: str) -> tuple[str, str, str, str, str]:
+    """(scheme, user, password, where, query) of a database URL, read as libpq reads it: the credentials end at
+    the last '@' (a password may hold an unencoded '#', '?' or '/'), and the query may hold `password=`."""
+    scheme, _, rest = url.partition("://")
+    credentials, at, where = rest.rpartition("@")
+    if not at:
+        credentials, where = "", rest
+    user, _, password = credentials.partition(":")
+    where, _, query = where.partition("?")
+    return scheme, user, password, where, query
+
+
 def _url_passwords(url: str) -> tuple[str, ...]:
-    """The password in a database URL, as written and decoded (either may be printed by a library)."""
-    try:
-        password = urlsplit(url).password or ""
-    except ValueError:
-        return ()
-    return tuple({password, unquote(password)} - {""})
+    """The passwords in a database URL (in its credentials or as `?password=`), as written and decoded: either
+    may be printed by a library."""
+    _, _, password, _, query = _url_parts(url)
+    found = [password, *re.findall(r"(?:^|&)password=([^&]*)", query)]
+    return tuple({form for p in found for form in (p, unquote(p))} - {""})
 
 
 def shown_url(url: str) -> str:
-    """A database URL fit to print: its password (if any) replaced by ***."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-    except ValueError:
-        return "(unreadable URL)"
-    user, _, host = parts.netloc.rpartition("@")
-    return parts._replace(netloc=f"{user.partition(':')[0]}:***@{host}").geturl()
+    """A database URL fit to print: its password replaced by ***, its query (which may carry one) left out."""
+    scheme, user, password, where, query = _url_parts(url)
+    credentials = f"{user}:***@" if password else (f"{user}@" if user else "")
+    return f"{scheme}://{credentials}{where}" + ("?…" if query else "")
 
 
 def read_dotenv(path: str) -> dict[str, str]:

@@ -132,7 +132,17 @@ _POLLER_LOCK = 0x7467_6D61_6B66
 # system's default is two hours), and so releases what it held (the poller lock above all).
 _KEEPALIVE_OPTIONS = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3"
 _CONNECT_TIMEOUT_SECONDS = 5
-_OUR_TABLES = ("seen_updates", "batches", "outbox", "payments", "meta")
+_OUR_TABLES = tuple(re.findall(r"CREATE TABLE (\w+)", _SCHEMA_V1))
+# How long the store's transactions may wait or stall, so that an instance that stops in the middle of one
+# (paused, its machine frozen) holds up the others for seconds, not for as long as it stays stopped: a lock
+# another transaction holds is waited for this long (then the unit fails, and its update gets 503)...
+LOCK_WAIT_SECONDS = 3.0
+# ...a transaction left open without a statement is ended by the server after this long (a live instance
+# runs its group's statements back to back, in milliseconds), releasing its locks...
+STALLED_SECONDS = 10.0
+# ...and no statement runs longer than this (the longest, a count of a large backlog for health, takes
+# milliseconds).
+STATEMENT_SECONDS = 30.0
 
 
 class PostgresStore(Store):
@@ -157,14 +167,18 @@ class PostgresStore(Store):
     _PAYMENTS_COUNT = "SELECT count(*) FROM payments"
 
     def __init__(self, url: str, *, relaxed: bool = False, existing: bool = False,
-                 poll_idle_seconds: float = 60.0) -> None:
+                 poll_idle_seconds: float = 60.0, lock_wait_seconds: float = LOCK_WAIT_SECONDS,
+                 stalled_seconds: float = STALLED_SECONDS) -> None:
         """Connect to `url`, check that commits are durable, and create or upgrade the schema (with `existing`,
         for commands: create and upgrade nothing; `StoreNotFound` if the database holds no gateway state).
         `poll_idle_seconds`: how long the poller's connection may stay silent before the server ends it (and
         with it the poller lock): longer than one `getUpdates`, so that only an instance that stopped (paused,
-        cut off) loses its turn."""
+        cut off) loses its turn. `lock_wait_seconds`, `stalled_seconds`: see LOCK_WAIT_SECONDS, STALLED_SECONDS."""
         super().__init__()
         self.url = url
+        self._options = (f"-c lock_timeout={int(lock_wait_seconds * 1000)} "
+                         f"-c idle_in_transaction_session_timeout={int(stalled_seconds * 1000)} "
+                         f"-c statement_timeout={int(STATEMENT_SECONDS * 1000)}")
         self._poll_idle = poll_idle_seconds
         self._poller_db: psycopg.Connection[Any] | None = None
         self._polling = False
@@ -178,20 +192,23 @@ class PostgresStore(Store):
                 _check_existing(self._db)
             else:
                 _migrate(self._db)
+        except psycopg.Error as err:  # a migration that meets something unexpected, the server gone meanwhile
+            self._db.close()
+            raise StoreError(f"cannot prepare the state database: {_clean(err)}") from None
         except BaseException:
             self._db.close()
             raise
 
     def _connect(self) -> psycopg.Connection[Any]:
         try:
-            return _connect(self.url)
+            return _connect(self.url, self._options)
         except psycopg.Error as err:
             raise StoreError(f"cannot connect to PostgreSQL: {_clean(err)}") from None
 
     def _cursor(self) -> "_Cursor":
         if self._db.closed or self._db.broken:  # the server restarted, or the network failed: connect again
             self._db.close()
-            self._db = _connect(self.url)
+            self._db = _connect(self.url, self._options)
         return _Cursor(self._db.cursor())
 
     def _begin(self, cur: "_Cursor", write: bool) -> None:

@@ -40,11 +40,19 @@ def env(service_env: dict[str, str], postgres_url: str) -> dict[str, str]:
             "HTTP_MAX_CONNECTIONS": "100"}
 
 
-def test_a_gateway_on_postgresql_never_prints_its_password(tmp_path: Path, env: dict[str, str]) -> None:
-    """The start's log, health and metrics name the database without its password."""
+@pytest.mark.parametrize("form", ["credentials", "unencoded", "query"])
+def test_a_gateway_on_postgresql_never_prints_its_password(form: str, tmp_path: Path, env: dict[str, str],
+                                                           postgres_url: str) -> None:
+    """The start's log, health and metrics name the database without its password, however the URL carries it:
+    in its credentials, there with characters a URL should have encoded ('#', '?'), or as `?password=`."""
+    if form == "unencoded":
+        env["DATABASE_URL"] = env["DATABASE_URL"].replace(PASSWORD, PASSWORD + "#?x")
+    elif form == "query":
+        env["DATABASE_URL"] = f"{postgres_url}?password={PASSWORD}&connect_timeout=5"
     service = Service(tmp_path, env).start()
     try:
-        assert "state postgresql://postgres:***@127.0.0.1" in service.text
+        shown = "state postgresql://postgres@127.0.0.1" if form == "query" else "state postgresql://postgres:***@"
+        assert shown in service.text
         health = service.get("/").text
         assert '"database":"postgresql"' in health.replace(" ", "") and PASSWORD not in health
         assert PASSWORD not in service.get("/metrics").text
@@ -128,3 +136,35 @@ def test_copy_state_moves_a_stopped_gateway_into_an_empty_database_once(tmp_path
         assert health["payments_recorded"] == 1 and health["outbox_dead"] == 1
     finally:
         assert service.stop() == 0
+
+
+def test_copy_state_takes_the_previous_release_s_file(tmp_path: Path, env: dict[str, str]) -> None:
+    """A state file of the schema before leases (the release before this one) is upgraded in place, as its start
+    would do, and copied."""
+    import sqlite3
+
+    import store as store_module
+    old = tmp_path / "state.sqlite3"
+    with sqlite3.connect(old) as db:
+        for version, migration in enumerate(store_module._MIGRATIONS[:4], start=1):
+            db.executescript(f"BEGIN; {migration}; PRAGMA user_version={version}; COMMIT;")
+        db.execute("INSERT INTO outbox (event_id, order_key, event_type, payload, created_at, next_attempt_at, "
+                   "is_head) VALUES ('e1', 'chat:1', 'update', '{}', 1.0e9, 1.0e9, 1)")
+    copied = run_app(tmp_path, env, "copy-state", "--from", str(old))
+    assert copied.returncode == 0, copied.stderr
+    assert "1 outbox" in lines_of(copied)[-1]
+    with sqlite3.connect(old) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+
+
+def test_a_database_holding_another_program_s_tables_is_refused_in_one_line(
+        tmp_path: Path, env: dict[str, str], postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE refunds (id int)")
+    for args, status in (((), 2), (("migrate",), 1)):
+        result = run_app(tmp_path, env, *args)
+        lines = lines_of(result)
+        assert result.returncode == status and len(lines) == 1, lines
+        assert "tables named like the gateway's (refunds)" in lines[0]
+    with psycopg.connect(postgres_url) as conn:
+        assert conn.execute("SELECT to_regclass('outbox')").fetchone() == (None,)

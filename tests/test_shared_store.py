@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -333,3 +334,50 @@ def test_settings_open_the_store_they_name(tmp_path: Path, postgres_url: str) ->
     finally:
         alone.close()
     assert sqlite3.connect(str(tmp_path / "state.sqlite3")).execute("SELECT COUNT(*) FROM outbox").fetchone() == (0,)
+
+
+def test_an_instance_stopped_inside_a_transaction_holds_the_others_up_for_seconds_only(postgres_url: str) -> None:
+    """An instance paused in the middle of a transaction (holding a user's batch): another instance's write of
+    that user fails after a short wait (503, Telegram resends) instead of hanging; once the server has ended
+    the stalled transaction the write goes through, and the paused instance, resumed, finds its work undone
+    and goes on with a new connection."""
+    a = PostgresStore(postgres_url, lock_wait_seconds=0.5, stalled_seconds=1.5)
+    b = PostgresStore(postgres_url, lock_wait_seconds=0.5, stalled_seconds=1.5)
+    try:
+        holding, resume = threading.Event(), threading.Event()
+        outcome: list[Any] = []
+
+        def paused(cur: Any) -> None:
+            a._lock_keys(cur, [_batch_key(7, 42)])
+            cur.execute("INSERT INTO meta VALUES ('paused', 'yes')")
+            holding.set()
+            resume.wait(30)  # the process stopped: no statement, the transaction open
+
+        def run_paused() -> None:
+            try:
+                outcome.append(a._run(paused))
+            except StoreError as err:
+                outcome.append(err)
+
+        thread = threading.Thread(target=run_paused)
+        thread.start()
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="lock timeout"):
+            b.add_message(1, 7, 42, ALICE, item(1), T0, 50, build_batch_event)
+        assert time.monotonic() - started < 5
+        wait_until(lambda: _stored(b, 2), timeout=10, what="the write once the stalled transaction is ended")
+        resume.set()
+        thread.join(30)
+        assert isinstance(outcome[0], StoreError) and a.get_meta("paused") is None
+        assert a.record_update(3, T0) and b.seen(3)
+    finally:
+        a.close()
+        b.close()
+
+
+def _stored(store: Store, update_id: int) -> bool:
+    try:
+        return store.add_message(update_id, 7, 42, ALICE, item(update_id), T0, 50, build_batch_event).new
+    except StoreError:
+        return False
