@@ -21,7 +21,7 @@ from outbox import IDLE_SECONDS, OutboxWorkers
 from replies import (MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, MAX_SOURCE_CHARS, REPLY_METHODS, ReplyError, message_calls,
                      read_reply, source_size)
 from retry import BackoffPolicy, backoff
-from store import NewEvent, OutboxRow, SQLiteStore
+from store import NewEvent, OutboxRow, SQLiteStore, StoreError
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
@@ -51,9 +51,7 @@ class DeliveryWorkers(OutboxWorkers):
                  clock: Callable[[], float] = time.time,
                  on_outcome: Callable[[str, float], None] = lambda outcome, seconds: None,
                  idle_seconds: float = IDLE_SECONDS, reply_format: str = "plain") -> None:
-        # A call may take the timeout to connect and send, and again to read the answer: the lease outlasts both.
-        super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds,
-                         lease_seconds=2 * make.timeout + 15)
+        super().__init__(store, "make", "make-delivery", max_in_flight, max_rate, clock, idle_seconds)
         self._make = make
         self._typing = typing
         self._policy = BackoffPolicy(initial=1.0, base=2.0, maximum=retry_max_seconds, jitter=1.0)
@@ -68,6 +66,8 @@ class DeliveryWorkers(OutboxWorkers):
 
     def _handle(self, row: OutboxRow) -> None:
         """Deliver a claimed event; whatever goes wrong, it leaves the in-flight state (or its chat would stall)."""
+        if self._store.shared and not self._still_ours(row):
+            return
         try:
             outcome, elapsed, shows_typing = self._call(row)
         except Exception as err:
@@ -91,6 +91,20 @@ class DeliveryWorkers(OutboxWorkers):
             return
         if shows_typing:
             self._typing.stop(row.payload["chat_id"])
+
+    def _still_ours(self, row: OutboxRow) -> bool:
+        """Whether the row is still this claim's, asked just before posting it: a claim that waited past its lease
+        (the process stopped between claiming and posting) must not post an event another instance has taken."""
+        try:
+            if self._store.holds_lease(row.id, row.lease):
+                return True
+        except StoreError as err:
+            log.warning("event %s not posted: cannot tell whether it is still ours (%s); it is posted once "
+                        "claimed again", row.event_id, err)
+            return False
+        log.warning("event %s not posted: another instance claimed it again after this one's lease ran out",
+                    row.event_id)
+        return False
 
     def _own_failure(self, row: OutboxRow, err: Exception) -> None:
         """The gateway failed before Make took the event: retried like a failed call, a dead letter once too old."""

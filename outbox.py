@@ -141,9 +141,12 @@ class OutboxWorkers:
                  clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS,
                  window: CallWindow | None = None, lease_seconds: float = LEASE_SECONDS) -> None:
         self._store = store
-        # A claimed row stays ours this long: on a shared database another instance may claim it again after
-        # that (ours looks dead), so it must outlast the longest `_handle`.
+        # A claimed row stays ours this long without word from us: on a shared database the claim loop renews
+        # the leases of the rows its threads work on (`_held`: row id -> lease token), every quarter of it, and
+        # another instance claims a row again only once its lease has run out (ours died or stopped).
         self._lease = lease_seconds
+        self._held: dict[int, str] = {}
+        self._renew_at = 0.0
         self._target = target
         self.name = name
         self.max_in_flight = max_in_flight
@@ -237,8 +240,24 @@ class OutboxWorkers:
             except Exception:
                 log.exception("%s pass failed; retrying in 1 s", self.name)
                 wait = 1.0
+            if self._store.shared:
+                wait = min(wait, self._renew())
             if wait > 0:
                 self._wakeup.wait(wait)
+
+    def _renew(self) -> float:
+        """Renew the leases of the rows in the threads' hands when due; return the seconds until the next time."""
+        now = time.monotonic()
+        if now >= self._renew_at:
+            self._renew_at = now + self._lease / 4
+            with self._lock:
+                held = list(self._held.items())
+            if held:
+                try:
+                    self._store.renew_leases(held, self._clock() + self._lease)
+                except StoreError as err:  # the next turn tries again; the lease has three more quarters
+                    log.warning("%s: leases of %d row(s) not renewed: %s", self.name, len(held), err)
+        return max(0.0, self._renew_at - now)
 
     def _dispatch(self) -> float:
         """Claim what may start now and hand it to workers; return how long to wait before looking again."""
@@ -276,6 +295,8 @@ class OutboxWorkers:
         for n, row in enumerate(rows):
             with self._lock:
                 self.in_flight += 1
+                if row.lease is not None:
+                    self._held[row.id] = row.lease
             if self._window is not None:
                 self._window.started()
             try:
@@ -283,6 +304,8 @@ class OutboxWorkers:
             except Exception as err:  # RuntimeError("can't start new thread") above all
                 with self._lock:
                     self.in_flight -= 1
+                    for unstarted in rows[n:]:
+                        self._held.pop(unstarted.id, None)
                 if self._window is not None:
                     self._window.ended(time.monotonic())  # never started: it frees its place in a second
                 self._unclaim(rows[n:], f"no thread to send it on ({err})")
@@ -306,6 +329,8 @@ class OutboxWorkers:
         except Exception:
             log.exception("%s: handling %s failed; it stays in flight until the next start", self.name, row.event_id)
         finally:
+            with self._lock:
+                self._held.pop(row.id, None)
             self._answered()
 
     def _answered(self) -> None:

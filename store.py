@@ -212,9 +212,10 @@ _CHECKPOINT_RESET_PAGES = 10_000  # a WAL this long (~40 MB) is reset even if wr
 _CHECKPOINT_RESTART_WAIT_SECONDS = 0.2  # the longest a RESTART waits (holding writers) for a lock or a reader
 MIN_SQLITE = (3, 35)  # RETURNING
 _GROUP_MAX = 512  # units one commit takes at most: bounds how long the last of them waits for it
-# How long a claimed row stays its claimer's, unless the claimer says otherwise: longer than one Bot API call
-# can take (its connect, write and read timeouts, 5 + 10 + 10 s).
-LEASE_SECONDS = 45.0
+# How long a claimed row stays its claimer's without word from it: on a shared database its claimer renews the
+# lease while it works on the row (every quarter of it), so this is how soon another instance takes over the row
+# of one that died or stopped, whatever the call's length.
+LEASE_SECONDS = 20.0
 
 # Every query below that reads the ready heads says `is_head = 1 AND status = 'pending'` literally, so
 # SQLite uses the partial index outbox_ready.
@@ -894,6 +895,20 @@ class Store:
             return [self._outbox_row(cur, row_id, row_id in was_on_wire) for row_id in ids]
         return self._run(work)
 
+    def renew_leases(self, leases: Iterable[tuple[int, str]], until: float) -> int:
+        """Extend to `until` the leases (row id, token) still held; return how many were."""
+        def work(cur: sqlite3.Cursor) -> int:
+            return sum(cur.execute("UPDATE outbox SET lease_until=? WHERE id=? AND lease_token=? AND status='inflight'",
+                                   (until, row_id, lease)).rowcount for row_id, lease in leases)
+        return self._run(work)
+
+    def holds_lease(self, row_id: int, lease: str | None) -> bool:
+        """Whether the row is still in flight under the claim of `lease` (nobody claimed it again)."""
+        def work(cur: sqlite3.Cursor) -> bool:
+            return cur.execute("SELECT 1 FROM outbox WHERE id=? AND lease_token=? AND status='inflight'",
+                               (row_id, lease)).fetchone() is not None
+        return self._run(work, write=False)
+
     def mark_on_wire(self, row_id: int, *, lease: str | None = None) -> None:
         """Record that the call of an in-flight row has begun to go out (it may arrive from now on). Raises
         `StoreError` if the row is no longer this claim's (`lease`): then the call must not go out."""
@@ -980,10 +995,16 @@ class Store:
         return self._run(work)
 
     def next_attempt_at(self, target: str = "make") -> float | None:
-        """When the earliest event for `target` that heads its queue becomes due (wall clock), or None."""
+        """When the earliest event for `target` that heads its queue becomes due (wall clock), or None; on a shared
+        database also when the earliest lease of `target` runs out (its row may then be claimed again)."""
         def work(cur: sqlite3.Cursor) -> float | None:
-            return cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE is_head = 1 AND status = 'pending' "
-                               "AND target = ?", (target,)).fetchone()[0]
+            due = cur.execute("SELECT MIN(next_attempt_at) FROM outbox WHERE is_head = 1 AND status = 'pending' "
+                              "AND target = ?", (target,)).fetchone()[0]
+            if not self.shared:
+                return due
+            lease = cur.execute("SELECT MIN(lease_until) FROM outbox WHERE status = 'inflight' AND target = ?",
+                                (target,)).fetchone()[0]
+            return min((t for t in (due, lease) if t is not None), default=None)
         return self._run(work, write=False)
 
     def outbox_stats(self, now: float) -> dict[str, Any]:

@@ -56,6 +56,7 @@ def test_chaos(mode: str, chaos_cluster: list[Cluster], tmp_path: Path, service_
     make_faults = random.Random(SEED + 1)
     fault_lock = threading.Lock()
     stalled: set[str] = set()  # events of calls Make answered only after the gateway had given up on them
+    stalled_chats: set[Any] = set()  # their chats: the call given up on is still open when its retry comes
 
     def flaky(event: dict[str, Any]) -> tuple[Any, ...] | None:
         with fault_lock:
@@ -65,6 +66,7 @@ def test_chaos(mode: str, chaos_cluster: list[Cluster], tmp_path: Path, service_
         if roll < 0.12:
             time.sleep(2.5)  # past MAKE_TIMEOUT_SECONDS: the gateway gives up on this call and tries again
             stalled.add(event["event_id"])
+            stalled_chats.add(event.get("chat_id"))
         return None
 
     make.reject_if = flaky
@@ -127,8 +129,8 @@ def test_chaos(mode: str, chaos_cluster: list[Cluster], tmp_path: Path, service_
                 victim = rng.choice(live)
                 cluster.pause(victim)
                 at = time.monotonic()
-                did.append(f"{elapsed:5.1f} s: SIGSTOP instance {victim} for 22 s (past its Make leases, 19 s)")
-                threading.Timer(22, lambda v=victim, a=at: (cluster.resume(v), disrupted.append(
+                did.append(f"{elapsed:5.1f} s: SIGSTOP instance {victim} for 25 s (past its leases, 20 s)")
+                threading.Timer(25, lambda v=victim, a=at: (cluster.resume(v), disrupted.append(
                     (a, time.monotonic())))).start()
                 paused_once = True
                 continue
@@ -183,7 +185,9 @@ def test_chaos(mode: str, chaos_cluster: list[Cluster], tmp_path: Path, service_
         if 200 <= request["status"] < 300:
             first_accept.setdefault(event_id, request["at"])
     assert not unexplained, f"posted again after Make accepted, with no kill to explain it: {unexplained}"
-    assert make.overlapping_chats == [], "two calls of one chat were open at once"
+    # Two calls of one chat open at once only where the first was a stall the gateway had given up on.
+    overlapping = [chat for chat in make.overlapping_chats if chat not in stalled_chats]
+    assert overlapping == [], f"two calls of one chat were open at once: {overlapping}"
 
     payments = collections.Counter(e["event_id"] for e in make.accepted() if e.get("event_type") == "payment")
     assert set(payments) == {f"payment-charge-{user}" for user in paid}

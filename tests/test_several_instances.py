@@ -111,7 +111,7 @@ def test_an_instance_killed_with_batches_open_and_a_call_in_flight_loses_nothing
     assert cluster.instances[0].health()["active_batches"] == 3  # type: ignore[union-attr]
     cluster.kill(0)
     held.set()
-    # The sweep: deadline (1 s) plus its grace (5 s), every 2 s; the lease: 2 x MAKE_TIMEOUT_SECONDS + 15 s.
+    # The sweep: deadline (1 s) plus its grace (5 s), every 2 s; the lease: 20 s after its last renewal.
     wait_until(lambda: {b["user_id"] for b in _batches(make)} >= {2, 3, 4}, timeout=20, what="the swept batches")
     assert {b["reason"] for b in _batches(make) if b["user_id"] != 1} == {"restart"}
     # The hung call is recorded once it is let go (its answer then finds instance 0 gone): the second is the new
@@ -148,7 +148,7 @@ def test_one_instance_polls_and_another_takes_over_when_it_is_killed(
     for n in range(6, 11):
         telegram.push_update(text(n, 7, f"after {n}"))
     # If the first batch's delivery was not recorded before the kill, the chat's queue waits for its lease
-    # (2 x MAKE_TIMEOUT_SECONDS + 15 s): then it is posted again, with the same event id, and the next follows.
+    # (20 s after its last renewal): then it is posted again, with the same event id, and the next follows.
     wait_until(lambda: sum(len(b["messages"]) for b in _batches(make)) == 10, timeout=40, what="the later updates")
     check_batches(make, {7: list(range(1, 11))})
     # The killed poller's last long poll may be ended by its successor's first: that one alone.

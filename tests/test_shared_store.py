@@ -381,3 +381,62 @@ def _stored(store: Store, update_id: int) -> bool:
         return store.add_message(update_id, 7, 42, ALICE, item(update_id), T0, 50, build_batch_event).new
     except StoreError:
         return False
+
+
+def test_a_renewed_lease_stays_its_claimer_s(pair: tuple[Store, Store]) -> None:
+    """A claimer working on a row renews its lease: nobody else claims it meanwhile, and a renewal after another
+    claim took the row changes nothing."""
+    a, b = pair
+    a.enqueue_event(event("e1"), T0)
+    mine = a.claim_due_events(T0, "make", 1, lease_seconds=30)[0]
+    assert a.renew_leases([(mine.id, mine.lease or "")], T0 + 55) == 1 and a.holds_lease(mine.id, mine.lease)
+    assert b.claim_due_events(T0 + 31, "make", 5) == []
+    if not b.shared:
+        return
+    theirs = b.claim_due_events(T0 + 56, "make", 5)[0]
+    assert a.renew_leases([(mine.id, mine.lease or "")], T0 + 90) == 0 and not a.holds_lease(mine.id, mine.lease)
+    assert b.holds_lease(theirs.id, theirs.lease)
+
+
+def test_a_call_longer_than_the_lease_is_made_once_and_a_stale_claim_posts_nothing(postgres_url: str) -> None:
+    """Two instances' delivery loops on one database with a 1 s lease and a Make that takes 2.5 s: the event is
+    posted once (its claimer renews the lease while the call lasts). A claim that lost its row before posting
+    (its process stopped between the two) posts nothing."""
+    from delivery import DeliveryWorkers
+    from doubles import MakeDouble
+    from make_client import MakeClient
+    from telegram_api import TelegramClient
+    from typing_keepalive import TypingKeepAlive
+    make = MakeDouble()
+    make.latency = 2.5
+    stores = [PostgresStore(postgres_url), PostgresStore(postgres_url)]
+    clients = [MakeClient(make.url + "/hook", timeout=10) for _ in stores]
+    telegram = TelegramClient("1:x", "http://127.0.0.1:9")
+    loops = [DeliveryWorkers(store, client, TypingKeepAlive(telegram, "off"), max_rate=0) for store, client in
+             zip(stores, clients)]
+    try:
+        for loop in loops:
+            loop._lease = 1.0
+            loop.start()
+        stores[0].enqueue_event(NewEvent("batch-1", "chat:1", "message_batch", {"event_id": "batch-1",
+                                                                                 "chat_id": 1}), time.time())
+        wait_until(lambda: stores[0].outbox_stats(time.time())["outbox_pending"] == 0, timeout=20,
+                   what="the event delivered")
+        assert [e["event_id"] for e in make.events] == ["batch-1"]
+        for loop in loops:
+            loop.stop()
+        stores[0].enqueue_event(event("stale"), time.time())
+        stale = stores[0].claim_due_events(time.time(), "make", 1, lease_seconds=0.1)[0]
+        # The claimer stopped past its lease: the row is claimed again.
+        taken = wait_until(lambda: stores[1].claim_due_events(time.time(), "make", 1), timeout=5)[0]
+        loops[0]._handle(stale)
+        assert [e["event_id"] for e in make.events] == ["batch-1"] and stores[1].holds_lease(taken.id, taken.lease)
+    finally:
+        for loop in loops:
+            loop.stop()
+        for store in stores:
+            store.close()
+        for client in clients:
+            client.close()
+        telegram.close()
+        make.close()
