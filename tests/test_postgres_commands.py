@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from batching import build_batch_event
-from doubles import ROOT, Service, child_env, free_port
+from doubles import ROOT, MakeDouble, Service, child_env, free_port, wait_until
 from store import NewEvent, SQLiteStore, lock_instance
 
 PASSWORD = "s3cr3t-Pa55w0rd"
@@ -112,7 +112,8 @@ def _old_state(path: Path) -> dict[str, Any]:
     return {"batches": 1, "dead": 1, "payments": 1}
 
 
-def test_copy_state_moves_a_stopped_gateway_into_an_empty_database_once(tmp_path: Path, env: dict[str, str]) -> None:
+def test_copy_state_moves_a_stopped_gateway_into_an_empty_database_once(tmp_path: Path, env: dict[str, str],
+                                                                        make: MakeDouble) -> None:
     old = tmp_path / "old" / "state.sqlite3"
     _old_state(old)
     holder = lock_instance(str(old))  # a gateway still running on it
@@ -134,6 +135,10 @@ def test_copy_state_moves_a_stopped_gateway_into_an_empty_database_once(tmp_path
     try:
         health = service.health()
         assert health["payments_recorded"] == 1 and health["outbox_dead"] == 1
+        replayed = run_app(tmp_path, env, "replay-dead")  # beside a running instance, as on a shared database
+        assert replayed.returncode == 0 and lines_of(replayed)[-1] == "1 dead letter(s) queued again"
+        wait_until(lambda: any(e["event_id"] == "gone" for e in make.accepted()), timeout=15,
+                   what="the replayed letter at Make")
     finally:
         assert service.stop() == 0
 
