@@ -23,8 +23,10 @@ import logging
 import os
 import select
 import signal
+import sqlite3
 import stat
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -50,7 +52,7 @@ from replies import (MAX_REPLY_CHARS, MAX_SOURCE_CHARS, PartOutcome, Reply, Repl
 from retry import BackoffPolicy, backoff
 from router import UpdateRouter
 from samples import send_samples
-from store import BatchRow, SQLiteStore, StoreError, StoreNotFound, open_store
+from store import SCHEMA_VERSION, BatchRow, SQLiteStore, StoreError, StoreNotFound, lock_instance, open_store
 from telegram_api import (BadRequest, InvalidToken, RedactingStream, RetryAfter, TelegramClient,
                           TelegramError, printable, redact)
 from telegram_outbox import ANSWERS_TARGET, USER_CHAT_PREFIX, TelegramOutbox, bot_call
@@ -987,24 +989,46 @@ def _copy_state(config: Config, source_path: str) -> int:
               "stopped gateway", file=sys.stderr)
         return 1
     try:
-        # Opened as the gateway opens it: held for this process alone (no gateway may run on it meanwhile, so
-        # nothing changes behind the copy), and a file of an earlier version upgraded first, as its start would.
-        source = SQLiteStore(source_path, exclusive=True)
+        holder = lock_instance(source_path)  # held while copying: no gateway may start on the file meanwhile
     except StoreError as err:
         print(f"error: --from {source_path}: {err}; copy-state copies a stopped gateway's state", file=sys.stderr)
         return 1
     try:
-        target = open_store(config)
-        try:
-            copied = copy_state(source, target)
-        finally:
-            target.close()
+        with tempfile.TemporaryDirectory() as tmp:
+            # A snapshot is read, upgraded if an earlier version wrote it, and copied: the file itself stays as
+            # it was, so its own gateway can still start on it whatever becomes of the copy.
+            try:
+                snapshot = _snapshot(source_path, os.path.join(tmp, "state.sqlite3"))
+                source = SQLiteStore(snapshot, exclusive=True)  # (its own, so the snapshot may be upgraded)
+            except (sqlite3.Error, StoreError) as err:
+                print(f"error: --from {source_path}: {err}", file=sys.stderr)
+                return 1
+            try:
+                target = open_store(config)
+                try:
+                    copied = copy_state(source, target)
+                finally:
+                    target.close()
+            finally:
+                source.close()
     finally:
-        source.close()
+        holder.close()
     print(f"copied {source_path} into {config.state_setting()}: " + ", ".join(
         f"{count} {table}" for table, count in copied.items() if count) + "; start the gateway with DATABASE_URL "
           "now, and keep the old file until it has run a while")
     return 0
+
+
+def _snapshot(path: str, to: str) -> str:
+    """A copy of the SQLite database at `path` (what its WAL holds included) at `to`; raises StoreError for a file
+    that is not a gateway's state of any version."""
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as source:
+        version = source.execute("PRAGMA user_version").fetchone()[0]
+        if not 0 < version <= SCHEMA_VERSION:
+            raise StoreError(f"not a gateway state database this gateway knows (schema version {version})")
+        with contextlib.closing(sqlite3.connect(to)) as copy:
+            source.backup(copy)
+    return to
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -201,31 +201,41 @@ def secret_values(values: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(s for s in found if s)
 
 
-def _url_parts(url: str) -> tuple[str, str, str, str, str]:
-    """(scheme, user, password, where, query) of a database URL, read as libpq reads it: the credentials end at
-    the last '@' (a password may hold an unencoded '#', '?' or '/'), and the query may hold `password=`."""
-    scheme, _, rest = url.partition("://")
-    credentials, at, where = rest.rpartition("@")
-    if not at:
-        credentials, where = "", rest
-    user, _, password = credentials.partition(":")
-    where, _, query = where.partition("?")
-    return scheme, user, password, where, query
+def _conninfo(url: str) -> dict[str, str] | None:
+    """DATABASE_URL read as libpq reads it (a URL or `key=value` pairs), or None if it cannot be read."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict  # only a PostgreSQL deployment loads psycopg
+        return {key: str(value) for key, value in conninfo_to_dict(url).items()}
+    except Exception:  # noqa: BLE001 - ProgrammingError for a string libpq refuses (its text repeats the string)
+        return None
 
 
 def _url_passwords(url: str) -> tuple[str, ...]:
-    """The passwords in a database URL (in its credentials or as `?password=`), as written and decoded: either
-    may be printed by a library."""
-    _, _, password, _, query = _url_parts(url)
-    found = [password, *re.findall(r"(?:^|&)password=([^&]*)", query)]
+    """Every form of the password in DATABASE_URL that a line might show: the one libpq reads, and, for a URL
+    whose password holds characters it should have encoded ('@', '/', '#', '?'), what the writer meant and the
+    pieces libpq may then show as a host or a database name."""
+    info = _conninfo(url) or {}
+    found = [info.get("password", "")]
+    rest = url.partition("://")[2]
+    credentials = rest.partition("?")[0].rpartition("@")[0]  # up to the last '@' before the options
+    meant = credentials.partition(":")[2]
+    found += [meant, *re.split(r"[@/#?]", meant), *re.findall(r"(?:^|[?&])password=([^&]*)", rest)]
     return tuple({form for p in found for form in (p, unquote(p))} - {""})
 
 
 def shown_url(url: str) -> str:
-    """A database URL fit to print: its password replaced by ***, its query (which may carry one) left out."""
-    scheme, user, password, where, query = _url_parts(url)
-    credentials = f"{user}:***@" if password else (f"{user}@" if user else "")
-    return f"{scheme}://{credentials}{where}" + ("?…" if query else "")
+    """DATABASE_URL fit to print: user, host, port and database as libpq reads them, never the password (nor
+    the options, which may carry one)."""
+    info = _conninfo(url)
+    if info is None:
+        return "(not shown: PostgreSQL cannot read it)"
+    user = info.get("user", "")
+    credentials = f"{user}:***@" if info.get("password") else (f"{user}@" if user else "")
+    shown = f"{info.get('host', '')}" + (f":{info['port']}" if info.get("port") else "") + f"/{info.get('dbname', '')}"
+    for piece in sorted(_url_passwords(url), key=len, reverse=True):  # a password libpq read partly as a host
+        if len(piece) >= 3:
+            shown = shown.replace(piece, "***")
+    return f"postgresql://{credentials}{shown}"
 
 
 def read_dotenv(path: str) -> dict[str, str]:
@@ -449,9 +459,10 @@ def _parse(env: Mapping[str, str], uses: Collection[str] | None = None,
                               7 * 86400)
     state_db = get("STATE_DB") or Config.state_db
     database_url = get("DATABASE_URL")
-    if database_url and urlsplit(database_url).scheme not in ("postgresql", "postgres"):
-        problem("DATABASE_URL", f"{said('DATABASE_URL', shown_url(database_url))} must be a PostgreSQL URL, "
-                                "postgresql://user:password@host:5432/database (or empty: one SQLite file, STATE_DB)")
+    if database_url and _conninfo(database_url) is None:
+        problem("DATABASE_URL", "DATABASE_URL (not shown: it may hold a password) is not a PostgreSQL connection "
+                                "string: give postgresql://user:password@host:5432/database (or leave it empty: "
+                                "one SQLite file, STATE_DB)")
     durability = get("DATABASE_DURABILITY").lower() or Config.database_durability
     if durability not in ("strict", "relaxed"):
         problem("DATABASE_DURABILITY", f"{said('DATABASE_DURABILITY', durability)} must be strict (the default: "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
 from typing import Any, Mapping
+from urllib.parse import quote
 
 import httpx
 
@@ -142,7 +143,8 @@ class MakeClient:
         status: int | None = None
         try:
             with self._http.stream("POST", self._url, content=content,
-                                   headers={"X-Event-Id": event_id, "Content-Type": "application/json"}) as response:
+                                   headers={"X-Event-Id": header_value(event_id),
+                                            "Content-Type": "application/json"}) as response:
                 status = response.status_code
                 text = _read_text(response, self._timeout)
             return classify(status, response.headers, text)
@@ -165,6 +167,13 @@ class MakeClient:
     def close(self) -> None:
         """Close the connection pool; safe to call twice."""
         self._http.close()
+
+
+def header_value(text: str) -> str:
+    """`text` fit for an HTTP header: as it is if printable ASCII, else percent-encoded (an event id built from
+    what Telegram sent, a payment's charge id, may hold anything; a header that cannot be sent would stop its
+    chat's queue for good)."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")
 
 
 class UnreadableAnswer(Exception):

@@ -121,6 +121,7 @@ CREATE TABLE meta (
 """
 
 _MIGRATIONS = (_SCHEMA_V1,)
+MIGRATION_WAIT_SECONDS = 300.0  # how long an instance starting waits for another's migration
 SCHEMA_VERSION = len(_MIGRATIONS)
 # The schema's version lives in a table of its own; its name says whose database this is.
 _VERSION_TABLE = "gateway_schema"
@@ -373,9 +374,12 @@ def _check_durable(db: psycopg.Connection[Any]) -> None:
 
 
 def _migrate(db: psycopg.Connection[Any]) -> None:
-    """Create or upgrade the schema, one migration per transaction, under a lock (instances may start at once);
-    refuse a database that holds tables of ours without our version table, or a newer version."""
+    """Create or upgrade the schema, under a lock (instances may start at once: the others wait for the first,
+    however long its migration takes, rather than the store's few seconds); refuse a database that holds tables
+    of ours without our version table, or a newer version."""
     with db.transaction():
+        db.execute(f"SET LOCAL lock_timeout = {int(MIGRATION_WAIT_SECONDS * 1000)}")
+        db.execute("SET LOCAL statement_timeout = 0")
         db.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         exists = db.execute("SELECT to_regclass(%s) IS NOT NULL",
                             (_VERSION_TABLE,)).fetchone()[0]  # type: ignore[index]
@@ -387,7 +391,7 @@ def _migrate(db: psycopg.Connection[Any]) -> None:
                                  "but is not a gateway state database: give the gateway a database of its own")
             db.execute(f"CREATE TABLE {_VERSION_TABLE} (version INTEGER NOT NULL)")
             db.execute(f"INSERT INTO {_VERSION_TABLE} VALUES (0)")
-        version = db.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()[0]  # type: ignore[index]
+        version = _version(db)
         if version > SCHEMA_VERSION:
             raise StoreError(f"the state database has schema version {version}, this gateway knows up to "
                              f"{SCHEMA_VERSION}: run the newer gateway, or give this one a database of its own")
@@ -400,11 +404,23 @@ def _check_existing(db: psycopg.Connection[Any]) -> None:
     """Refuse a database without gateway state, or with state of another schema version."""
     if not db.execute("SELECT to_regclass(%s) IS NOT NULL", (_VERSION_TABLE,)).fetchone()[0]:  # type: ignore[index]
         raise StoreNotFound("there is no gateway state in this database")
-    version = db.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchone()[0]  # type: ignore[index]
+    version = _version(db)
     if version != SCHEMA_VERSION:
         raise StoreError(f"the state database has schema version {version}, this gateway needs {SCHEMA_VERSION}: "
                          "start this gateway (or run `python app.py migrate`) to upgrade it, or use the gateway "
                          "that wrote it")
+
+
+def _version(db: psycopg.Connection[Any]) -> int:
+    """The schema version the version table holds; refuse a table of that name that is not the gateway's."""
+    try:
+        rows = db.execute(f"SELECT version FROM {_VERSION_TABLE}").fetchall()
+    except psycopg.Error:
+        rows = []
+    if len(rows) != 1 or not isinstance(rows[0][0], int) or rows[0][0] < 0:
+        raise StoreError(f"the database has a table {_VERSION_TABLE} that is not the gateway's: give the gateway a "
+                         "database of its own")
+    return int(rows[0][0])
 
 
 def _clean(err: psycopg.Error) -> str:

@@ -221,3 +221,19 @@ def test_an_answer_that_looks_like_json_but_is_not_says_so() -> None:
     outcome = classify(200, headers(), '{"reply": "He said "yes""}')
     assert isinstance(outcome, Delivered) and outcome.replies == [] and "looks like JSON but is not" in outcome.problem
     assert classify(200, headers(), "Accepted") == Delivered(200, [], None)
+
+
+@pytest.mark.parametrize("event_id, header", [("batch-0a1b", "batch-0a1b"), ("payment-ch\x00-77", "payment-ch%00-77"),
+                                              ("payment-заказ", "payment-%D0%B7%D0%B0%D0%BA%D0%B0%D0%B7")])
+def test_an_event_id_any_header_can_carry_goes_out(event_id: str, header: str) -> None:
+    """An event id that holds NUL or non-ASCII (from a payment's charge id) is percent-encoded in X-Event-Id, so
+    the event is delivered, its body keeping the id as it is, instead of failing for ever in the client."""
+    make = MakeDouble()
+    client = MakeClient(make.url + "/hook", timeout=5)
+    try:
+        outcome = client.deliver(event_id, {"event_id": event_id})
+        assert isinstance(outcome, Delivered)
+        assert make.requests[0]["headers"]["X-Event-Id"] == header and make.events == [{"event_id": event_id}]
+    finally:
+        client.close()
+        make.close()

@@ -4,6 +4,7 @@ printed, `migrate`, `copy-state` and the dead-letter commands on PostgreSQL."""
 from __future__ import annotations
 
 import subprocess
+import time
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,19 +41,22 @@ def env(service_env: dict[str, str], postgres_url: str) -> dict[str, str]:
             "HTTP_MAX_CONNECTIONS": "100"}
 
 
-@pytest.mark.parametrize("form", ["credentials", "unencoded", "query"])
+@pytest.mark.parametrize("form", ["credentials", "unencoded", "query", "keywords"])
 def test_a_gateway_on_postgresql_never_prints_its_password(form: str, tmp_path: Path, env: dict[str, str],
                                                            postgres_url: str) -> None:
-    """The start's log, health and metrics name the database without its password, however the URL carries it:
-    in its credentials, there with characters a URL should have encoded ('#', '?'), or as `?password=`."""
+    """The start's log, health and metrics name the database without its password, however DATABASE_URL carries
+    it: in the URL's credentials, there with characters a URL should have encoded ('#', '?'), as `?password=`
+    (with an '@' in the query), or in libpq's `key=value` form."""
+    port, database = postgres_url.rsplit(":", 1)[1].split("/")
     if form == "unencoded":
         env["DATABASE_URL"] = env["DATABASE_URL"].replace(PASSWORD, PASSWORD + "#?x")
     elif form == "query":
-        env["DATABASE_URL"] = f"{postgres_url}?password={PASSWORD}&connect_timeout=5"
+        env["DATABASE_URL"] = f"{postgres_url}?password={PASSWORD}&application_name=ops@site"
+    elif form == "keywords":
+        env["DATABASE_URL"] = f"host=127.0.0.1 port={port} user=postgres password={PASSWORD} dbname={database}"
     service = Service(tmp_path, env).start()
     try:
-        shown = "state postgresql://postgres@127.0.0.1" if form == "query" else "state postgresql://postgres:***@"
-        assert shown in service.text
+        assert f"state postgresql://postgres:***@127.0.0.1:{port}/{database}" in service.text
         health = service.get("/").text
         assert '"database":"postgresql"' in health.replace(" ", "") and PASSWORD not in health
         assert PASSWORD not in service.get("/metrics").text
@@ -84,7 +88,14 @@ def test_an_unreachable_or_wrong_database_url_is_one_line(tmp_path: Path, env: d
     assert result.returncode == 2 and len(lines) == 1 and "cannot connect to PostgreSQL" in lines[0], lines
     result = run_app(tmp_path, {**env, "DATABASE_URL": f"mysql://root:{PASSWORD}@localhost/db"})
     output = "\n".join(lines_of(result))
-    assert result.returncode == 2 and "DATABASE_URL" in output and "must be a PostgreSQL URL" in output
+    assert result.returncode == 2 and "DATABASE_URL" in output and "not a PostgreSQL connection string" in output
+    # An '@' left unencoded in the password: libpq reads part of it as the host, and says so when it cannot
+    # connect there; neither part is printed.
+    halves = ("Sec3t-Half1", "Half2-Sec3t")
+    split = f"postgresql://postgres:{halves[0]}@{halves[1]}@127.0.0.1:{free_port()}/gateway"
+    result = run_app(tmp_path, {**env, "DATABASE_URL": split})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and all(half not in output for half in halves), output
 
 
 def test_migrate_creates_the_schema_and_dead_letters_read_it(tmp_path: Path, env: dict[str, str],
@@ -144,8 +155,9 @@ def test_copy_state_moves_a_stopped_gateway_into_an_empty_database_once(tmp_path
 
 
 def test_copy_state_takes_the_previous_release_s_file(tmp_path: Path, env: dict[str, str]) -> None:
-    """A state file of the schema before leases (the release before this one) is upgraded in place, as its start
-    would do, and copied."""
+    """A state file of the schema before leases (the release before this one) is copied (a snapshot of it is
+    upgraded); the file itself stays as it was, so the old release can still start on it, even after a copy that
+    failed."""
     import sqlite3
 
     import store as store_module
@@ -158,8 +170,17 @@ def test_copy_state_takes_the_previous_release_s_file(tmp_path: Path, env: dict[
     copied = run_app(tmp_path, env, "copy-state", "--from", str(old))
     assert copied.returncode == 0, copied.stderr
     assert "1 outbox" in lines_of(copied)[-1]
+    again = run_app(tmp_path, env, "copy-state", "--from", str(old))
+    assert again.returncode == 1 and "already holds gateway state" in lines_of(again)[-1]
     with sqlite3.connect(old) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == store_module.SCHEMA_VERSION
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    foreign = tmp_path / "foreign.sqlite3"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE notes (x)")
+    before = foreign.read_bytes()
+    refused = run_app(tmp_path, env, "copy-state", "--from", str(foreign))
+    assert refused.returncode == 1 and "not a gateway state database" in lines_of(refused)[-1]
+    assert foreign.read_bytes() == before
 
 
 def test_a_database_holding_another_program_s_tables_is_refused_in_one_line(
@@ -173,3 +194,38 @@ def test_a_database_holding_another_program_s_tables_is_refused_in_one_line(
         assert "tables named like the gateway's (refunds)" in lines[0]
     with psycopg.connect(postgres_url) as conn:
         assert conn.execute("SELECT to_regclass('outbox')").fetchone() == (None,)
+
+
+def test_a_version_table_that_is_not_the_gateway_s_is_refused_in_one_line(
+        tmp_path: Path, env: dict[str, str], postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE gateway_schema (version text)")
+        conn.execute("INSERT INTO gateway_schema VALUES ('x')")
+    for args, status in (((), 2), (("migrate",), 1), (("dead-letters",), 1)):
+        result = run_app(tmp_path, env, *args)
+        lines = lines_of(result)
+        assert result.returncode == status and len(lines) == 1, lines
+        assert "a table gateway_schema that is not the gateway's" in lines[0]
+
+
+def test_an_instance_starting_while_another_migrates_waits_for_it(
+        tmp_path: Path, env: dict[str, str], postgres_url: str) -> None:
+    """The schema's lock held longer than the store's usual lock wait (3 s), as by a long migration: a second
+    instance waits for it rather than give up, then finds the schema made."""
+    from store_postgres import _MIGRATION_LOCK
+    with psycopg.connect(postgres_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        started = time.monotonic()
+        waiting = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "migrate"], cwd=tmp_path,
+                                   env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def still_waiting_past_the_lock_wait() -> bool:
+            assert waiting.poll() is None, waiting.communicate()
+            return time.monotonic() - started > 4.0 and holder.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone()[0] == 1
+
+        wait_until(still_waiting_past_the_lock_wait, timeout=30, what="the second instance to wait past 3 s")
+        holder.rollback()
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0 and "schema is up to date" in out, err
