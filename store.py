@@ -496,6 +496,11 @@ class Store:
         """Run and commit the group at the head of the line, then hand the lead to the first unit behind it."""
         with self._line_lock:
             group = list(itertools.islice(self._line, _GROUP_MAX))
+            if self.shared:
+                # One step per transaction: units of one kind lock their keys together, in one order; units of
+                # different kinds in one transaction would lock theirs one after another, and two instances
+                # doing so in different orders wait for each other (PostgreSQL ends one after a second).
+                group = next(_steps(group))
             for unit in group:
                 unit.taken = True
         woken: set[str] = set()

@@ -209,5 +209,5 @@ def test_chaos(mode: str, chaos_cluster: list[Cluster], tmp_path: Path, service_
     print(f"checked: {total} acknowledged updates of {len(sent)} users in {counts['batches']} batches, each once and "
           f"in order ({counts['repeated posts']} posts repeated after a disruption, all explained); {len(paid)} "
           f"payments each recorded once with one event and {len(notices)} admin notice(s); no chat had two calls "
-          f"open; nothing left in the outbox or open" + (f"; overlapping polls: {telegram.overlapping_polls}"
+          f"open but where Make stalled past the timeout; nothing left in the outbox or open" + (f"; overlapping polls: {telegram.overlapping_polls}"
                                                          if mode == "polling" else ""))
