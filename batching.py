@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from debounce import DebounceSettings, deadline
-from store import AddResult, BatchRow, NewEvent, SQLiteStore
+from store import AddResult, BatchRow, NewEvent, Store
 from updates import batch_text
 
 log = logging.getLogger("gateway.batching")
@@ -56,7 +56,7 @@ def build_batch_event(batch: BatchRow, reason: str) -> NewEvent:
 class BatchManager:
     """Adds messages to open batches and closes each batch on its deadline, on one named thread."""
 
-    def __init__(self, store: SQLiteStore, settings: DebounceSettings,
+    def __init__(self, store: Store, settings: DebounceSettings,
                  on_closed: Callable[[BatchRow, str], None] = lambda batch, reason: None,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -87,7 +87,7 @@ class BatchManager:
                   item: dict[str, Any], admit: Callable[[], bool] | None,
                   then: Callable[[AddResult | Exception], None]) -> None:
         """`add` without waiting for the commit: `then(result)`, or `then(error)` if it failed, once it is over,
-        on the store's committing thread (quick, and never calling the store: see `SQLiteStore._submit`)."""
+        on the store's committing thread (quick, and never calling the store: see `Store._submit`)."""
         def committed(unit: Any) -> None:
             try:
                 result: AddResult | Exception = self._added(chat_id, user_id, unit.outcome())

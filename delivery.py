@@ -21,7 +21,7 @@ from outbox import IDLE_SECONDS, OutboxWorkers
 from replies import (MAX_REPLY_CHARS, MAX_REPLY_MESSAGES, MAX_SOURCE_CHARS, REPLY_METHODS, ReplyError, message_calls,
                      read_reply, source_size)
 from retry import BackoffPolicy, backoff
-from store import NewEvent, OutboxRow, SQLiteStore, StoreError
+from store import NewEvent, OutboxRow, Store, StoreError
 from telegram_outbox import USER_CHAT_PREFIX, bot_call, callback_answer, callback_answer_fields
 from typing_keepalive import TypingKeepAlive
 from updates import is_int
@@ -45,7 +45,7 @@ class DeliveryHealth:
 class DeliveryWorkers(OutboxWorkers):
     """Drains the outbox to Make, one call per chat at a time, up to `max_in_flight` chats at once."""
 
-    def __init__(self, store: SQLiteStore, make: MakeClient, typing: TypingKeepAlive,
+    def __init__(self, store: Store, make: MakeClient, typing: TypingKeepAlive,
                  *, max_in_flight: int = 50, max_rate: float = 30.0,
                  retry_max_seconds: float = 30.0, max_age_seconds: float = 72 * 3600,
                  clock: Callable[[], float] = time.time,

@@ -19,7 +19,7 @@ import time
 from typing import Callable
 
 from pacing import CallWindow
-from store import LEASE_SECONDS, OutboxRow, SQLiteStore, StoreError
+from store import LEASE_SECONDS, OutboxRow, Store, StoreError
 
 log = logging.getLogger("gateway.outbox")
 
@@ -137,7 +137,7 @@ class _Worker:
 class OutboxWorkers:
     """The `<name>` claim loop for rows of `target`, each row handled on a `<name>-N` worker thread."""
 
-    def __init__(self, store: SQLiteStore, target: str, name: str, max_in_flight: int, max_rate: float = 0.0,
+    def __init__(self, store: Store, target: str, name: str, max_in_flight: int, max_rate: float = 0.0,
                  clock: Callable[[], float] = time.time, idle_seconds: float = IDLE_SECONDS,
                  window: CallWindow | None = None, lease_seconds: float = LEASE_SECONDS) -> None:
         self._store = store

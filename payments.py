@@ -27,7 +27,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from make_client import Delivered, MakeClient, Outcome
-from store import NewEvent, SQLiteStore
+from store import NewEvent, Store
 from telegram_api import BadRequest, TelegramClient, TelegramError
 from telegram_outbox import bot_call
 from updates import is_int, user_summary
@@ -173,7 +173,7 @@ def admin_notice(title: str, payment: dict[str, Any], sender: dict[str, Any] | N
 class PaymentProcessor:
     """Takes payment updates from the router and owns the two payment threads."""
 
-    def __init__(self, store: SQLiteStore, telegram: TelegramClient, *, admin_chat_id: int | None,
+    def __init__(self, store: Store, telegram: TelegramClient, *, admin_chat_id: int | None,
                  texts: PaymentTexts, hold_seconds: float = 30.0,
                  auto_refund_stars: bool = False, make_check: MakeClient | None = None,
                  make_check_timeout: float = 3.0, clock: Callable[[], float] = time.time) -> None:

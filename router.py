@@ -16,7 +16,7 @@ from batching import BatchManager
 from config import FORWARDABLE_KINDS
 from debounce import DebounceManager
 from metrics import GatewayMetrics
-from store import AddResult, NewEvent, SQLiteStore, StoreError
+from store import AddResult, NewEvent, Store, StoreError
 from telegram_outbox import callback_answer
 from updates import is_int, is_ordinary_message, is_payment_message, message_item, update_kind, user_summary
 
@@ -45,7 +45,7 @@ class Routed:
 class UpdateRouter:
     """Decides where each update goes and stores it durably before the caller acknowledges it."""
 
-    def __init__(self, store: SQLiteStore, batches: BatchManager, flood: DebounceManager,
+    def __init__(self, store: Store, batches: BatchManager, flood: DebounceManager,
                  metrics: GatewayMetrics, forward_kinds: tuple[str, ...],
                  payments: PaymentHandler | None = None, callback_answer_seconds: float = 5.0,
                  clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic) -> None:

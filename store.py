@@ -1,10 +1,12 @@
 """Durable state behind one small interface: seen updates, open batches, the outbox, small facts.
 
-`SQLiteStore(path)` keeps it in a SQLite file (WAL, synchronous=FULL: a committed update survives a
-crash); `SQLiteStore(":memory:")` (also `MemoryStore()`) has the same behaviour for throwaway runs and
-tests. Every public method is one unit of work, atomic and durable when it returns. Units that arrive
-together share one transaction and one fsync (group commit, `SQLiteStore._run`): the connection is shared
-by all threads, and whichever thread is first in line runs and commits the waiting units of the others.
+`Store` holds every transaction's logic and the group commit; `SQLiteStore(path)` keeps the state in a
+SQLite file (WAL, synchronous=FULL: a committed update survives a crash), `SQLiteStore(":memory:")` (also
+`MemoryStore()`) has the same behaviour for throwaway runs and tests, and `store_postgres.PostgresStore` keeps
+it in PostgreSQL, shared by several gateway instances (`open_store(config)` picks one). Every public method is
+one unit of work, atomic and durable when it returns. Units that arrive together share one transaction and one
+fsync (group commit, `Store._run`): the connection is shared by all threads, and whichever thread is first in
+line runs and commits the waiting units of the others.
 """
 
 from __future__ import annotations
@@ -1496,7 +1498,7 @@ class _Checkpointer:
 
 
 class _Unit(Generic[T]):
-    """One caller's transaction body, waiting in line for a group commit (see `SQLiteStore._run`)."""
+    """One caller's transaction body, waiting in line for a group commit (see `Store._run`)."""
 
     __slots__ = ("work", "write", "ready", "taken", "leads", "done", "committed", "result", "error", "then", "many",
                  "args")
@@ -1552,7 +1554,7 @@ _INTEGER = range(-2 ** 63, 2 ** 63)  # what an SQLite INTEGER holds
 
 @dataclass(frozen=True)
 class _Adding:
-    """One message for `SQLiteStore._add_messages`, its JSON already written."""
+    """One message for `Store._add_messages`, its JSON already written."""
 
     update_id: int
     chat_id: int

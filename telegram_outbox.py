@@ -28,7 +28,7 @@ from formatting import clean_text
 from pacing import CallWindow, ChatSpacing
 from replies import REPLY_METHODS, PartOutcome, ReplyResults, bare
 from retry import BackoffPolicy, backoff
-from store import NewEvent, OutboxRow, SQLiteStore, StoreError
+from store import NewEvent, OutboxRow, Store, StoreError
 from telegram_api import (BadRequest, ChatMigrated, NetworkError, RetryAfter, TelegramClient, TelegramError,
                           chat_unreachable, may_repeat)
 from typing_keepalive import TypingKeepAlive
@@ -91,7 +91,7 @@ def callback_answer_fields(answer: Any) -> tuple[dict[str, Any], list[str]]:
 class TelegramOutbox(OutboxWorkers):
     """The `telegram-outbox` claim loop sending the durable Bot API calls, a few at once on `telegram-outbox-N` threads."""
 
-    def __init__(self, store: SQLiteStore, client: TelegramClient, typing: TypingKeepAlive, *,
+    def __init__(self, store: Store, client: TelegramClient, typing: TypingKeepAlive, *,
                  target: str = TARGET, name: str = "telegram-outbox", max_in_flight: int = MAX_IN_FLIGHT,
                  max_age_seconds: float = 72 * 3600, clock: Callable[[], float] = time.time,
                  results: ReplyResults | None = None,
