@@ -849,13 +849,19 @@ class Store:
         """Make rows of `target` that no live instance holds (left in flight by a crash) deliverable again; return
         how many. With one process that is every row in flight; on a shared database, those whose lease ran out."""
         def work(cur: sqlite3.Cursor) -> int:
-            expired = " AND lease_until < ?" if self.shared else ""
-            count = cur.execute(f"UPDATE outbox SET status='pending' WHERE status='inflight' AND target=?{expired}",
-                                (target, time.time() if now is None else now) if self.shared else (target,)).rowcount
+            left, params = self._left_in_flight(target, now)
+            count = cur.execute(f"UPDATE outbox SET status='pending' WHERE {left}", params).rowcount
             if count:
                 self._new_work.add(target)
             return count
         return self._run(work)
+
+    def _left_in_flight(self, target: str, now: float | None) -> tuple[str, tuple[Any, ...]]:
+        """The condition for the rows of `target` in flight that no live instance holds (with one process, every
+        one; on a shared database, those whose lease ran out by `now`), and its parameters."""
+        if not self.shared:
+            return "status='inflight' AND target=?", (target,)
+        return "status='inflight' AND target=? AND lease_until < ?", (target, time.time() if now is None else now)
 
     def repair_heads(self) -> int:
         """Give every queue that has live events but no head one (its oldest); return how many were repaired.
@@ -929,10 +935,8 @@ class Store:
         """Rows of `target` a crash or a slow stop left in flight after their call began to go out (on a shared
         database, only those whose lease ran out: the others are live instances' calls)."""
         def work(cur: sqlite3.Cursor) -> list[OutboxRow]:
-            expired = " AND lease_until < ?" if self.shared else ""
-            ids = [r[0] for r in cur.execute(
-                f"SELECT id FROM outbox WHERE status='inflight' AND target=? AND on_wire=1{expired} ORDER BY id",
-                (target, time.time() if now is None else now) if self.shared else (target,))]
+            left, params = self._left_in_flight(target, now)
+            ids = [r[0] for r in cur.execute(f"SELECT id FROM outbox WHERE {left} AND on_wire=1 ORDER BY id", params)]
             return [self._outbox_row(cur, row_id) for row_id in ids]
         return self._run(work, write=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -27,10 +28,21 @@ def server_binaries() -> Path | None:
     return Path(versions[-1]).parent if versions else None
 
 
+# The servers' ports are taken below the range the system hands out for port 0 (32768-60999 on Linux), where
+# every other server of the tests listens: one of those can then never take a port a cluster has chosen (it
+# binds it only when it starts, and binds it again when a test restarts it).
+_PORTS = range(20_000, 30_000)
+
+
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:
+        port = random.choice(_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 class PostgresServer:
@@ -43,6 +55,7 @@ class PostgresServer:
         self.port = _free_port()
         self._as_root = os.geteuid() == 0
         self._names = iter(range(1, 1_000_000))
+        self._started = False  # started once: a restart keeps the port, which the tests' URLs name
         self._lock = threading.Lock()
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -58,9 +71,15 @@ class PostgresServer:
         if not self.data.exists():
             self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                       "--locale=C.UTF-8")
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c max_connections=200"
-        done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "-t", "30",
-                         "-o", options, "start", check=False)
+        for _ in range(5):  # another test process's cluster may have taken the port meanwhile: take another
+            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c max_connections=200"
+            done = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-w", "-t", "30",
+                             "-o", options, "start", check=False)
+            log = (self.folder / "server.log").read_text(errors="replace")
+            if done.returncode == 0 or "already in use" not in log or self._started:
+                break
+            self.port = _free_port()
+        self._started = self._started or done.returncode == 0
         if done.returncode != 0:
             log = (self.folder / "server.log").read_text(errors="replace")[-2000:]
             raise RuntimeError(f"PostgreSQL did not start: {done.stdout}{done.stderr}\n{log}")
