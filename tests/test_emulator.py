@@ -180,6 +180,20 @@ def test_close_ends_a_waiting_long_poll(bot: BotApiEmulator) -> None:
     assert poll.result(timeout=CLIENT_TIMEOUT) == (200, {"ok": True, "result": []})
 
 
+def test_a_second_poller_ends_the_first_one_s_long_poll_with_409(bot: BotApiEmulator) -> None:
+    """Two pollers of one bot: Telegram ends the waiting long poll when another getUpdates arrives, with 409, and
+    the newer one gets the updates (the emulator counts such overlaps)."""
+    first = in_background(call, bot, "getUpdates", timeout=LONG_POLL)
+    wait_until(lambda: bot.calls_of("getUpdates"), what="the first long poll to reach the emulator")
+    second = in_background(ok, bot, "getUpdates", timeout=LONG_POLL)
+    status, body = first.result(timeout=CLIENT_TIMEOUT)
+    assert (status, body["error_code"]) == (409, 409)
+    assert body["description"].startswith("Conflict: terminated by other getUpdates request")
+    assert bot.overlapping_polls == 1 and not second.done()
+    push(bot, 5)
+    assert ids(second.result(timeout=CLIENT_TIMEOUT)) == [5]
+
+
 # Webhook or getUpdates
 
 def test_get_updates_is_409_while_a_webhook_is_set(bot: BotApiEmulator) -> None:
