@@ -917,10 +917,7 @@ class Store:
 
     def holds_lease(self, row_id: int, lease: str | None) -> bool:
         """Whether the row is still in flight under the claim of `lease` (nobody claimed it again)."""
-        def work(cur: sqlite3.Cursor) -> bool:
-            return cur.execute("SELECT 1 FROM outbox WHERE id=? AND lease_token=? AND status='inflight'",
-                               (row_id, lease)).fetchone() is not None
-        return self._run(work, write=False)
+        return self._run(lambda cur: lease is not None and self._holds(cur, row_id, lease, lock=False), write=False)
 
     def mark_on_wire(self, row_id: int, *, lease: str | None = None) -> None:
         """Record that the call of an in-flight row has begun to go out (it may arrive from now on). Raises
@@ -1260,12 +1257,13 @@ class Store:
                         "lease_token FROM outbox WHERE id=?", (row_id,)).fetchone()
         return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], was_on_wire)
 
-    def _holds(self, cur: sqlite3.Cursor, row_id: int, lease: str | None) -> bool:
-        """Whether the row is in flight under the claim of `lease` (None: asks nothing), locked until the end."""
+    def _holds(self, cur: sqlite3.Cursor, row_id: int, lease: str | None, lock: bool = True) -> bool:
+        """Whether the row is in flight under the claim of `lease` (None: asks nothing), locked until the end
+        unless `lock` is False (a question only: nothing will be written)."""
         if lease is None:
             return True
-        row = cur.execute(f"SELECT lease_token FROM outbox WHERE id=? AND status='inflight'{self._CHANGING}",
-                          (row_id,)).fetchone()
+        row = cur.execute(f"SELECT lease_token FROM outbox WHERE id=? AND status='inflight'"
+                          f"{self._CHANGING if lock else ''}", (row_id,)).fetchone()
         return row is not None and row[0] == lease
 
     def _leaving(self, cur: sqlite3.Cursor, row_id: int) -> tuple[str, str] | None:
