@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -237,3 +239,66 @@ def test_an_event_id_any_header_can_carry_goes_out(event_id: str, header: str) -
     finally:
         client.close()
         make.close()
+
+
+class _CountingMake(ThreadingHTTPServer):
+    """A keep-alive Make webhook that counts the connections it accepts and holds each call until `together`
+    calls are open at once (then answers them all)."""
+
+    daemon_threads = True
+
+    def __init__(self, together: int) -> None:
+        self.connections = 0
+        self.barrier = threading.Barrier(together, timeout=10)
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                outer.connections += 1  # one handler per connection
+
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if outer.barrier is not None:
+                    outer.barrier.wait()
+                self.send_response(200)
+                self.send_header("Content-Length", "8")
+                self.end_headers()
+                self.wfile.write(b"Accepted")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def test_calls_in_flight_each_have_a_connection_and_later_calls_reuse_them() -> None:
+    """Calls made at once are all open at Make at once (none waits behind another for a connection), and calls
+    made afterwards go over the connections kept alive, opening none; after `close()` a call fails as a
+    permanent RetryLater, never an exception."""
+    server = _CountingMake(together=6)
+    client = MakeClient(f"http://127.0.0.1:{server.server_port}/hook", timeout=10)
+    try:
+        outcomes: list[Any] = []
+        callers = [threading.Thread(target=lambda n=n: outcomes.append(client.deliver(f"e{n}", EVENT)))
+                   for n in range(6)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(15)
+        assert len(outcomes) == 6 and all(isinstance(outcome, Delivered) for outcome in outcomes), outcomes
+        assert server.connections == 6
+        server.barrier = None
+        for n in range(12):
+            assert isinstance(client.deliver(f"later-{n}", EVENT), Delivered)
+        assert server.connections == 6  # the one connection open now was one of the six
+        client.close()
+        after = client.deliver("after-close", EVENT)
+        assert isinstance(after, RetryLater) and after.permanent
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
