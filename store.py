@@ -223,6 +223,10 @@ LEASE_SECONDS = 20.0
 # SQLite uses the partial index outbox_ready.
 _PROMOTE_HEAD = ("UPDATE outbox SET is_head = 1 WHERE id = (SELECT id FROM outbox WHERE order_key = ? "
                  "AND status IN ('pending', 'inflight') ORDER BY id LIMIT 1)")
+# _PROMOTE_HEAD for the queues of several order keys at once.
+_PROMOTE_HEADS = ("UPDATE outbox SET is_head = 1 WHERE id IN (SELECT MIN(id) FROM outbox WHERE order_key IN ({keys}) "
+                  "AND status IN ('pending', 'inflight') GROUP BY order_key)")
+_PROMOTE_HEAD_IF_NONE = (_PROMOTE_HEAD + " AND NOT EXISTS (SELECT 1 FROM outbox WHERE order_key = ? AND is_head = 1)")
 
 
 @dataclass
@@ -318,6 +322,20 @@ class Store:
                         "printf('%!.17g', first_at))) FROM batches WHERE (chat_id, user_id) IN ({pairs})")
     # ...a batch's messages as one JSON array of [seq, item]...
     _BATCH_ITEMS = "SELECT json_group_array(json_array(seq, json(item_json))) FROM batch_messages WHERE batch_id=?"
+    # ...the messages of several batches, as one JSON array of [batch id, seq, item]...
+    _ITEMS_OF = ("SELECT json_group_array(json_array(batch_id, seq, json(item_json))) FROM batch_messages "
+                 "WHERE batch_id IN ({ids})")
+    # ...the order keys among several whose queue has a live row, as one JSON array...
+    _LIVE_KEYS_OF = ("SELECT json_group_array(DISTINCT order_key) FROM outbox WHERE order_key IN ({keys}) "
+                     "AND status IN ('pending', 'inflight')")
+    # ...outbox rows as one JSON array of their `OutboxRow` fields (created_at exact)...
+    _OUTBOX_ROWS_OF = ("SELECT json_group_array(json_array(id, event_id, order_key, event_type, payload, "
+                       "printf('%!.17g', created_at), attempts, last_error, lease_token)) FROM outbox "
+                       "WHERE id IN ({ids})")
+    # ...outbox rows' states as one JSON array of [id, lease token, status, order key, target] (asked on SQLite
+    # only: on PostgreSQL each settle locks its row first)...
+    _OUTBOX_STATES_OF = ("SELECT json_group_array(json_array(id, lease_token, status, order_key, target)) "
+                         "FROM outbox WHERE id IN ({ids})")
     # ...and the counts health shows, as (name, n) rows (SQLite keeps them by triggers).
     _COUNTS = "SELECT name, n FROM counters"
     _PAYMENTS_COUNT = "SELECT n FROM counters WHERE name = 'payments'"
@@ -719,7 +737,11 @@ class Store:
                         results: list[AddResult | Exception | None]) -> None:
         """Put the `taken` messages into their batches (opening them, counting them, closing the full ones), or
         count them as held back (those already given a held result), in their order: a batch closed counts only
-        the messages held before it."""
+        the messages held before it.
+
+        The batches that fill up are closed after the loop, all with a few statements: under a burst of users
+        filling their batches together, closing each on its own took ten statements (and ten hand-overs of the
+        GIL) per batch, inside the group every waiting message shares."""
         keys = sorted({(adds[index].chat_id, adds[index].user_id) for index in taken})
         # key -> [batch_id, count, first_at] of its open batch
         batches: dict[tuple[int, int], list[Any]] = {
@@ -728,23 +750,19 @@ class Store:
         changed: dict[tuple[int, int], list[Any]] = {}  # key -> the batches row to write
         messages: list[tuple[str, int, str]] = []
         held: list[tuple[int, int]] = []
-
-        def write() -> None:
-            if held:
-                cur.execute(self._sql["add_held"], (json.dumps(held),))
-                held.clear()
-            if changed:
-                cur.execute(self._sql["write_batches"], (json.dumps(list(changed.values())),))
-                changed.clear()
-            if messages:
-                cur.execute(self._sql["add_items"], (json.dumps(messages),))
-                messages.clear()
+        # The batches filling up: (index, key, [batch_id, count, first_at], held in this group before it, first
+        # of its key here: then the held counted before this group are its too).
+        closing: list[tuple[int, tuple[int, int], list[Any], int, bool]] = []
+        held_here: dict[tuple[int, int], int] = {}  # a closing key -> held in this group since its last closing
 
         for index in taken:
             add = adds[index]
             key = (add.chat_id, add.user_id)
             if results[index] is not None:  # held back by flood control
-                held.append(key)
+                if key in held_here:
+                    held_here[key] += 1
+                else:
+                    held.append(key)
                 continue
             batch = batches.get(key)
             if batch is None:
@@ -753,17 +771,90 @@ class Store:
             batch_id, count, first_at = batch[0], batch[1], float(batch[2])
             changed[key] = [batch_id, add.chat_id, add.user_id, add.user_json, first_at, add.now, count]
             messages.append((batch_id, count, add.item_json))
-            if count >= add.max_messages:  # only a closing batch is read back whole, for its event
-                write()
-                closed = self._load_batch(cur, add.chat_id, add.user_id)
-                assert closed is not None
-                self._close(cur, closed, "max_messages", add.build, add.now)
-                del batches[key]  # the user's next message opens a new one
-                results[index] = AddResult(new=True, batch=closed, closed=True)
+            if count >= add.max_messages:
+                first = key not in held_here
+                before = sum(1 for other in held if other == key) if first else held_here[key]
+                if first:
+                    held[:] = [other for other in held if other != key]  # counted for this batch, never stored
+                closing.append((index, key, batch, before, first))
+                held_here[key] = 0
+                del batches[key], changed[key]  # the user's next message opens a new one
             else:
                 results[index] = AddResult(new=True, batch=BatchRow(batch_id, add.chat_id, add.user_id, add.user,
                                                                     first_at, add.now, count))
-        write()
+        if closing:
+            self._close_filled(cur, adds, closing, results)
+            held.extend(key for key, count in held_here.items() for _ in range(count))
+        if held:
+            cur.execute(self._sql["add_held"], (json.dumps(held),))
+        if changed:
+            cur.execute(self._sql["write_batches"], (json.dumps(list(changed.values())),))
+        if messages:
+            cur.execute(self._sql["add_items"], (json.dumps(messages),))
+        if closing:
+            self._close_filled_items(cur, adds, closing, results)
+
+    def _close_filled(self, cur: sqlite3.Cursor, adds: list["_Adding"],
+                      closing: list[tuple[int, tuple[int, int], list[Any], int, bool]],
+                      results: list[AddResult | Exception | None]) -> None:
+        """The first half of closing the batches that filled up in a group, before its rows are written: their
+        batches rows go (a new batch of the same user is written next) and so do the held counts stored before
+        the group, which their first closing batch takes."""
+        ids = json.dumps([[batch[0]] for _, _, batch, _, _ in closing])
+        cur.execute(f"DELETE FROM batches WHERE batch_id IN ({self._rows('text')})", (ids,))
+        firsts = sorted({key for _, key, _, _, first in closing if first})
+        stored = {(row[0], row[1]): row[2] for row in cur.execute(
+            f"SELECT chat_id, user_id, held FROM flood_held WHERE (chat_id, user_id) IN ({self._rows('bigint', 'bigint')})",
+            (json.dumps(firsts),)).fetchall()}
+        if stored:
+            cur.execute(f"DELETE FROM flood_held WHERE (chat_id, user_id) IN ({self._rows('bigint', 'bigint')})",
+                        (json.dumps(sorted(stored)),))
+        for n, (index, key, batch, before, first) in enumerate(closing):
+            if first and key in stored:
+                closing[n] = (index, key, batch, before + stored[key], first)
+
+    def _close_filled_items(self, cur: sqlite3.Cursor, adds: list["_Adding"],
+                            closing: list[tuple[int, tuple[int, int], list[Any], int, bool]],
+                            results: list[AddResult | Exception | None]) -> None:
+        """The second half, once every message is written: each closing batch read back whole, its rows deleted,
+        its event put in the outbox."""
+        ids = json.dumps([[batch[0]] for _, _, batch, _, _ in closing])
+        items: dict[str, list[tuple[int, Any]]] = {}
+        for batch_id, seq, item in json.loads(cur.execute(self._ITEMS_OF.format(ids=self._rows("text")),
+                                                          (ids,)).fetchone()[0]):
+            items.setdefault(batch_id, []).append((seq, item))
+        cur.execute(f"DELETE FROM batch_messages WHERE batch_id IN ({self._rows('text')})", (ids,))
+        events = []
+        for index, key, batch, held, _ in closing:
+            add = adds[index]
+            closed = BatchRow(batch[0], add.chat_id, add.user_id, json.loads(add.user_json), float(batch[2]),
+                              add.now, batch[1], [item for _, item in sorted(items.get(batch[0], []),
+                                                                             key=lambda pair: pair[0])], held)
+            events.append(add.build(closed, "max_messages"))
+            results[index] = AddResult(new=True, batch=closed, closed=True)
+        self._enqueue_new(cur, events, adds[closing[0][0]].now)
+
+    def _enqueue_new(self, cur: sqlite3.Cursor, events: list[NewEvent], now: float) -> None:
+        """`_enqueue` for new events (none replacing another), all with two statements, in their order."""
+        keys = sorted({event.order_key for event in events})
+        self._lock_keys(cur, [_order_key(key) for key in keys])
+        live = set(json.loads(cur.execute(self._LIVE_KEYS_OF.format(keys=self._rows("text")),
+                                          (json.dumps([[key] for key in keys]),)).fetchone()[0]))
+        rows = []
+        for event in events:
+            head = event.order_key not in live
+            live.add(event.order_key)
+            rows.append([event.event_id, event.order_key, event.event_type, event.target,
+                         _strict_json(event.payload), now, now if event.due_at is None else event.due_at, int(head)])
+        added = cur.execute(
+            "INSERT INTO outbox (event_id, order_key, event_type, target, payload, created_at, next_attempt_at, "
+            f"is_head) {self._rows('text', 'text', 'text', 'text', 'text', 'float8', 'float8', 'bigint')} "
+            "WHERE true ON CONFLICT DO NOTHING", (json.dumps(rows),)).rowcount
+        if added < len(rows):  # an event id already stored: a queue may have lost the head it was given
+            for key in keys:
+                cur.execute(_PROMOTE_HEAD_IF_NONE, (key, key))
+        if added:
+            self._new_work.update(event.target for event in events)
 
     def close_batch_if_due(self, chat_id: int, user_id: int, now: float,
                            due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
@@ -898,14 +989,20 @@ class Store:
                     ids.append(row_id)
                     if on_wire:
                         was_on_wire.add(row_id)
+            if not ids:
+                return []
             lease = next(self._lease_tokens)
-            for row_id in ids:
-                # A row claimed again keeps its mark: should this claim end unsettled too, the next must still
-                # know that the call may have arrived.
-                cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, lease_until=?, lease_token=?, "
-                            "on_wire=CASE WHEN status='inflight' THEN on_wire ELSE 0 END WHERE id=?",
-                            (at + lease_seconds, lease, row_id))
-            return [self._outbox_row(cur, row_id, row_id in was_on_wire) for row_id in ids]
+            chosen = json.dumps([[row_id] for row_id in ids])
+            # A row claimed again keeps its mark: should this claim end unsettled too, the next must still know
+            # that the call may have arrived. (One statement for all, and one to read them back: each statement
+            # hands the GIL over and back, and a claim shares its group with everyone's messages.)
+            cur.execute("UPDATE outbox SET status='inflight', attempts=attempts+1, lease_until=?, lease_token=?, "
+                        "on_wire=CASE WHEN status='inflight' THEN on_wire ELSE 0 END "
+                        f"WHERE id IN ({self._rows('bigint')})", (at + lease_seconds, lease, chosen))
+            rows = {r[0]: r for r in json.loads(cur.execute(self._OUTBOX_ROWS_OF.format(ids=self._rows("bigint")),
+                                                            (chosen,)).fetchone()[0])}
+            return [OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), float(r[5]), r[6], r[7], r[8],
+                              r[0] in was_on_wire) for r in (rows[row_id] for row_id in ids)]
         return self._run(work)
 
     def renew_leases(self, leases: Iterable[tuple[int, str]], until: float) -> int:
@@ -958,6 +1055,13 @@ class Store:
         `next_not_before` if given) and `followups` (e.g. Make's replies) enter it, atomically. Returns the
         event ids of the followups that took effect. With `lease`, nothing is written (and nothing returned) if
         the row is no longer that claim's: another instance claimed it again and records its own outcome."""
+        followups = list(followups)
+        if not followups and next_not_before is None and not self.shared:
+            # Make's answer asked for nothing: settled with a few statements together with the others waiting,
+            # as a backlog's calls end dozens at a time. (A shared database locks each row first, one by one.)
+            return self._run(lambda cur: _only(self._delivered(cur, [(row_id, lease)])),
+                             many=self._delivered, args=(row_id, lease))
+
         def work(cur: sqlite3.Cursor) -> set[str]:
             if not self._holds(cur, row_id, lease):
                 return set()
@@ -971,6 +1075,22 @@ class Store:
                                 (next_not_before, found[0], next_not_before))
             return {event.event_id for event in followups if self._enqueue(cur, event, now)}
         return self._run(work)
+
+    def _delivered(self, cur: sqlite3.Cursor, settles: list[tuple[int, str | None]]) -> list[set[str]]:
+        """`mark_delivered` of rows (id, lease) without followups or pacing, with three statements for them all."""
+        ids = json.dumps([[row_id] for row_id, _ in settles])
+        found = {r[0]: r[1:] for r in json.loads(cur.execute(self._OUTBOX_STATES_OF.format(ids=self._rows("bigint")),
+                                                             (ids,)).fetchone()[0])}
+        leaving = {row_id: found[row_id] for row_id, lease in settles if row_id in found and (
+            lease is None or (found[row_id][0] == lease and found[row_id][1] == "inflight"))}
+        if leaving:
+            cur.execute(f"DELETE FROM outbox WHERE id IN ({self._rows('bigint')})",
+                        (json.dumps([[row_id] for row_id in leaving]),))
+            keys = sorted({state[2] for state in leaving.values()})
+            if cur.execute(_PROMOTE_HEADS.format(keys=self._rows("text")), (json.dumps([[key] for key in keys]),)
+                           ).rowcount:
+                self._new_work.update(state[3] for state in leaving.values())
+        return [set() for _ in settles]
 
     def mark_failed(self, row_id: int, next_attempt_at: float, error: str, dead: bool = False, *,
                     lease: str | None = None) -> bool:

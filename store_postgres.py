@@ -163,6 +163,12 @@ class PostgresStore(Store):
                         "'[]')::text FROM batches WHERE (chat_id, user_id) IN ({pairs})")
     _BATCH_ITEMS = ("SELECT COALESCE(json_agg(json_build_array(seq, item_json::json)), '[]')::text "
                     "FROM batch_messages WHERE batch_id=?")
+    _ITEMS_OF = ("SELECT COALESCE(json_agg(json_build_array(batch_id, seq, item_json::json)), '[]')::text "
+                 "FROM batch_messages WHERE batch_id IN ({ids})")
+    _LIVE_KEYS_OF = ("SELECT COALESCE(json_agg(DISTINCT order_key), '[]')::text FROM outbox "
+                     "WHERE order_key IN ({keys}) AND status IN ('pending', 'inflight')")
+    _OUTBOX_ROWS_OF = ("SELECT COALESCE(json_agg(json_build_array(id, event_id, order_key, event_type, payload, "
+                       "created_at, attempts, last_error, lease_token)), '[]')::text FROM outbox WHERE id IN ({ids})")
     _COUNTS = ("SELECT 'outbox:' || status, count(*) FROM outbox GROUP BY status "
                "UNION ALL SELECT 'batches', count(*) FROM batches")
     _PAYMENTS_COUNT = "SELECT count(*) FROM payments"

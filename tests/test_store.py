@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import sqlite3
 import threading
 import time
@@ -1430,6 +1432,107 @@ def test_messages_written_together_end_as_if_written_one_by_one(tmp_path: Path) 
     assert "RuntimeError" in expected and "OverflowError" in expected and (False, False, False, None) in expected
     assert _state(together) == _state(one_by_one)
     assert len(_state(together)["events"]) == 1 and _state(together)["held"] == [(9, 9, 2)]
+
+
+def test_random_groups_end_as_if_written_one_by_one(tmp_path: Path) -> None:
+    """Random groups of messages from a few users, with batches of 1 to 3 messages (so that a user's batches fill
+    up, are closed and open again several times in one group), messages held back before and after those
+    closings, repeats, and state left by earlier groups (open batches, held counts, events still queued): what
+    each group stores, and what each caller is told, is what storing its messages one after another gives."""
+    closed: list[BatchRow] = []
+    for seed in range(12):
+        rng = random.Random(seed)
+        one_by_one = SQLiteStore(str(tmp_path / f"a{seed}.sqlite3"))
+        together = SQLiteStore(str(tmp_path / f"b{seed}.sqlite3"))
+        update_ids = itertools.count(1)
+        stored: list[int] = []
+        for group in range(4):
+            maximum = rng.randint(1, 3)
+            plan = []
+            for _ in range(rng.randint(1, 14)):
+                update_id = rng.choice(stored) if stored and rng.random() < 0.1 else next(update_ids)
+                stored.append(update_id)
+                plan.append((update_id, rng.choice((7, 8, 9)), rng.random() < 0.25))
+
+            def adding(store: SQLiteStore, n: int, update_id: int, user_id: int, hold: bool) -> Any:
+                return store._adding(update_id, user_id, user_id, {"id": user_id, "n": n},
+                                     item(update_id, f"m{update_id}"), T0 + group * 100 + n, maximum,
+                                     build_batch_event, (lambda: False) if hold else None)
+
+            expected = [_outcome(lambda: one_by_one._run(
+                lambda cur, args=adding(one_by_one, n, *step): one_by_one._add_messages(cur, [args])[0]))
+                for n, step in enumerate(plan)]
+            got = together._run(lambda cur: together._add_messages(cur, [adding(together, n, *step)
+                                                                           for n, step in enumerate(plan)]))
+            assert [_outcome(lambda result=result: result) for result in got] == expected, (seed, group, plan)
+            assert _state(together) == _state(one_by_one), (seed, group, plan)
+            closed += [result.batch for result in got if result.closed]
+        heads = together._db.execute("SELECT order_key, COUNT(*) FROM outbox WHERE is_head = 1 GROUP BY order_key")
+        assert all(count == 1 for _, count in heads)  # every queue has one head
+        one_by_one.close()
+        together.close()
+    # The plans did what they are for: batches closed with messages held before them, in their order.
+    assert any(batch.flood_held for batch in closed)
+    assert all([m["update_id"] for m in batch.messages] == sorted(m["update_id"] for m in batch.messages)
+               for batch in closed)
+
+
+def test_events_queued_together_keep_a_head_when_one_of_them_was_already_stored(store: Store) -> None:
+    """Events closed together are queued with two statements, the first of a queue made its head. If that one's
+    id was already stored (it is then left out), the next event of its queue heads it instead: a queue without
+    a head would never be sent."""
+    store.record_update(1, T0, [event("taken", "chat:1")])
+    store._run(lambda cur: store._enqueue_new(cur, [event("taken", "chat:2"), event("fresh", "chat:2"),
+                                                    event("other", "chat:3")], T0))
+    claimed = store.claim_due_events(T0 + 1, "make", 10)
+    assert sorted(row.event_id for row in claimed) == ["fresh", "other", "taken"]
+
+
+def test_deliveries_settled_together_end_as_if_settled_one_by_one(tmp_path: Path) -> None:
+    """Calls that end together are settled with three statements for them all: each delivered row leaves, its
+    queue's next row becomes the head; a settle whose lease is no longer the row's writes nothing; one without a
+    lease removes the row whatever its state. The outbox ends as settling them one by one leaves it."""
+    def outbox(store: SQLiteStore) -> list[tuple[Any, ...]]:
+        return store._db.execute("SELECT event_id, status, is_head, attempts FROM outbox ORDER BY id").fetchall()
+
+    stores = SQLiteStore(str(tmp_path / "a.sqlite3")), SQLiteStore(str(tmp_path / "b.sqlite3"))
+    settles = []
+    for store in stores:
+        for chat in range(4):
+            store.record_update(chat + 1, T0, [event(f"e{chat}-{n}", f"chat:{chat}") for n in range(3)])
+        claimed = {row.event_id: row for row in store.claim_due_events(T0, "make", 10)}
+        assert sorted(claimed) == ["e0-0", "e1-0", "e2-0", "e3-0"]
+        pending = store._db.execute("SELECT id FROM outbox WHERE event_id='e3-1'").fetchone()[0]
+        settles.append([(claimed["e0-0"].id, claimed["e0-0"].lease), (claimed["e1-0"].id, claimed["e1-0"].lease),
+                        (claimed["e2-0"].id, "a lease taken over since"), (pending, None)])
+    one_by_one, together = stores
+    expected = [one_by_one.mark_delivered(row_id, now=T0, next_not_before=0.0, lease=lease)  # the unit-by-unit way
+                for row_id, lease in settles[0]]
+    assert together._run(lambda cur: together._delivered(cur, settles[1])) == expected
+    assert outbox(together) == outbox(one_by_one)
+    assert [row.event_id for row in together.claim_due_events(T0 + 1, "make", 10)] == ["e0-1", "e1-1"]
+
+
+def test_deliveries_settled_at_once_from_many_threads_all_move_their_queues_on(tmp_path: Path) -> None:
+    """Forty calls ending at once, from forty threads: every row settled, every queue's next row claimed next."""
+    store = SQLiteStore(str(tmp_path / "state.sqlite3"))
+    for chat in range(40):
+        store.record_update(chat + 1, T0, [event(f"first-{chat}", f"chat:{chat}"), event(f"next-{chat}", f"chat:{chat}")])
+    rows = store.claim_due_events(T0, "make", 100)
+    assert len(rows) == 40
+    start = threading.Barrier(40)
+
+    def settle(row: Any) -> None:
+        start.wait(10)
+        store.mark_delivered(row.id, now=T0, lease=row.lease)
+    threads = [threading.Thread(target=settle, args=(row,)) for row in rows]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(row.event_id for row in store.claim_due_events(T0 + 1, "make", 100)) == sorted(
+        f"next-{chat}" for chat in range(40))
+    assert store._db.execute("SELECT COUNT(*) FROM outbox WHERE event_id LIKE 'first-%'").fetchone()[0] == 0
 
 
 def test_a_message_held_after_a_batch_fills_up_in_the_same_group_counts_for_the_next_batch(tmp_path: Path) -> None:
