@@ -369,7 +369,8 @@ class Store:
         self._lease_tokens = map(f"{os.urandom(8).hex()}-{{:x}}".format, itertools.count())
         # The statements that write many messages' rows at once, each taking its rows as one JSON array.
         self._sql = {
-            "open_batches_of": self._OPEN_BATCHES_OF.format(pairs=self._rows("bigint", "bigint")),
+            "known_and_open": (f"SELECT ({self._KNOWN_UPDATES}), "
+                               f"({self._OPEN_BATCHES_OF.format(pairs=self._rows('bigint', 'bigint'))})"),
             "add_seen": f"INSERT INTO seen_updates {self._rows('bigint', 'float8')}",
             "add_held": (f"INSERT INTO flood_held {self._rows('bigint', 'bigint', extra='1')} WHERE true "
                          "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = flood_held.held + 1"),
@@ -706,8 +707,12 @@ class Store:
         results: list[AddResult | Exception | None] = [None] * len(adds)
         if self.shared:  # other instances may add to these batches or close them meanwhile: they take turns
             self._lock_keys(cur, [_batch_key(add.chat_id, add.user_id) for add in adds if _fits(add)])
-        known = set(json.loads(cur.execute(
-            self._KNOWN_UPDATES, (json.dumps([add.update_id for add in adds if _fits(add)]),)).fetchone()[0]))
+        fitting = [add for add in adds if _fits(add)]
+        # One statement asks both which updates are stored and the open batches of the group's users.
+        stored, open_batches = cur.execute(self._sql["known_and_open"], (
+            json.dumps([add.update_id for add in fitting]),
+            json.dumps(sorted({(add.chat_id, add.user_id) for add in fitting})))).fetchone()
+        known = set(json.loads(stored))
         seen: list[tuple[int, float]] = []
         taken: list[int] = []
         for index, add in enumerate(adds):
@@ -727,14 +732,13 @@ class Store:
             taken.append(index)
             if not admitted:
                 results[index] = AddResult(new=True, held=True)
-        if seen:
-            cur.execute(self._sql["add_seen"], (json.dumps(seen),))
-        if taken:
-            self._batch_messages(cur, adds, taken, results)
+        if taken:  # (the seen are among them)
+            self._batch_messages(cur, adds, taken, results, seen, open_batches)
         return results  # type: ignore[return-value]
 
     def _batch_messages(self, cur: sqlite3.Cursor, adds: list["_Adding"], taken: list[int],
-                        results: list[AddResult | Exception | None]) -> None:
+                        results: list[AddResult | Exception | None], seen: list[tuple[int, float]],
+                        open_batches: str) -> None:
         """Put the `taken` messages into their batches (opening them, counting them, closing the full ones), or
         count them as held back (those already given a held result), in their order: a batch closed counts only
         the messages held before it.
@@ -742,11 +746,8 @@ class Store:
         The batches that fill up are closed after the loop, all with a few statements: under a burst of users
         filling their batches together, closing each on its own took ten statements (and ten hand-overs of the
         GIL) per batch, inside the group every waiting message shares."""
-        keys = sorted({(adds[index].chat_id, adds[index].user_id) for index in taken})
         # key -> [batch_id, count, first_at] of its open batch
-        batches: dict[tuple[int, int], list[Any]] = {
-            (row[0], row[1]): row[2:] for row in json.loads(cur.execute(
-                self._sql["open_batches_of"], (json.dumps(keys),)).fetchone()[0])}
+        batches: dict[tuple[int, int], list[Any]] = {(row[0], row[1]): row[2:] for row in json.loads(open_batches)}
         changed: dict[tuple[int, int], list[Any]] = {}  # key -> the batches row to write
         messages: list[tuple[str, int, str]] = []
         held: list[tuple[int, int]] = []
@@ -785,14 +786,16 @@ class Store:
         if closing:
             self._close_filled(cur, adds, closing, results)
             held.extend(key for key, count in held_here.items() for _ in range(count))
-        if held:
-            cur.execute(self._sql["add_held"], (json.dumps(held),))
-        if changed:
-            cur.execute(self._sql["write_batches"], (json.dumps(list(changed.values())),))
-        if messages:
-            cur.execute(self._sql["add_items"], (json.dumps(messages),))
+        self._write_rows(cur, seen, held, list(changed.values()), messages)
         if closing:
             self._close_filled_items(cur, adds, closing, results)
+
+    def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[tuple[int, int]],
+                    batches: list[list[Any]], messages: list[tuple[str, int, str]]) -> None:
+        """Write a group's new rows: updates seen, held counts, batches, their messages (one statement each)."""
+        for name, rows in (("add_seen", seen), ("add_held", held), ("write_batches", batches), ("add_items", messages)):
+            if rows:
+                cur.execute(self._sql[name], (json.dumps(rows),))
 
     def _close_filled(self, cur: sqlite3.Cursor, adds: list["_Adding"],
                       closing: list[tuple[int, tuple[int, int], list[Any], int, bool]],
@@ -1427,6 +1430,8 @@ class SQLiteStore(Store):
             self._db = _open_existing(path, read_only)
         else:
             self._db = self._open(path, exclusive)
+        if not read_only:
+            self._db.executescript(self._ingest_view())
         # SQLite would copy the WAL back into the file inside whichever COMMIT crossed 1,000 pages: a stall of
         # tens of milliseconds for every request of that group. A thread of its own does it instead.
         self._checkpointer: _Checkpointer | None = None
@@ -1438,6 +1443,20 @@ class SQLiteStore(Store):
                 if self._instance_lock is not None:
                     self._instance_lock.close()
                 raise StoreError(f"cannot open state database: {err}; {_sqlite_hint(err)}") from None
+
+    def _ingest_view(self) -> str:
+        """The connection's own (TEMP) view whose INSERT writes a group's new rows, its trigger running the four
+        statements of `Store._write_rows`: one statement from Python, one hand-over of the GIL instead of four."""
+        body = "".join(f"{self._sql[name].replace('json_each(?)', f'json_each(NEW.{column})')};\n"
+                       for name, column in _INGEST_COLUMNS)
+        columns = ", ".join(column for _, column in _INGEST_COLUMNS)
+        return (f"CREATE TEMP VIEW ingest ({columns}) AS SELECT {', '.join('NULL' for _ in _INGEST_COLUMNS)};\n"
+                f"CREATE TEMP TRIGGER ingest_rows INSTEAD OF INSERT ON ingest BEGIN\n{body}END;")
+
+    def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[tuple[int, int]],
+                    batches: list[list[Any]], messages: list[tuple[str, int, str]]) -> None:
+        cur.execute("INSERT INTO temp.ingest VALUES (?, ?, ?, ?)",
+                    tuple(json.dumps(rows) if rows else None for rows in (seen, held, batches, messages)))
 
     def _open(self, path: str, exclusive: bool) -> sqlite3.Connection:
         """Open or create the database at `path` and bring its schema up to date (see `__init__`)."""
@@ -1672,6 +1691,9 @@ def _json_rows(columns: int, *more: str) -> str:
 
 
 _INTEGER = range(-2 ** 63, 2 ** 63)  # what an SQLite INTEGER holds
+# The statements `Store._write_rows` runs, in its order, and the columns of SQLite's `ingest` view that carry
+# their rows.
+_INGEST_COLUMNS = (("add_seen", "seen"), ("add_held", "held"), ("write_batches", "batches"), ("add_items", "items"))
 
 
 @dataclass(frozen=True)
