@@ -11,6 +11,7 @@ line runs and commits the waiting units of the others.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -372,8 +373,9 @@ class Store:
             "known_and_open": (f"SELECT ({self._KNOWN_UPDATES}), "
                                f"({self._OPEN_BATCHES_OF.format(pairs=self._rows('bigint', 'bigint'))})"),
             "add_seen": f"INSERT INTO seen_updates {self._rows('bigint', 'float8')}",
-            "add_held": (f"INSERT INTO flood_held {self._rows('bigint', 'bigint', extra='1')} WHERE true "
-                         "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = flood_held.held + 1"),
+            # One row per user (PostgreSQL refuses a statement that changes one row twice).
+            "add_held": (f"INSERT INTO flood_held {self._rows('bigint', 'bigint', 'bigint')} WHERE true "
+                         "ON CONFLICT (chat_id, user_id) DO UPDATE SET held = flood_held.held + excluded.held"),
             "write_batches": (f"INSERT INTO batches "
                               f"{self._rows('text', 'bigint', 'bigint', 'text', 'float8', 'float8', 'bigint')} "
                               "WHERE true ON CONFLICT (chat_id, user_id) DO UPDATE "
@@ -786,13 +788,15 @@ class Store:
         if closing:
             self._close_filled(cur, adds, closing, results)
             held.extend(key for key, count in held_here.items() for _ in range(count))
-        self._write_rows(cur, seen, held, list(changed.values()), messages)
+        self._write_rows(cur, seen, [[*key, n] for key, n in collections.Counter(held).items()],
+                         list(changed.values()), messages)
         if closing:
             self._close_filled_items(cur, adds, closing, results)
 
-    def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[tuple[int, int]],
+    def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[list[int]],
                     batches: list[list[Any]], messages: list[tuple[str, int, str]]) -> None:
-        """Write a group's new rows: updates seen, held counts, batches, their messages (one statement each)."""
+        """Write a group's new rows: updates seen, held counts ([chat, user, how many more]), batches, their
+        messages (one statement each)."""
         for name, rows in (("add_seen", seen), ("add_held", held), ("write_batches", batches), ("add_items", messages)):
             if rows:
                 cur.execute(self._sql[name], (json.dumps(rows),))
@@ -833,18 +837,20 @@ class Store:
             closed = BatchRow(batch[0], add.chat_id, add.user_id, json.loads(add.user_json), float(batch[2]),
                               add.now, batch[1], [item for _, item in sorted(items.get(batch[0], []),
                                                                              key=lambda pair: pair[0])], held)
-            events.append(add.build(closed, "max_messages"))
+            events.append((add.build(closed, "max_messages"), add.now))
             results[index] = AddResult(new=True, batch=closed, closed=True)
-        self._enqueue_new(cur, events, adds[closing[0][0]].now)
+        self._enqueue_new(cur, events)
 
-    def _enqueue_new(self, cur: sqlite3.Cursor, events: list[NewEvent], now: float) -> None:
-        """`_enqueue` for new events (none replacing another), all with two statements, in their order."""
+    def _enqueue_new(self, cur: sqlite3.Cursor, queued: list[tuple[NewEvent, float]]) -> None:
+        """`_enqueue` for new events (none replacing another), each with its time (`now`), all with two
+        statements, in their order."""
+        events = [event for event, _ in queued]
         keys = sorted({event.order_key for event in events})
         self._lock_keys(cur, [_order_key(key) for key in keys])
         live = set(json.loads(cur.execute(self._LIVE_KEYS_OF.format(keys=self._rows("text")),
                                           (json.dumps([[key] for key in keys]),)).fetchone()[0]))
         rows = []
-        for event in events:
+        for event, now in queued:
             head = event.order_key not in live
             live.add(event.order_key)
             rows.append([event.event_id, event.order_key, event.event_type, event.target,
@@ -1453,7 +1459,7 @@ class SQLiteStore(Store):
         return (f"CREATE TEMP VIEW ingest ({columns}) AS SELECT {', '.join('NULL' for _ in _INGEST_COLUMNS)};\n"
                 f"CREATE TEMP TRIGGER ingest_rows INSTEAD OF INSERT ON ingest BEGIN\n{body}END;")
 
-    def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[tuple[int, int]],
+    def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[list[int]],
                     batches: list[list[Any]], messages: list[tuple[str, int, str]]) -> None:
         cur.execute("INSERT INTO temp.ingest VALUES (?, ?, ?, ?)",
                     tuple(json.dumps(rows) if rows else None for rows in (seen, held, batches, messages)))

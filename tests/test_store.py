@@ -1485,8 +1485,8 @@ def test_events_queued_together_keep_a_head_when_one_of_them_was_already_stored(
     id was already stored (it is then left out), the next event of its queue heads it instead: a queue without
     a head would never be sent."""
     store.record_update(1, T0, [event("taken", "chat:1")])
-    store._run(lambda cur: store._enqueue_new(cur, [event("taken", "chat:2"), event("fresh", "chat:2"),
-                                                    event("other", "chat:3")], T0))
+    store._run(lambda cur: store._enqueue_new(cur, [(event("taken", "chat:2"), T0), (event("fresh", "chat:2"), T0),
+                                                    (event("other", "chat:3"), T0)]))
     claimed = store.claim_due_events(T0 + 1, "make", 10)
     assert sorted(row.event_id for row in claimed) == ["fresh", "other", "taken"]
 
@@ -1536,6 +1536,27 @@ def test_deliveries_settled_at_once_from_many_threads_all_move_their_queues_on(t
     assert sorted(row.event_id for row in store.claim_due_events(T0 + 1, "make", 100)) == sorted(
         f"next-{chat}" for chat in range(40))
     assert store._db.execute("SELECT COUNT(*) FROM outbox WHERE event_id LIKE 'first-%'").fetchone()[0] == 0
+
+
+def test_a_group_with_several_held_messages_of_one_user_and_batches_closing_is_stored(store: Store) -> None:
+    """One group: a user's message held back, another user's batch filling up (closed), the first user's next
+    message held too, then a third user's batch filling up a few seconds later. Every message is stored (on
+    PostgreSQL too, which refuses a statement that changes one row twice: the held counts are one row per user),
+    both held ones are counted, and each closed batch's event is queued at its own time."""
+    adds = [store._adding(1, 7, 7, ALICE, item(1, "held"), T0, 1, build_batch_event, lambda: False),
+            store._adding(2, 8, 8, ALICE, item(2, "fills"), T0 + 1, 1, build_batch_event, None),
+            store._adding(3, 7, 7, ALICE, item(3, "held too"), T0 + 2, 1, build_batch_event, lambda: False),
+            store._adding(4, 9, 9, ALICE, item(4, "fills later"), T0 + 5, 1, build_batch_event, None)]
+    results = store._run(lambda cur: store._add_messages(cur, adds))
+    assert [(r.new, r.held, r.closed) for r in results] == [(True, True, False), (True, False, True),
+                                                            (True, True, False), (True, False, True)]
+    rows = {row.order_key: row for row in store.claim_due_events(T0 + 10, "make", 10)}
+    assert (rows["chat:8"].created_at, rows["chat:9"].created_at) == (T0 + 1, T0 + 5)
+    assert add(store, 5, "next", T0 + 6, chat_id=7, user_id=7).batch is not None
+    closed = store.close_batch_if_due(7, 7, T0 + 100, lambda batch: (T0, "quiet"), build_batch_event)
+    assert closed == (True, None)
+    rows = store.claim_due_events(T0 + 101, "make", 10)  # (on a shared database the two above again: leases ran out)
+    assert [row.payload["flood_held"] for row in rows if row.order_key == "chat:7"] == [2]
 
 
 def test_a_message_held_after_a_batch_fills_up_in_the_same_group_counts_for_the_next_batch(tmp_path: Path) -> None:
