@@ -785,11 +785,12 @@ class Store:
             else:
                 results[index] = AddResult(new=True, batch=BatchRow(batch_id, add.chat_id, add.user_id, add.user,
                                                                     first_at, add.now, count))
+        held_counts = collections.Counter(held)
         if closing:
-            self._close_filled(cur, adds, closing, results)
-            held.extend(key for key, count in held_here.items() for _ in range(count))
-        self._write_rows(cur, seen, [[*key, n] for key, n in collections.Counter(held).items()],
-                         list(changed.values()), messages)
+            self._close_filled(cur, closing)
+            held_counts.update(held_here)  # held after their key's last closing: for the next batch
+        self._write_rows(cur, seen, [[*key, n] for key, n in held_counts.items() if n], list(changed.values()),
+                         messages)
         if closing:
             self._close_filled_items(cur, adds, closing, results)
 
@@ -801,21 +802,20 @@ class Store:
             if rows:
                 cur.execute(self._sql[name], (json.dumps(rows),))
 
-    def _close_filled(self, cur: sqlite3.Cursor, adds: list["_Adding"],
-                      closing: list[tuple[int, tuple[int, int], list[Any], int, bool]],
-                      results: list[AddResult | Exception | None]) -> None:
+    def _close_filled(self, cur: sqlite3.Cursor, closing: list[tuple[int, tuple[int, int], list[Any], int, bool]]
+                      ) -> None:
         """The first half of closing the batches that filled up in a group, before its rows are written: their
         batches rows go (a new batch of the same user is written next) and so do the held counts stored before
         the group, which their first closing batch takes."""
         ids = json.dumps([[batch[0]] for _, _, batch, _, _ in closing])
         cur.execute(f"DELETE FROM batches WHERE batch_id IN ({self._rows('text')})", (ids,))
         firsts = sorted({key for _, key, _, _, first in closing if first})
+        pairs = self._rows("bigint", "bigint")
         stored = {(row[0], row[1]): row[2] for row in cur.execute(
-            f"SELECT chat_id, user_id, held FROM flood_held WHERE (chat_id, user_id) IN ({self._rows('bigint', 'bigint')})",
+            f"SELECT chat_id, user_id, held FROM flood_held WHERE (chat_id, user_id) IN ({pairs})",
             (json.dumps(firsts),)).fetchall()}
         if stored:
-            cur.execute(f"DELETE FROM flood_held WHERE (chat_id, user_id) IN ({self._rows('bigint', 'bigint')})",
-                        (json.dumps(sorted(stored)),))
+            cur.execute(f"DELETE FROM flood_held WHERE (chat_id, user_id) IN ({pairs})", (json.dumps(sorted(stored)),))
         for n, (index, key, batch, before, first) in enumerate(closing):
             if first and key in stored:
                 closing[n] = (index, key, batch, before + stored[key], first)

@@ -1520,7 +1520,7 @@ def test_deliveries_settled_at_once_from_many_threads_all_move_their_queues_on(t
     """Forty calls ending at once, from forty threads: every row settled, every queue's next row claimed next."""
     store = SQLiteStore(str(tmp_path / "state.sqlite3"))
     for chat in range(40):
-        store.record_update(chat + 1, T0, [event(f"first-{chat}", f"chat:{chat}"), event(f"next-{chat}", f"chat:{chat}")])
+        store.record_update(chat + 1, T0, [event(f"{which}-{chat}", f"chat:{chat}") for which in ("first", "next")])
     rows = store.claim_due_events(T0, "make", 100)
     assert len(rows) == 40
     start = threading.Barrier(40)
