@@ -26,7 +26,7 @@ import time
 from collections import deque
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Generic, Iterable, TypeVar
+from typing import IO, Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 log = logging.getLogger("gateway.store")
 
@@ -798,7 +798,7 @@ class Store:
                     batches: list[list[Any]], messages: list[tuple[str, int, str]]) -> None:
         """Write a group's new rows: updates seen, held counts ([chat, user, how many more]), batches, their
         messages (one statement each)."""
-        for name, rows in (("add_seen", seen), ("add_held", held), ("write_batches", batches), ("add_items", messages)):
+        for (name, _), rows in zip(_INGEST_COLUMNS, (seen, held, batches, messages)):
             if rows:
                 cur.execute(self._sql[name], (json.dumps(rows),))
 
@@ -1010,8 +1010,7 @@ class Store:
                         f"WHERE id IN ({self._rows('bigint')})", (at + lease_seconds, lease, chosen))
             rows = {r[0]: r for r in json.loads(cur.execute(self._OUTBOX_ROWS_OF.format(ids=self._rows("bigint")),
                                                             (chosen,)).fetchone()[0])}
-            return [OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), float(r[5]), r[6], r[7], r[8],
-                              r[0] in was_on_wire) for r in (rows[row_id] for row_id in ids)]
+            return [_outbox_row_from(rows[row_id], row_id in was_on_wire) for row_id in ids]
         return self._run(work)
 
     def renew_leases(self, leases: Iterable[tuple[int, str]], until: float) -> int:
@@ -1384,7 +1383,7 @@ class Store:
     def _outbox_row(cur: sqlite3.Cursor, row_id: int, was_on_wire: bool = False) -> OutboxRow:
         r = cur.execute("SELECT id, event_id, order_key, event_type, payload, created_at, attempts, last_error, "
                         "lease_token FROM outbox WHERE id=?", (row_id,)).fetchone()
-        return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], was_on_wire)
+        return _outbox_row_from(r, was_on_wire)
 
     def _holds(self, cur: sqlite3.Cursor, row_id: int, lease: str | None, lock: bool = True) -> bool:
         """Whether the row is in flight under the claim of `lease` (None: asks nothing), locked until the end
@@ -1717,6 +1716,12 @@ class _Adding:
     build: Builder
     admit: Callable[[], bool] | None
     new_batch_id: str  # used only if the message opens a batch
+
+
+def _outbox_row_from(r: Sequence[Any], was_on_wire: bool) -> OutboxRow:
+    """An `OutboxRow` from its columns as read (id, event_id, order_key, event_type, payload, created_at, attempts,
+    last_error, lease_token), `created_at` as a number or its exact text."""
+    return OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4]), float(r[5]), r[6], r[7], r[8], was_on_wire)
 
 
 def _batch_key(chat_id: int, user_id: int) -> str:
