@@ -157,13 +157,10 @@ class MakeClient:
 
     def _give_back(self, client: httpx.Client) -> None:
         with self._lock:
-            if self._closed or client.is_closed:
-                self._clients.discard(client)
-            elif len(self._idle) < self._max_connections:
+            if not (self._closed or client.is_closed) and len(self._idle) < self._max_connections:
                 self._idle.append(client)
                 return
-            else:
-                self._clients.discard(client)
+            self._clients.discard(client)
         client.close()
 
     def deliver(self, event_id: str, payload: dict[str, Any]) -> Outcome:

@@ -224,6 +224,8 @@ LEASE_SECONDS = 20.0
 # SQLite uses the partial index outbox_ready.
 _PROMOTE_HEAD = ("UPDATE outbox SET is_head = 1 WHERE id = (SELECT id FROM outbox WHERE order_key = ? "
                  "AND status IN ('pending', 'inflight') ORDER BY id LIMIT 1)")
+# What `_enqueue` and `_enqueue_new` write of a new outbox row.
+_NEW_OUTBOX_COLUMNS = "event_id, order_key, event_type, target, payload, created_at, next_attempt_at, is_head"
 # _PROMOTE_HEAD for the queues of several order keys at once.
 _PROMOTE_HEADS = ("UPDATE outbox SET is_head = 1 WHERE id IN (SELECT MIN(id) FROM outbox WHERE order_key IN ({keys}) "
                   "AND status IN ('pending', 'inflight') GROUP BY order_key)")
@@ -786,13 +788,14 @@ class Store:
                 results[index] = AddResult(new=True, batch=BatchRow(batch_id, add.chat_id, add.user_id, add.user,
                                                                     first_at, add.now, count))
         held_counts = collections.Counter(held)
+        closing_ids = _column(batch[0] for _, _, batch, _, _ in closing) if closing else ""
         if closing:
-            self._close_filled(cur, closing)
+            self._close_filled(cur, closing, closing_ids)
             held_counts.update(held_here)  # held after their key's last closing: for the next batch
         self._write_rows(cur, seen, [[*key, n] for key, n in held_counts.items() if n], list(changed.values()),
                          messages)
         if closing:
-            self._close_filled_items(cur, adds, closing, results)
+            self._close_filled_items(cur, adds, closing, closing_ids, results)
 
     def _write_rows(self, cur: sqlite3.Cursor, seen: list[tuple[int, float]], held: list[list[int]],
                     batches: list[list[Any]], messages: list[tuple[str, int, str]]) -> None:
@@ -802,12 +805,11 @@ class Store:
             if rows:
                 cur.execute(self._sql[name], (json.dumps(rows),))
 
-    def _close_filled(self, cur: sqlite3.Cursor, closing: list[tuple[int, tuple[int, int], list[Any], int, bool]]
-                      ) -> None:
+    def _close_filled(self, cur: sqlite3.Cursor, closing: list[tuple[int, tuple[int, int], list[Any], int, bool]],
+                      ids: str) -> None:
         """The first half of closing the batches that filled up in a group, before its rows are written: their
         batches rows go (a new batch of the same user is written next) and so do the held counts stored before
-        the group, which their first closing batch takes."""
-        ids = json.dumps([[batch[0]] for _, _, batch, _, _ in closing])
+        the group, which their first closing batch takes. `ids`: their batch ids (`_column`)."""
         cur.execute(f"DELETE FROM batches WHERE batch_id IN ({self._rows('text')})", (ids,))
         firsts = sorted({key for _, key, _, _, first in closing if first})
         pairs = self._rows("bigint", "bigint")
@@ -821,11 +823,10 @@ class Store:
                 closing[n] = (index, key, batch, before + stored[key], first)
 
     def _close_filled_items(self, cur: sqlite3.Cursor, adds: list["_Adding"],
-                            closing: list[tuple[int, tuple[int, int], list[Any], int, bool]],
+                            closing: list[tuple[int, tuple[int, int], list[Any], int, bool]], ids: str,
                             results: list[AddResult | Exception | None]) -> None:
         """The second half, once every message is written: each closing batch read back whole, its rows deleted,
         its event put in the outbox."""
-        ids = json.dumps([[batch[0]] for _, _, batch, _, _ in closing])
         items: dict[str, list[tuple[int, Any]]] = {}
         for batch_id, seq, item in json.loads(cur.execute(self._ITEMS_OF.format(ids=self._rows("text")),
                                                           (ids,)).fetchone()[0]):
@@ -848,7 +849,7 @@ class Store:
         keys = sorted({event.order_key for event in events})
         self._lock_keys(cur, [_order_key(key) for key in keys])
         live = set(json.loads(cur.execute(self._LIVE_KEYS_OF.format(keys=self._rows("text")),
-                                          (json.dumps([[key] for key in keys]),)).fetchone()[0]))
+                                          (_column(keys),)).fetchone()[0]))
         rows = []
         for event, now in queued:
             head = event.order_key not in live
@@ -856,8 +857,8 @@ class Store:
             rows.append([event.event_id, event.order_key, event.event_type, event.target,
                          _strict_json(event.payload), now, now if event.due_at is None else event.due_at, int(head)])
         added = cur.execute(
-            "INSERT INTO outbox (event_id, order_key, event_type, target, payload, created_at, next_attempt_at, "
-            f"is_head) {self._rows('text', 'text', 'text', 'text', 'text', 'float8', 'float8', 'bigint')} "
+            f"INSERT INTO outbox ({_NEW_OUTBOX_COLUMNS}) "
+            f"{self._rows('text', 'text', 'text', 'text', 'text', 'float8', 'float8', 'bigint')} "
             "WHERE true ON CONFLICT DO NOTHING", (json.dumps(rows),)).rowcount
         if added < len(rows):  # an event id already stored: a queue may have lost the head it was given
             for key in keys:
@@ -1001,7 +1002,7 @@ class Store:
             if not ids:
                 return []
             lease = next(self._lease_tokens)
-            chosen = json.dumps([[row_id] for row_id in ids])
+            chosen = _column(ids)
             # A row claimed again keeps its mark: should this claim end unsettled too, the next must still know
             # that the call may have arrived. (One statement for all, and one to read them back: each statement
             # hands the GIL over and back, and a claim shares its group with everyone's messages.)
@@ -1086,16 +1087,16 @@ class Store:
 
     def _delivered(self, cur: sqlite3.Cursor, settles: list[tuple[int, str | None]]) -> list[set[str]]:
         """`mark_delivered` of rows (id, lease) without followups or pacing, with three statements for them all."""
-        ids = json.dumps([[row_id] for row_id, _ in settles])
+        ids = _column(row_id for row_id, _ in settles)
         found = {r[0]: r[1:] for r in json.loads(cur.execute(self._OUTBOX_STATES_OF.format(ids=self._rows("bigint")),
                                                              (ids,)).fetchone()[0])}
         leaving = {row_id: found[row_id] for row_id, lease in settles if row_id in found and (
             lease is None or (found[row_id][0] == lease and found[row_id][1] == "inflight"))}
         if leaving:
             cur.execute(f"DELETE FROM outbox WHERE id IN ({self._rows('bigint')})",
-                        (json.dumps([[row_id] for row_id in leaving]),))
+                        (_column(leaving),))
             keys = sorted({state[2] for state in leaving.values()})
-            if cur.execute(_PROMOTE_HEADS.format(keys=self._rows("text")), (json.dumps([[key] for key in keys]),)
+            if cur.execute(_PROMOTE_HEADS.format(keys=self._rows("text")), (_column(keys),)
                            ).rowcount:
                 self._new_work.update(state[3] for state in leaving.values())
         return [set() for _ in settles]
@@ -1343,8 +1344,7 @@ class Store:
             head = cur.execute("SELECT 1 FROM outbox WHERE order_key=? AND status IN ('pending', 'inflight') LIMIT 1",
                                (event.order_key,)).fetchone() is None
             done = cur.execute(
-                "INSERT INTO outbox (event_id, order_key, event_type, target, payload, created_at, "
-                "next_attempt_at, is_head) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                f"INSERT INTO outbox ({_NEW_OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (event.event_id, event.order_key, event.event_type, event.target, payload, now, due,
                  int(head))).rowcount == 1
         if done:
@@ -1716,6 +1716,11 @@ class _Adding:
     build: Builder
     admit: Callable[[], bool] | None
     new_batch_id: str  # used only if the message opens a batch
+
+
+def _column(values: Iterable[Any]) -> str:
+    """`values` as the JSON array of one-column rows that a statement's `_rows(type)` reads."""
+    return json.dumps([[value] for value in values])
 
 
 def _outbox_row_from(r: Sequence[Any], was_on_wire: bool) -> OutboxRow:
