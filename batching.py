@@ -65,10 +65,12 @@ class BatchManager:
         self._on_closed = on_closed
         self._clock = clock
         self._monotonic = monotonic
-        # _lock guards _generation (key -> latest generation: one per open batch with a deadline),
-        # and _heap (entries (due monotonic, seq, key, generation); stale generations are skipped).
+        # _lock guards _generation (key -> latest generation: one per open batch with a deadline), _timed (key ->
+        # the id of the batch that generation times, when known), and _heap (entries (due monotonic, seq, key,
+        # generation); stale generations are skipped).
         self._lock = threading.Lock()
         self._generation: dict[Key, int] = {}
+        self._timed: dict[Key, str | None] = {}
         self._heap: list[tuple[float, int, Key, int]] = []
         self._seq = itertools.count()
         self._wakeup = threading.Event()
@@ -103,13 +105,29 @@ class BatchManager:
             return result
         assert result.batch is not None
         if result.closed:
-            # Look at the key now: the scheduler forgets it, unless a newer message opened a batch.
-            self._schedule((chat_id, user_id), self._clock())
+            self._closed_by_size((chat_id, user_id), result.batch.batch_id)
             self._on_closed(result.batch, "max_messages")
         else:
             at, _ = deadline(result.batch.first_at, result.batch.last_at, result.batch.count, self._settings)
-            self._schedule((chat_id, user_id), at)
+            self._schedule((chat_id, user_id), at, result.batch.batch_id)
         return result
+
+    def _closed_by_size(self, key: Key, batch_id: str) -> None:
+        """Stop timing a batch that filled up, unless the key's deadline may be a newer batch's."""
+        # Results of one key may reach here out of order (each on the thread that committed it), so the deadline
+        # is dropped only when it is known to be this batch's: a batch id is never reused. One of a newer batch
+        # stays; one of unknown batch (restored, or rescheduled after a close) is looked at now, in the store.
+        # Looking every closing up in the store cost a transaction each: under a burst of users filling their
+        # batches together, one after another on the scheduler's thread.
+        with self._lock:
+            if key not in self._generation:
+                return  # never timed here (a one-message batch), or a newer batch's result comes next
+            timed = self._timed.get(key)
+            if timed == batch_id:
+                del self._generation[key], self._timed[key]
+                return
+        if timed is None:
+            self._schedule(key, self._clock())
 
     def restore(self) -> int:
         """Reschedule the open batches found in the store; close the overdue ones now with reason `restart`.
@@ -189,11 +207,12 @@ class BatchManager:
         with self._lock:
             return len(self._heap)
 
-    def _schedule(self, key: Key, at_wall: float) -> None:
+    def _schedule(self, key: Key, at_wall: float, batch_id: str | None = None) -> None:
         due = self._monotonic() + max(0.0, at_wall - self._clock())
         with self._lock:
             generation = next(self._seq)  # unique, so an old entry never matches a later batch
             self._generation[key] = generation
+            self._timed[key] = batch_id
             heapq.heappush(self._heap, (due, generation, key, generation))
             if len(self._heap) > _COMPACT_AT * len(self._generation) + _COMPACT_FLOOR:
                 self._compact()
@@ -215,6 +234,7 @@ class BatchManager:
         with self._lock:
             if self._generation.get(key) == generation:
                 self._generation.pop(key, None)
+                self._timed.pop(key, None)
 
     def _run(self) -> None:
         next_sweep = self._monotonic() + SWEEP_SECONDS

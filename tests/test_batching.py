@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batching import BatchManager
+from batching import BatchManager, build_batch_event as build
 from debounce import DebounceSettings
 from doubles import wait_until
 from store import BatchRow, MemoryStore
@@ -82,3 +82,66 @@ def test_a_flushed_batch_is_forgotten_at_once_while_others_wait() -> None:
         assert batches.has_open(5, 5) and closed == [(6, 1, "flushed")]
     finally:
         batches.stop()
+
+
+def test_a_batch_closed_by_size_is_forgotten_at_once_without_asking_the_store() -> None:
+    """The message that fills a batch closes it, and the scheduler stops timing it then and there: nothing is
+    left for its thread to look up in the store (under a burst, one transaction per closing, one by one). The
+    user's next message opens a batch that is timed and closes on its deadline."""
+    clock, closed = Clock(), []
+    batches = manager(clock, DebounceSettings(4, 15, 3), closed)
+    for update_id in (1, 2, 3):
+        batches.add(update_id, 5, 5, {"id": 5}, {"type": "text", "text": f"m{update_id}"})
+    assert closed == [(5, 3, "max_messages")]
+    assert not batches.has_open(5, 5) and batches.active_batches == 0
+    looked_up: list[int] = []
+    store_close = batches._store.close_batch_if_due
+    batches._store.close_batch_if_due = lambda *args: looked_up.append(1) or store_close(*args)  # type: ignore
+    clock.now += 60
+    assert batches._close_due() == 60.0 and looked_up == []  # nothing due: its deadline went with it
+    batches.add(4, 5, 5, {"id": 5}, {"type": "text", "text": "m4"})
+    assert batches.has_open(5, 5)
+    clock.now += 4
+    batches._close_due()
+    assert closed == [(5, 3, "max_messages"), (5, 1, "quiet")] and batches.active_batches == 0
+
+
+def test_results_of_one_user_taken_out_of_order_never_drop_a_newer_batchs_deadline() -> None:
+    """Each result reaches the scheduler on the thread that committed it, so a newer batch's may come first:
+    the closing of the older batch then leaves the newer one timed, and it closes on its deadline. A late
+    result of the closed batch only has the store looked at once its time comes: nothing closes twice."""
+    clock, closed = Clock(), []
+    batches = manager(clock, DebounceSettings(4, 15, 3), closed)
+    store = batches._store
+    results = [store.add_message(update_id, 5, 5, {"id": 5}, {"type": "text", "text": f"m{update_id}"}, clock.now,
+                                 3, lambda batch, reason: build(batch, reason)) for update_id in (1, 2, 3, 4)]
+    assert [r.closed for r in results] == [False, False, True, False]
+    assert results[2].batch is not None and results[3].batch is not None
+    assert results[2].batch.batch_id != results[3].batch.batch_id
+    batches._added(5, 5, results[3])  # the newer batch's message, first
+    batches._added(5, 5, results[2])  # then the closing of the older one
+    assert batches.has_open(5, 5)
+    batches._added(5, 5, results[1])  # then a late result of the older one
+    clock.now += 4
+    batches._close_due()
+    assert closed == [(5, 3, "max_messages"), (5, 1, "quiet")]
+    assert batches.active_batches == 0 and store.open_batches() == []
+
+
+def test_a_restored_batch_filled_up_is_looked_at_in_the_store() -> None:
+    """A batch timed since a restart (its id unknown to the scheduler) that fills up has the store looked at
+    once, which finds it closed and forgets it."""
+    clock, closed = Clock(), []
+    store = MemoryStore()
+    for update_id in (1, 2):
+        store.add_message(update_id, 5, 5, {"id": 5}, {"type": "text", "text": "m"}, clock.now, 3, build)
+    batches = BatchManager(store, DebounceSettings(4, 15, 3), clock=clock.wall, monotonic=clock.monotonic,
+                           on_closed=lambda batch, reason: closed.append((batch.chat_id, batch.count, reason)))
+    assert batches.restore() == 1 and batches.has_open(5, 5)
+    looked_up: list[int] = []
+    store_close = store.close_batch_if_due
+    store.close_batch_if_due = lambda *args: looked_up.append(1) or store_close(*args)  # type: ignore
+    batches.add(3, 5, 5, {"id": 5}, {"type": "text", "text": "m"})
+    assert closed == [(5, 3, "max_messages")] and batches.has_open(5, 5)
+    batches._close_due()
+    assert looked_up == [1] and batches.active_batches == 0 and closed == [(5, 3, "max_messages")]
