@@ -30,6 +30,10 @@ _COMPACT_FLOOR = 64
 # On a database several instances share, each instance times the batches it stored, and every few seconds
 # sweeps the store for batches overdue by more than the grace (their instance died or was cut off). The grace
 # also covers the instances' clocks being a little apart (they are checked at start).
+# Batches falling due together are closed this many to a transaction: after an outage, thousands of users'
+# batches fall due within seconds, and one transaction (and one commit) each held the scheduler's thread for
+# each in turn. Bounded, so that the messages committed in the same group wait for a few dozen closings at most.
+CLOSE_TOGETHER = 50
 SWEEP_SECONDS = 2.0
 SWEEP_GRACE_SECONDS = 5.0
 
@@ -282,40 +286,66 @@ class BatchManager:
                 if self._generation.get(key) == generation:
                     due_keys.append((key, generation))
             wait = self._heap[0][0] - now if self._heap else 60.0
-        for key, generation in due_keys:  # store writes and Make hand-off happen outside the lock
-            try:
-                self._close(key, generation)
-            except Exception:
-                log.exception("closing the batch of %s failed; looking again in 1 s", key)
-                self._schedule(key, self._clock() + 1.0)
+        for start in range(0, len(due_keys), CLOSE_TOGETHER):  # store writes happen outside the lock
+            chunk = due_keys[start:start + CLOSE_TOGETHER]
+            if len(chunk) == 1:
+                self._close(*chunk[0])
+            else:
+                self._close_together(chunk)
         return max(0.0, wait) if not due_keys else 0.0
 
     def _close(self, key: Key, generation: int | None, restart: bool = False) -> None:
-        chat_id, user_id = key
-        closed_reason: list[str] = []
-
-        def due(batch: BatchRow) -> tuple[float, str]:
-            at, reason = deadline(batch.first_at, batch.last_at, batch.count, self._settings)
-            reason = "restart" if restart else reason
-            closed_reason.append(reason)
-            return at, reason
-
-        def build(batch: BatchRow, reason: str) -> NewEvent:
-            built.append(batch)
-            return build_batch_event(batch, reason)
-
-        built: list[BatchRow] = []
+        closing = _Closing(self._settings, restart)
         try:
-            closed, later = self._store.close_batch_if_due(chat_id, user_id, self._clock(), due, build)
+            closed, later = self._store.close_batch_if_due(*key, self._clock(), closing.due, closing.build)
         except Exception:
-            log.exception("closing the batch of chat %s user %s failed; retrying in 1 s", chat_id, user_id)
+            log.exception("closing the batch of chat %s user %s failed; retrying in 1 s", *key)
             self._schedule(key, self._clock() + 1.0)
             return
+        self._after_close(key, generation, closed, later, closing)
+
+    def _close_together(self, due: list[tuple[Key, int]]) -> None:
+        """Close several due batches in one store transaction; if it fails, close them one by one, so that a batch
+        that cannot be closed holds up no other."""
+        closing = _Closing(self._settings)
+        try:
+            outcomes = self._store.close_batches_if_due([key for key, _ in due], self._clock(), closing.due,
+                                                        closing.build)
+        except Exception:
+            log.exception("closing %d batches together failed; closing them one by one", len(due))
+            for key, generation in due:
+                self._close(key, generation)
+            return
+        for (key, generation), (closed, later) in zip(due, outcomes):
+            self._after_close(key, generation, closed, later, closing)
+
+    def _after_close(self, key: Key, generation: int | None, closed: bool, later: float | None,
+                     closing: "_Closing") -> None:
+        """After the store looked at a key's batch: forget it (closed, or none), or time it again (not due yet)."""
         if closed or later is None:
             self._forget(key, generation)
         if closed:
-            log.info("batch closed: chat %s user %s, %d message(s), reason %s",
-                     chat_id, user_id, built[0].count, closed_reason[-1])
-            self._on_closed(built[0], closed_reason[-1])
+            batch, reason = closing.built[key]
+            log.info("batch closed: chat %s user %s, %d message(s), reason %s", *key, batch.count, reason)
+            self._on_closed(batch, reason)
         elif later is not None:
             self._schedule(key, later)
+
+
+class _Closing:
+    """What the store is told to close by deadline (`due`, `build`), and what it closed: key -> (batch, reason)."""
+
+    def __init__(self, settings: DebounceSettings, restart: bool = False) -> None:
+        self._settings = settings
+        self._restart = restart
+        self.built: dict[Key, tuple[BatchRow, str]] = {}
+
+    def due(self, batch: BatchRow) -> tuple[float, str]:
+        """The batch's deadline and the reason it closes then (`restart` for one found overdue at start)."""
+        at, reason = deadline(batch.first_at, batch.last_at, batch.count, self._settings)
+        return at, "restart" if self._restart else reason
+
+    def build(self, batch: BatchRow, reason: str) -> NewEvent:
+        """The batch's event, the batch noted as closed."""
+        self.built[(batch.chat_id, batch.user_id)] = (batch, reason)
+        return build_batch_event(batch, reason)

@@ -877,6 +877,16 @@ class Store:
             return self._close_if_due(cur, chat_id, user_id, now, due, build)
         return self._run(work)
 
+    def close_batches_if_due(self, keys: list[tuple[int, int]], now: float,
+                             due: Callable[[BatchRow], tuple[float, str]],
+                             build: Builder) -> list[tuple[bool, float | None]]:
+        """`close_batch_if_due` for several users' batches (`keys`: (chat_id, user_id)) in one transaction, so with
+        one commit for them all; each key's (closed, deadline), in their order. If one fails, none is closed."""
+        def work(cur: sqlite3.Cursor) -> list[tuple[bool, float | None]]:
+            self._lock_keys(cur, [_batch_key(chat_id, user_id) for chat_id, user_id in keys])
+            return [self._close_if_due(cur, chat_id, user_id, now, due, build) for chat_id, user_id in keys]
+        return self._run(work)
+
     def _close_if_due(self, cur: sqlite3.Cursor, chat_id: int, user_id: int, now: float,
                       due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
         batch = self._load_batch(cur, chat_id, user_id)

@@ -145,3 +145,55 @@ def test_a_restored_batch_filled_up_is_looked_at_in_the_store() -> None:
     assert closed == [(5, 3, "max_messages")] and batches.has_open(5, 5)
     batches._close_due()
     assert looked_up == [1] and batches.active_batches == 0 and closed == [(5, 3, "max_messages")]
+
+
+def test_batches_falling_due_together_are_closed_a_few_dozen_to_a_transaction() -> None:
+    """120 users' batches falling due at once (a backlog after an outage) take three store transactions, not
+    120 one after another on the scheduler's thread; every one closes once, with its message."""
+    clock, closed = Clock(), []
+    batches = manager(clock, DebounceSettings(4, 15, 50), closed)
+    for user in range(1, 121):
+        batches.add(user, user, user, {"id": user}, {"type": "text", "text": f"from {user}"})
+    store = batches._store
+    calls: list[int] = []
+    together, alone = store.close_batches_if_due, store.close_batch_if_due
+    store.close_batches_if_due = lambda keys, *args: calls.append(len(keys)) or together(keys, *args)  # type: ignore
+    store.close_batch_if_due = lambda *args: calls.append(1) or alone(*args)  # type: ignore
+    clock.now += 4
+    batches._close_due()
+    assert calls == [50, 50, 20]
+    assert sorted(closed) == [(user, 1, "quiet") for user in range(1, 121)]
+    assert batches.active_batches == 0 and store.open_batches() == []
+    assert store.outbox_stats(clock.now)["outbox_pending"] == 120
+
+
+def test_a_batch_that_cannot_be_closed_holds_up_none_of_those_due_with_it() -> None:
+    """If closing a few due batches together fails (one of them cannot be closed), each is closed on its own:
+    the others close, and the one that fails is looked at again a second later."""
+    clock, closed = Clock(), []
+    batches = manager(clock, DebounceSettings(4, 15, 50), closed)
+    for user in (1, 2, 3):
+        batches.add(user, user, user, {"id": user}, {"type": "text", "text": "hi"})
+    store = batches._store
+    together, alone = store.close_batches_if_due, store.close_batch_if_due
+
+    def refuse_user_2(chat_id: int, user_id: int, *args: object) -> object:
+        if user_id == 2:
+            raise RuntimeError("this batch cannot be closed")
+        return alone(chat_id, user_id, *args)
+
+    def refuse_with_user_2(keys: list[tuple[int, int]], *args: object) -> object:
+        if (2, 2) in keys:
+            raise RuntimeError("this batch cannot be closed")
+        return together(keys, *args)
+
+    store.close_batch_if_due = refuse_user_2  # type: ignore
+    store.close_batches_if_due = refuse_with_user_2  # type: ignore
+    clock.now += 4
+    batches._close_due()
+    assert sorted(closed) == [(1, 1, "quiet"), (3, 1, "quiet")]
+    assert batches.has_open(2, 2) and not batches.has_open(1, 1)
+    store.close_batch_if_due, store.close_batches_if_due = alone, together  # type: ignore
+    clock.now += 1
+    batches._close_due()
+    assert sorted(closed) == [(1, 1, "quiet"), (2, 1, "quiet"), (3, 1, "quiet")]

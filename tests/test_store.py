@@ -194,6 +194,23 @@ def test_close_batch_if_due_waits_until_the_deadline(store: SQLiteStore) -> None
     assert store.close_batch_if_due(42, 42, at + 10, due, build_batch_event) == (False, None)
 
 
+def test_batches_closed_together_end_as_if_closed_one_by_one(store: SQLiteStore) -> None:
+    """`close_batches_if_due` looks at several users' batches in one transaction: the due ones become events
+    with their messages, in the keys' order; one not due yet stays open, its deadline returned; a user with no
+    batch gets (False, None)."""
+    add(store, 1, "a1", T0, chat_id=1, user_id=1)
+    add(store, 2, "a2", T0 + 1, chat_id=1, user_id=1)
+    add(store, 3, "b1", T0, chat_id=2, user_id=2)
+    add(store, 4, "c1", T0 + 3, chat_id=3, user_id=3)
+    at = T0 + 1 + SETTINGS.debounce_seconds
+    outcomes = store.close_batches_if_due([(2, 2), (3, 3), (1, 1), (9, 9)], at, due, build_batch_event)
+    assert outcomes == [(True, None), (False, T0 + 3 + SETTINGS.debounce_seconds), (True, None), (False, None)]
+    assert [(b.chat_id, b.count) for b in store.open_batches()] == [(3, 1)]
+    claimed = store.claim_due_events(at, limit=5)
+    assert [(r.event_id.startswith("batch-"), r.payload["chat_id"], [m["text"] for m in r.payload["messages"]])
+            for r in claimed] == [(True, 2, ["b1"]), (True, 1, ["a1", "a2"])]
+
+
 # The outbox
 
 
