@@ -288,10 +288,15 @@ class BatchManager:
             wait = self._heap[0][0] - now if self._heap else 60.0
         for start in range(0, len(due_keys), CLOSE_TOGETHER):  # store writes happen outside the lock
             chunk = due_keys[start:start + CLOSE_TOGETHER]
-            if len(chunk) == 1:
-                self._close(*chunk[0])
-            else:
-                self._close_together(chunk)
+            try:
+                if len(chunk) == 1:
+                    self._close(*chunk[0])
+                else:
+                    self._close_together(chunk)
+            except Exception:  # (after the store: what was told of a closed batch) their heap entries are gone
+                log.exception("closing %d batch(es) failed; looking at them again in 1 s", len(chunk))
+                for key, _ in chunk:
+                    self._schedule(key, self._clock() + 1.0)
         return max(0.0, wait) if not due_keys else 0.0
 
     def _close(self, key: Key, generation: int | None, restart: bool = False) -> None:
@@ -327,7 +332,10 @@ class BatchManager:
         if closed:
             batch, reason = closing.built[key]
             log.info("batch closed: chat %s user %s, %d message(s), reason %s", *key, batch.count, reason)
-            self._on_closed(batch, reason)
+            try:
+                self._on_closed(batch, reason)
+            except Exception:  # the batch is closed all the same: nothing to retry, and the others go on
+                log.exception("telling of the closed batch of chat %s user %s failed", *key)
         elif later is not None:
             self._schedule(key, later)
 

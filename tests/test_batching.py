@@ -197,3 +197,24 @@ def test_a_batch_that_cannot_be_closed_holds_up_none_of_those_due_with_it() -> N
     clock.now += 1
     batches._close_due()
     assert sorted(closed) == [(1, 1, "quiet"), (2, 1, "quiet"), (3, 1, "quiet")]
+
+
+def test_a_failure_telling_of_a_closed_batch_holds_up_none_of_the_others() -> None:
+    """If telling of one closed batch fails (here the `on_closed` callback), that batch is closed all the same
+    and the others closed with it are told of and forgotten as usual."""
+    clock, closed = Clock(), []
+
+    def on_closed(batch: BatchRow, reason: str) -> None:
+        if batch.chat_id == 2:
+            raise RuntimeError("the metrics are broken")
+        closed.append((batch.chat_id, batch.count, reason))
+
+    batches = BatchManager(MemoryStore(), DebounceSettings(4, 15, 50), on_closed=on_closed, clock=clock.wall,
+                           monotonic=clock.monotonic)
+    for user in range(1, 121):
+        batches.add(user, user, user, {"id": user}, {"type": "text", "text": "hi"})
+    clock.now += 4
+    batches._close_due()
+    assert sorted(closed) == [(user, 1, "quiet") for user in range(1, 121) if user != 2]
+    assert batches.active_batches == 0 and batches._store.open_batches() == []
+    assert batches._store.outbox_stats(clock.now)["outbox_pending"] == 120
