@@ -119,8 +119,9 @@ class BatchManager:
     def _closed_by_size(self, key: Key, batch_id: str) -> None:
         """Stop timing a batch that filled up, unless the key's deadline may be a newer batch's."""
         # Results of one key may reach here out of order (each on the thread that committed it), so the deadline
-        # is dropped only when it is known to be this batch's: a batch id is never reused. One of a newer batch
-        # stays; one of unknown batch (restored, or rescheduled after a close) is looked at now, in the store.
+        # is dropped only when it is known to be this batch's and no other batch's result came since it was set
+        # (`_schedule`): a batch id is never reused. One of a newer batch stays; one of unknown batch (two batches
+        # seen, restored, or rescheduled after a close) is looked at now, in the store.
         # Looking every closing up in the store cost a transaction each: under a burst of users filling their
         # batches together, one after another on the scheduler's thread.
         with self._lock:
@@ -215,8 +216,11 @@ class BatchManager:
         due = self._monotonic() + max(0.0, at_wall - self._clock())
         with self._lock:
             generation = next(self._seq)  # unique, so an old entry never matches a later batch
+            # Two batches' results for one key (a late one of a batch since closed, or a newer batch's before the
+            # older one's closing): which one the deadline is for is no longer known, so its closing asks the store.
+            known = key not in self._generation or self._timed.get(key) == batch_id
             self._generation[key] = generation
-            self._timed[key] = batch_id
+            self._timed[key] = batch_id if known else None
             heapq.heappush(self._heap, (due, generation, key, generation))
             if len(self._heap) > _COMPACT_AT * len(self._generation) + _COMPACT_FLOOR:
                 self._compact()

@@ -884,7 +884,22 @@ class Store:
         one commit for them all; each key's (closed, deadline), in their order. If one fails, none is closed."""
         def work(cur: sqlite3.Cursor) -> list[tuple[bool, float | None]]:
             self._lock_keys(cur, [_batch_key(chat_id, user_id) for chat_id, user_id in keys])
-            return [self._close_if_due(cur, chat_id, user_id, now, due, build) for chat_id, user_id in keys]
+            outcomes: list[tuple[bool, float | None]] = []
+            closing: list[tuple[BatchRow, NewEvent]] = []
+            for chat_id, user_id in keys:
+                batch = self._load_batch(cur, chat_id, user_id)
+                at, reason = due(batch) if batch is not None else (0.0, "")
+                if batch is None or at > now:
+                    outcomes.append((False, None if batch is None else at))
+                    continue
+                closing.append((batch, build(batch, reason)))
+                outcomes.append((True, None))
+            # Their queues all at once, in one order: on a shared database, two instances closing batches of the
+            # same chats one queue at a time, in different orders, would wait for each other.
+            self._lock_keys(cur, [_order_key(event.order_key) for _, event in closing])
+            for batch, event in closing:
+                self._close_built(cur, batch, event, now)
+            return outcomes
         return self._run(work)
 
     def _close_if_due(self, cur: sqlite3.Cursor, chat_id: int, user_id: int, now: float,
@@ -1381,7 +1396,11 @@ class Store:
                         held[0] if held else 0)
 
     def _close(self, cur: sqlite3.Cursor, batch: BatchRow, reason: str, build: Builder, now: float) -> None:
-        self._enqueue(cur, build(batch, reason), now)
+        self._close_built(cur, batch, build(batch, reason), now)
+
+    def _close_built(self, cur: sqlite3.Cursor, batch: BatchRow, event: NewEvent, now: float) -> None:
+        """Put the closed batch's event in the outbox and its rows (and the held count it took) away."""
+        self._enqueue(cur, event, now)
         cur.execute("DELETE FROM batch_messages WHERE batch_id=?", (batch.batch_id,))
         cur.execute("DELETE FROM batches WHERE batch_id=?", (batch.batch_id,))
         if batch.flood_held:

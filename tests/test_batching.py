@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from batching import BatchManager, build_batch_event as build
 from debounce import DebounceSettings
 from doubles import wait_until
@@ -218,3 +220,23 @@ def test_a_failure_telling_of_a_closed_batch_holds_up_none_of_the_others() -> No
     assert sorted(closed) == [(user, 1, "quiet") for user in range(1, 121) if user != 2]
     assert batches.active_batches == 0 and batches._store.open_batches() == []
     assert batches._store.outbox_stats(clock.now)["outbox_pending"] == 120
+
+
+def test_a_users_results_in_any_order_leave_no_open_batch_untimed() -> None:
+    """Whatever order the results of one user's messages reach the scheduler in (two batches: the third message
+    fills the first, the fourth opens the second), every batch still open is timed and closes on its deadline,
+    and none closes twice."""
+    for order in itertools.permutations(range(4)):
+        clock, closed = Clock(), []
+        batches = manager(clock, DebounceSettings(4, 15, 3), closed)
+        store = batches._store
+        results = [store.add_message(n, 5, 5, {"id": 5}, {"type": "text", "text": f"m{n}"}, clock.now, 3, build)
+                   for n in (1, 2, 3, 4)]
+        for n in order:
+            batches._added(5, 5, results[n])
+        assert batches.has_open(5, 5), order
+        for _ in range(3):
+            clock.now += 20
+            batches._close_due()
+        assert store.open_batches() == [] and batches.active_batches == 0, order
+        assert sorted(closed) == [(5, 1, "quiet"), (5, 3, "max_messages")], order

@@ -446,3 +446,38 @@ def test_a_call_longer_than_the_lease_is_made_once_and_a_stale_claim_posts_nothi
             client.close()
         telegram.close()
         make.close()
+
+
+def test_two_instances_closing_batches_of_the_same_chats_together_never_wait_for_each_other(
+        pair: tuple[Store, Store]) -> None:
+    """Two instances each close two users' batches in one transaction, the users of two group chats taken in
+    opposite orders, both having built their events when the other starts queueing them: each queues its
+    events with every chat's queue held at once, in one order, so neither waits for the other in a circle
+    (PostgreSQL would end one transaction as a deadlock)."""
+    a, b = pair
+    for n, (chat, user) in enumerate([(-100, 1), (-200, 2), (-100, 3), (-200, 4)], start=1):
+        a.add_message(n, chat, user, {"id": user}, {"type": "text", "text": "x"}, T0, 50, build_batch_event)
+    both_built = threading.Barrier(2, timeout=5)
+    outcomes: list[Any] = []
+
+    def closing(store: Store, keys: list[tuple[int, int]]) -> None:
+        built: list[NewEvent] = []
+
+        def build(batch: BatchRow, reason: str) -> NewEvent:
+            built.append(build_batch_event(batch, reason))
+            if len(built) == 2 and isinstance(store, PostgresStore):  # (SQLite: one writer at a time)
+                both_built.wait()
+            return built[-1]
+        try:
+            outcomes.append(store.close_batches_if_due(keys, T0 + 60, lambda batch: (0.0, "quiet"), build))
+        except Exception as err:  # noqa: BLE001 - the test's verdict
+            outcomes.append(err)
+
+    threads = [threading.Thread(target=closing, args=(a, [(-200, 2), (-100, 1)])),
+               threading.Thread(target=closing, args=(b, [(-100, 3), (-200, 4)]))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == [[(True, None), (True, None)]] * 2
+    assert a.open_batches() == [] and a.outbox_stats(T0 + 60)["outbox_pending"] == 4
