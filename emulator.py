@@ -64,6 +64,9 @@ class LocalServer:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if len(body) < length:  # the client hung up mid-body (killed): no request to answer, as anywhere
+                    self.close_connection = True
+                    return
                 try:
                     status, headers, payload = server.handle(self.command, self.path, dict(self.headers), body)
                 except Exception as err:  # kept for check(); the client sees a 500

@@ -884,23 +884,30 @@ class Store:
         one commit for them all; each key's (closed, deadline), in their order. If one fails, none is closed."""
         def work(cur: sqlite3.Cursor) -> list[tuple[bool, float | None]]:
             self._lock_keys(cur, [_batch_key(chat_id, user_id) for chat_id, user_id in keys])
-            outcomes: list[tuple[bool, float | None]] = []
-            closing: list[tuple[BatchRow, NewEvent]] = []
-            for chat_id, user_id in keys:
-                batch = self._load_batch(cur, chat_id, user_id)
-                at, reason = due(batch) if batch is not None else (0.0, "")
-                if batch is None or at > now:
-                    outcomes.append((False, None if batch is None else at))
-                    continue
-                closing.append((batch, build(batch, reason)))
-                outcomes.append((True, None))
-            # Their queues all at once, in one order: on a shared database, two instances closing batches of the
-            # same chats one queue at a time, in different orders, would wait for each other.
-            self._lock_keys(cur, [_order_key(event.order_key) for _, event in closing])
-            for batch, event in closing:
-                self._close_built(cur, batch, event, now)
-            return outcomes
+            return self._close_many_if_due(cur, keys, now, due, build)
         return self._run(work)
+
+    def _close_many_if_due(self, cur: sqlite3.Cursor, keys: list[tuple[int, int]], now: float,
+                           due: Callable[[BatchRow], tuple[float, str]],
+                           build: Builder) -> list[tuple[bool, float | None]]:
+        """`_close_if_due` for several users' batches (their keys held): every event built first, then every
+        chat queue they join locked at once, in one order, then the events queued."""
+        outcomes: list[tuple[bool, float | None]] = []
+        closing: list[tuple[BatchRow, NewEvent]] = []
+        for chat_id, user_id in keys:
+            batch = self._load_batch(cur, chat_id, user_id)
+            at, reason = due(batch) if batch is not None else (0.0, "")
+            if batch is None or at > now:
+                outcomes.append((False, None if batch is None else at))
+                continue
+            closing.append((batch, build(batch, reason)))
+            outcomes.append((True, None))
+        # On a shared database, two transactions (instances) locking the same chats' queues one at a time, in
+        # different orders, would wait for each other.
+        self._lock_keys(cur, [_order_key(event.order_key) for _, event in closing])
+        for batch, event in closing:
+            self._close_built(cur, batch, event, now)
+        return outcomes
 
     def _close_if_due(self, cur: sqlite3.Cursor, chat_id: int, user_id: int, now: float,
                       due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
@@ -931,9 +938,9 @@ class Store:
                 closed.append(batch)
                 return build(batch, reason)
 
-            for chat_id, user_id in keys:
-                if self._try_lock_key(cur, _batch_key(chat_id, user_id)):
-                    self._close_if_due(cur, chat_id, user_id, at, lambda batch: due(batch, at), keep)
+            held = [(chat_id, user_id) for chat_id, user_id in keys
+                    if self._try_lock_key(cur, _batch_key(chat_id, user_id))]
+            self._close_many_if_due(cur, held, at, lambda batch: due(batch, at), keep)
             return closed
         return self._run(work)
 

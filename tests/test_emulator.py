@@ -7,6 +7,7 @@ Every test talks to the emulator over real HTTP, as the gateway does; the user's
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
@@ -549,3 +550,20 @@ def test_one_checkout_of_an_invoice_at_a_time(bot: BotApiEmulator) -> None:
        error_message="declined")
     again = bot.checkout(ALICE, invoice["message_id"])
     assert again["pre_checkout_query"]["id"] != first["pre_checkout_query"]["id"]
+
+
+def test_a_request_whose_client_hangs_up_mid_body_is_dropped_unanswered() -> None:
+    """A client killed between its headers and the end of its body (a gateway stopped by kill -9 mid-call)
+    leaves no request to handle: the server records nothing and no error, and goes on serving."""
+    receiver = Receiver()
+    try:
+        with socket.create_connection(("127.0.0.1", receiver.port), timeout=5) as sock:
+            sock.sendall(b"POST /hook HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 100\r\n\r\n{\"update_id\": 1")
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1024) == b""  # closed unanswered
+        assert httpx.post(receiver.url + "/hook", json={"update_id": 2}).status_code == 200
+        assert [got["update"] for got in receiver.got] == [{"update_id": 2}]
+        receiver.check()
+    finally:
+        receiver.close()

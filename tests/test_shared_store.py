@@ -481,3 +481,60 @@ def test_two_instances_closing_batches_of_the_same_chats_together_never_wait_for
         thread.join(30)
     assert outcomes == [[(True, None), (True, None)]] * 2
     assert a.open_batches() == [] and a.outbox_stats(T0 + 60)["outbox_pending"] == 4
+
+
+def test_the_sweep_and_an_instance_closing_batches_of_the_same_chats_never_wait_for_each_other(
+        pair: tuple[Store, Store], request: pytest.FixtureRequest) -> None:
+    """One instance sweeps two overdue batches of two group chats while another closes two batches of the same
+    chats together, in the other order, both having built their events when the other starts queueing them:
+    both lock every queue at once, in one order, so neither waits for the other in a circle. (Each chat pair
+    is tried both ways round: which order is the hashes' decides.)"""
+    a, b = pair
+    shared = isinstance(a, PostgresStore)  # (SQLite: one writer at a time, nothing to interleave)
+    watch = psycopg.connect(request.getfixturevalue("postgres_url"), autocommit=True) if shared else None
+    update_id = 0
+    for x, y in ((-100, -200), (-200, -100), (-300, -400), (-400, -300)):
+        for user, chat, at in ((1, x, T0), (2, y, T0 + 1), (3, y, T0 + 30), (4, x, T0 + 31)):
+            update_id += 1
+            a.add_message(update_id, chat, user, {"id": user}, {"type": "text", "text": "x"}, at, 50,
+                          build_batch_event)
+        both_built = threading.Barrier(2, timeout=5)
+        outcomes: dict[str, Any] = {}
+
+        def building(store: Store) -> Callable[[BatchRow, str], NewEvent]:
+            built: list[NewEvent] = []
+
+            def build(batch: BatchRow, reason: str) -> NewEvent:
+                built.append(build_batch_event(batch, reason))
+                if len(built) == 2 and watch is not None:
+                    both_built.wait()
+                    if store is a:  # the sweep goes on once the other has taken its queues, or waits for one
+                        wait_until(lambda: "together" in outcomes or watch.execute(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted").fetchone()[0],
+                            timeout=10, what="the other transaction at its queues")
+                return built[-1]
+            return build
+
+        def sweep() -> None:
+            try:  # only users 1 and 2 are quiet for 25 s
+                outcomes["sweep"] = sorted(batch.user_id for batch in a.close_due_batches(
+                    T0 + 27, 25.0, 3600.0, lambda batch, now: (0.0, "restart"), building(a)))
+            except Exception as err:  # noqa: BLE001 - the test's verdict
+                outcomes["sweep"] = err
+
+        def together() -> None:
+            try:
+                outcomes["together"] = b.close_batches_if_due([(y, 3), (x, 4)], T0 + 60,
+                                                              lambda batch: (0.0, "quiet"), building(b))
+            except Exception as err:  # noqa: BLE001 - the test's verdict
+                outcomes["together"] = err
+
+        threads = [threading.Thread(target=sweep), threading.Thread(target=together)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert outcomes == {"sweep": [1, 2], "together": [(True, None), (True, None)]}, (x, y)
+        assert a.open_batches() == []
+    if watch is not None:
+        watch.close()
