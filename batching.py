@@ -142,12 +142,14 @@ class BatchManager:
             return 0
         now = self._clock()
         batches = self._store.open_batches()
+        overdue: list[tuple[Key, int | None]] = []
         for batch in batches:
             at, _ = deadline(batch.first_at, batch.last_at, batch.count, self._settings)
             if at <= now:
-                self._close((batch.chat_id, batch.user_id), None, restart=True)
+                overdue.append(((batch.chat_id, batch.user_id), None))
             else:
                 self._schedule((batch.chat_id, batch.user_id), at)
+        self._close_all(overdue, restart=True)
         return len(batches)
 
     def has_open(self, chat_id: int, user_id: int) -> bool:
@@ -282,7 +284,7 @@ class BatchManager:
 
     def _close_due(self) -> float:
         """Close every batch whose deadline has come; return seconds until the next deadline."""
-        due_keys: list[tuple[Key, int]] = []
+        due_keys: list[tuple[Key, int | None]] = []
         with self._lock:
             now = self._monotonic()
             while self._heap and self._heap[0][0] <= now:
@@ -290,18 +292,22 @@ class BatchManager:
                 if self._generation.get(key) == generation:
                     due_keys.append((key, generation))
             wait = self._heap[0][0] - now if self._heap else 60.0
-        for start in range(0, len(due_keys), CLOSE_TOGETHER):  # store writes happen outside the lock
-            chunk = due_keys[start:start + CLOSE_TOGETHER]
+        self._close_all(due_keys)  # store writes happen outside the lock
+        return max(0.0, wait) if not due_keys else 0.0
+
+    def _close_all(self, due: list[tuple[Key, int | None]], restart: bool = False) -> None:
+        """Close the batches of `due` (key, generation), `CLOSE_TOGETHER` to a transaction."""
+        for start in range(0, len(due), CLOSE_TOGETHER):
+            chunk = due[start:start + CLOSE_TOGETHER]
             try:
                 if len(chunk) == 1:
-                    self._close(*chunk[0])
+                    self._close(*chunk[0], restart=restart)
                 else:
-                    self._close_together(chunk)
+                    self._close_together(chunk, restart)
             except Exception:  # (after the store: what was told of a closed batch) their heap entries are gone
                 log.exception("closing %d batch(es) failed; looking at them again in 1 s", len(chunk))
                 for key, _ in chunk:
                     self._schedule(key, self._clock() + 1.0)
-        return max(0.0, wait) if not due_keys else 0.0
 
     def _close(self, key: Key, generation: int | None, restart: bool = False) -> None:
         closing = _Closing(self._settings, restart)
@@ -313,17 +319,17 @@ class BatchManager:
             return
         self._after_close(key, generation, closed, later, closing)
 
-    def _close_together(self, due: list[tuple[Key, int]]) -> None:
+    def _close_together(self, due: list[tuple[Key, int | None]], restart: bool = False) -> None:
         """Close several due batches in one store transaction; if it fails, close them one by one, so that a batch
         that cannot be closed holds up no other."""
-        closing = _Closing(self._settings)
+        closing = _Closing(self._settings, restart)
         try:
             outcomes = self._store.close_batches_if_due([key for key, _ in due], self._clock(), closing.due,
                                                         closing.build)
         except Exception:
             log.exception("closing %d batches together failed; closing them one by one", len(due))
             for key, generation in due:
-                self._close(key, generation)
+                self._close(key, generation, restart)
             return
         for (key, generation), (closed, later) in zip(due, outcomes):
             self._after_close(key, generation, closed, later, closing)

@@ -240,3 +240,25 @@ def test_a_users_results_in_any_order_leave_no_open_batch_untimed() -> None:
             batches._close_due()
         assert store.open_batches() == [] and batches.active_batches == 0, order
         assert sorted(closed) == [(5, 1, "quiet"), (5, 3, "max_messages")], order
+
+
+def test_batches_found_overdue_at_start_are_closed_a_few_dozen_to_a_transaction() -> None:
+    """After an outage, the open batches found overdue at start close together too (reason `restart`), and
+    those not due yet are timed."""
+    clock = Clock()
+    store = MemoryStore()
+    for user in range(1, 122):
+        store.add_message(user, user, user, {"id": user}, {"type": "text", "text": "hi"},
+                          clock.now + (60 if user == 121 else 0), 50, build)
+    closed: list[tuple[int, int, str]] = []
+    batches = BatchManager(store, DebounceSettings(4, 15, 50), clock=clock.wall, monotonic=clock.monotonic,
+                           on_closed=lambda batch, reason: closed.append((batch.chat_id, batch.count, reason)))
+    calls: list[int] = []
+    together, alone = store.close_batches_if_due, store.close_batch_if_due
+    store.close_batches_if_due = lambda keys, *args: calls.append(len(keys)) or together(keys, *args)  # type: ignore
+    store.close_batch_if_due = lambda *args: calls.append(1) or alone(*args)  # type: ignore
+    clock.now += 30
+    assert batches.restore() == 121
+    assert calls == [50, 50, 20]
+    assert sorted(closed) == [(user, 1, "restart") for user in range(1, 121)]
+    assert batches.has_open(121, 121) and batches.active_batches == 1
