@@ -874,7 +874,7 @@ class Store:
         (False, None) when there is no open batch."""
         def work(cur: sqlite3.Cursor) -> tuple[bool, float | None]:
             self._lock_keys(cur, [_batch_key(chat_id, user_id)])
-            return self._close_if_due(cur, chat_id, user_id, now, due, build)
+            return self._close_many_if_due(cur, [(chat_id, user_id)], now, due, build)[0]
         return self._run(work)
 
     def close_batches_if_due(self, keys: list[tuple[int, int]], now: float,
@@ -890,8 +890,9 @@ class Store:
     def _close_many_if_due(self, cur: sqlite3.Cursor, keys: list[tuple[int, int]], now: float,
                            due: Callable[[BatchRow], tuple[float, str]],
                            build: Builder) -> list[tuple[bool, float | None]]:
-        """`_close_if_due` for several users' batches (their keys held): every event built first, then every
-        chat queue they join locked at once, in one order, then the events queued."""
+        """Close the batches of these users (their keys held) whose time (`now`) has come by `due(batch)`; for
+        each key (closed, None), (False, when it is due) or (False, None) for no open batch. Every event is built
+        first, then every chat queue they join locked at once, in one order, then the events queued."""
         outcomes: list[tuple[bool, float | None]] = []
         closing: list[tuple[BatchRow, NewEvent]] = []
         for chat_id, user_id in keys:
@@ -908,17 +909,6 @@ class Store:
         for batch, event in closing:
             self._close_built(cur, batch, event, now)
         return outcomes
-
-    def _close_if_due(self, cur: sqlite3.Cursor, chat_id: int, user_id: int, now: float,
-                      due: Callable[[BatchRow], tuple[float, str]], build: Builder) -> tuple[bool, float | None]:
-        batch = self._load_batch(cur, chat_id, user_id)
-        if batch is None:
-            return False, None
-        at, reason = due(batch)
-        if at > now:
-            return False, at
-        self._close(cur, batch, reason, build, now)
-        return True, None
 
     def close_due_batches(self, now: float, quiet_seconds: float, max_wait_seconds: float,
                           due: Callable[[BatchRow, float], tuple[float, str]], build: Builder,
@@ -1401,9 +1391,6 @@ class Store:
                            (chat_id, user_id)).fetchone()
         return BatchRow(row[0], chat_id, user_id, json.loads(row[1]), row[2], row[3], row[4], items,
                         held[0] if held else 0)
-
-    def _close(self, cur: sqlite3.Cursor, batch: BatchRow, reason: str, build: Builder, now: float) -> None:
-        self._close_built(cur, batch, build(batch, reason), now)
 
     def _close_built(self, cur: sqlite3.Cursor, batch: BatchRow, event: NewEvent, now: float) -> None:
         """Put the closed batch's event in the outbox and its rows (and the held count it took) away."""
