@@ -7,7 +7,7 @@ import itertools
 from batching import BatchManager, build_batch_event as build
 from debounce import DebounceSettings
 from doubles import wait_until
-from store import BatchRow, MemoryStore
+from store import BatchRow, MemoryStore, Store
 
 T0 = 1_763_900_000.0
 
@@ -30,6 +30,15 @@ def manager(clock: Clock, settings: DebounceSettings, closed: list[tuple[int, in
         closed.append((batch.chat_id, batch.count, reason))
 
     return BatchManager(MemoryStore(), settings, on_closed=on_closed, clock=clock.wall, monotonic=clock.monotonic)
+
+
+def closings_counted(store: Store) -> list[int]:
+    """Have `store` note each transaction closing batches by deadline: how many users' batches it looked at."""
+    calls: list[int] = []
+    together, alone = store.close_batches_if_due, store.close_batch_if_due
+    store.close_batches_if_due = lambda keys, *args: calls.append(len(keys)) or together(keys, *args)  # type: ignore
+    store.close_batch_if_due = lambda *args: calls.append(1) or alone(*args)  # type: ignore
+    return calls
 
 
 def test_resets_keep_the_heap_a_small_multiple_of_the_open_batches() -> None:
@@ -96,9 +105,7 @@ def test_a_batch_closed_by_size_is_forgotten_at_once_without_asking_the_store() 
         batches.add(update_id, 5, 5, {"id": 5}, {"type": "text", "text": f"m{update_id}"})
     assert closed == [(5, 3, "max_messages")]
     assert not batches.has_open(5, 5) and batches.active_batches == 0
-    looked_up: list[int] = []
-    store_close = batches._store.close_batch_if_due
-    batches._store.close_batch_if_due = lambda *args: looked_up.append(1) or store_close(*args)  # type: ignore
+    looked_up = closings_counted(batches._store)
     clock.now += 60
     assert batches._close_due() == 60.0 and looked_up == []  # nothing due: its deadline went with it
     batches.add(4, 5, 5, {"id": 5}, {"type": "text", "text": "m4"})
@@ -140,9 +147,7 @@ def test_a_restored_batch_filled_up_is_looked_at_in_the_store() -> None:
     batches = BatchManager(store, DebounceSettings(4, 15, 3), clock=clock.wall, monotonic=clock.monotonic,
                            on_closed=lambda batch, reason: closed.append((batch.chat_id, batch.count, reason)))
     assert batches.restore() == 1 and batches.has_open(5, 5)
-    looked_up: list[int] = []
-    store_close = store.close_batch_if_due
-    store.close_batch_if_due = lambda *args: looked_up.append(1) or store_close(*args)  # type: ignore
+    looked_up = closings_counted(store)
     batches.add(3, 5, 5, {"id": 5}, {"type": "text", "text": "m"})
     assert closed == [(5, 3, "max_messages")] and batches.has_open(5, 5)
     batches._close_due()
@@ -157,10 +162,7 @@ def test_batches_falling_due_together_are_closed_a_few_dozen_to_a_transaction() 
     for user in range(1, 121):
         batches.add(user, user, user, {"id": user}, {"type": "text", "text": f"from {user}"})
     store = batches._store
-    calls: list[int] = []
-    together, alone = store.close_batches_if_due, store.close_batch_if_due
-    store.close_batches_if_due = lambda keys, *args: calls.append(len(keys)) or together(keys, *args)  # type: ignore
-    store.close_batch_if_due = lambda *args: calls.append(1) or alone(*args)  # type: ignore
+    calls = closings_counted(store)
     clock.now += 4
     batches._close_due()
     assert calls == [50, 50, 20]
@@ -253,10 +255,7 @@ def test_batches_found_overdue_at_start_are_closed_a_few_dozen_to_a_transaction(
     closed: list[tuple[int, int, str]] = []
     batches = BatchManager(store, DebounceSettings(4, 15, 50), clock=clock.wall, monotonic=clock.monotonic,
                            on_closed=lambda batch, reason: closed.append((batch.chat_id, batch.count, reason)))
-    calls: list[int] = []
-    together, alone = store.close_batches_if_due, store.close_batch_if_due
-    store.close_batches_if_due = lambda keys, *args: calls.append(len(keys)) or together(keys, *args)  # type: ignore
-    store.close_batch_if_due = lambda *args: calls.append(1) or alone(*args)  # type: ignore
+    calls = closings_counted(store)
     clock.now += 30
     assert batches.restore() == 121
     assert calls == [50, 50, 20]
